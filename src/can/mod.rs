@@ -1,0 +1,93 @@
+//! CAN: the frame type, the async bus trait every backend implements, and the
+//! backends themselves.
+//!
+//! - [`socketcan`]: Linux SocketCAN (production, and `vcan` in the VM lane).
+//! - [`virtual_bus`]: an in-process bus for tests and the demo, with an
+//!   optional bit-rate timing model.
+//! - [`candump`]: reader and writer for `candump -L` log lines.
+
+pub mod candump;
+mod frame;
+pub mod socketcan;
+pub mod virtual_bus;
+
+pub use frame::{CAN_MAX_DLEN, CanFrame, CanId, ExtendedId, FrameError, StandardId};
+
+use std::future::Future;
+
+/// What a bus delivers to its reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusEvent {
+    /// A data frame from another node (or our own, if the node asked for it).
+    Frame(CanFrame),
+    /// The controller reported an error frame.
+    Error(ErrorEvent),
+    /// The interface went down or came back. Frames sent while it is down are
+    /// lost, as on a real bus.
+    Link(LinkState),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Down,
+    Up,
+}
+
+/// An error frame from the CAN controller, decoded into what happened.
+///
+/// Mirrors the Linux `CAN_ERR_*` classes, which is what real controllers
+/// report through SocketCAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorEvent {
+    TransmitTimeout,
+    /// Lost arbitration at the given bit (0 if unknown).
+    LostArbitration { bit: u8 },
+    /// Controller state: warning / passive levels or an overflow. `detail` is
+    /// the raw `CAN_ERR_CRTL_*` byte.
+    Controller { detail: u8 },
+    /// Bus protocol violation: raw `CAN_ERR_PROT_*` type and location bytes.
+    Protocol { kind: u8, location: u8 },
+    /// Transceiver status, raw `CAN_ERR_TRX_*` byte.
+    Transceiver { detail: u8 },
+    /// No acknowledgement: no other node is listening.
+    NoAck,
+    BusOff,
+    BusError,
+    Restarted,
+    /// An error frame whose class we do not know; the raw class bits are kept.
+    Other { class: u32 },
+}
+
+/// Why a bus operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("CAN interface {iface}: {op} failed: {source}")]
+    Io {
+        iface: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CAN interface {iface}: configuring {what} failed: {source}")]
+    Config {
+        iface: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the in-process bus was closed")]
+    Closed,
+}
+
+/// An asynchronous CAN bus node.
+///
+/// `recv` must be cancel-safe: the shell calls it inside `tokio::select!`
+/// next to timers and a shutdown signal, and a cancelled `recv` loses no
+/// frame.
+pub trait CanBus: Send {
+    /// Queue one frame for transmission.
+    fn send(&mut self, frame: &CanFrame) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Wait for the next event on the bus.
+    fn recv(&mut self) -> impl Future<Output = Result<BusEvent, BusError>> + Send;
+}

@@ -1,0 +1,12 @@
+//! GB/T 27930-2015: the conductive-charging communication protocol between an
+//! off-board charger and the BMS, on J1939 at 250 kbit/s.
+//!
+//! - [`messages`]: every message as a typed value, with its PGN, priority and period.
+//! - [`codec`]: bytes to messages and back, including the field variants seen in practice.
+//! - [`charger`] and [`bms`]: sans-IO state machines for the two roles.
+
+pub mod codec;
+pub mod messages;
+pub mod units;
+
+pub use messages::*;

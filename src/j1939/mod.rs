@@ -1,0 +1,9 @@
+//! SAE J1939: the identifier codec and the transport protocol, both sans-IO.
+//!
+//! GB/T 27930 rides on J1939-21: single frames for messages up to 8 bytes and
+//! the transport protocol (RTS/CTS, BAM) for longer ones such as BRM and BCP.
+
+mod id;
+pub mod tp;
+
+pub use id::{Address, IdError, J1939Id, Pgn, Priority};

@@ -1,0 +1,104 @@
+//! Time as the protocol cores see it.
+//!
+//! The sans-IO cores never read a clock. The async shell owns a [`Clock`] and
+//! hands the cores a [`Timestamp`]: microseconds on a monotonic axis whose
+//! origin the shell chose. Tests build timestamps directly, so every timeout
+//! path runs in memory at full speed.
+
+use std::ops::Add;
+use std::time::Duration;
+
+/// A point on a monotonic time axis, in microseconds since the shell's origin.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    pub const ZERO: Timestamp = Timestamp(0);
+
+    pub const fn from_micros(us: u64) -> Self {
+        Timestamp(us)
+    }
+
+    pub const fn from_millis(ms: u64) -> Self {
+        Timestamp(ms.saturating_mul(1000))
+    }
+
+    pub const fn as_micros(self) -> u64 {
+        self.0
+    }
+
+    /// Time elapsed since `earlier`, zero if `earlier` is in the future.
+    pub fn saturating_since(self, earlier: Timestamp) -> Duration {
+        Duration::from_micros(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl Add<Duration> for Timestamp {
+    type Output = Timestamp;
+
+    /// Saturates instead of overflowing: a deadline past the end of time is
+    /// simply never reached.
+    fn add(self, d: Duration) -> Timestamp {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_add(us))
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:06}", self.0 / 1_000_000, self.0 % 1_000_000)
+    }
+}
+
+/// The shell's clock: converts between tokio's clock and [`Timestamp`].
+///
+/// Built on `tokio::time::Instant`, so `tokio::time::pause()` in tests drives
+/// the cores' notion of time too.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    origin: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock {
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        let d = tokio::time::Instant::now().saturating_duration_since(self.origin);
+        Timestamp::ZERO + d
+    }
+
+    /// The tokio instant at which `t` falls, for `sleep_until`.
+    pub fn instant_at(&self, t: Timestamp) -> tokio::time::Instant {
+        self.origin + Duration::from_micros(t.as_micros())
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_saturates_and_since_never_underflows() {
+        let t = Timestamp::from_micros(u64::MAX - 1);
+        assert_eq!(t + Duration::from_secs(1), Timestamp::from_micros(u64::MAX));
+        let a = Timestamp::from_millis(5);
+        let b = Timestamp::from_millis(7);
+        assert_eq!(b.saturating_since(a), Duration::from_millis(2));
+        assert_eq!(a.saturating_since(b), Duration::ZERO);
+    }
+
+    #[test]
+    fn display_is_seconds_dot_micros() {
+        assert_eq!(Timestamp::from_micros(1_000_123).to_string(), "1.000123");
+    }
+}
