@@ -5,8 +5,14 @@
 //! - [`codec`]: bytes to messages and back, including the field variants seen in practice.
 //! - [`charger`] and [`bms`]: sans-IO state machines for the two roles.
 
+pub mod bms;
+pub mod charger;
 pub mod codec;
 pub mod messages;
+pub mod session;
 pub mod units;
 
 pub use messages::*;
+
+#[cfg(test)]
+mod pump_tests;
