@@ -302,9 +302,10 @@ fn flag_groups(f: &mut Formatter<'_>, groups: &[(&str, &[(Bits2, &str)])]) -> fm
     for (label, flags) in groups {
         let mut first = true;
         for (value, name) in flags.iter().filter(|(v, _)| *v != Bits2::NORMAL) {
-            f.write_str(if first { " " } else { "," })?;
             if first {
-                write!(f, "{label}=")?;
+                write!(f, " {label}=")?;
+            } else {
+                f.write_str(",")?;
             }
             first = false;
             any = true;
