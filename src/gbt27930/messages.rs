@@ -272,7 +272,8 @@ pub struct Bcp {
 }
 
 /// CTS: charger time sync, 7 bytes of BCD: second, minute, hour, day, month,
-/// year (2 bytes, low byte first: `20 26` is 2026... stored as the digits).
+/// year (4 digits in 2 bytes, low pair first: 2026 is `26 20` on the wire).
+/// Fields hold decimal values (`year: 2026`); the codec does the BCD.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cts {
     pub second: u8,
@@ -367,11 +368,14 @@ pub struct Ccs {
 /// BSM: battery status details.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bsm {
-    /// Number of the cell with the highest voltage (1-based on the wire as raw).
+    /// Number of the cell with the highest voltage, as the raw wire value:
+    /// the standard sends it with an offset of 1, so raw 0 is cell #1 (1–256).
     pub max_cell_voltage_index: u8,
     pub max_temperature: Temperature,
+    /// Probe number, raw with an offset of 1 like the cell number (1–128).
     pub max_temperature_index: u8,
     pub min_temperature: Temperature,
+    /// Probe number, raw with an offset of 1 like the cell number (1–128).
     pub min_temperature_index: u8,
     /// Byte 6 bits 1–2: 00 normal, 01 too high, 10 too low.
     pub cell_voltage_status: Bits2,

@@ -2,12 +2,14 @@
 //! off-board charger and the BMS, on J1939 at 250 kbit/s.
 //!
 //! - [`messages`]: every message as a typed value, with its PGN, priority and period.
-//! - [`codec`]: bytes to messages and back, including the field variants seen in practice.
+//! - [`codec`]: bytes to messages and back, including the field variants seen in practice;
+//!   `display` gives every [`Message`] a one-line `Display` for captures.
 //! - [`charger`] and [`bms`]: sans-IO state machines for the two roles.
 
 pub mod bms;
 pub mod charger;
 pub mod codec;
+mod display;
 pub mod messages;
 pub mod session;
 pub mod units;

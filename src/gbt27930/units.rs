@@ -62,7 +62,8 @@ impl Current {
 
     /// Charging current in amps, positive into the battery.
     pub fn charging_amps(self) -> f32 {
-        -(self.signed_deciamps() as f32) / 10.0
+        // Negate the integer, not the float: -(0.0) would display as "-0.0A".
+        (-self.signed_deciamps()) as f32 / 10.0
     }
 }
 
@@ -118,5 +119,18 @@ pub struct DeciAh(pub u16);
 impl fmt::Display for DeciAh {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:.1}Ah", f32::from(self.0) / 10.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_offset_and_sign() {
+        assert_eq!(Current::charging(100.0), Current(3000));
+        assert_eq!(Current(3000).charging_amps(), 100.0);
+        assert_eq!(Current(4000).to_string(), "0.0A");
+        assert_eq!(Current(4010).to_string(), "-1.0A");
     }
 }
