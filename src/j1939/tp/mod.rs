@@ -79,9 +79,10 @@ pub struct TpConfig {
     pub max_sessions: usize,
     /// Bound on the bytes held by all receive reassemblies together.
     pub max_buffered_bytes: usize,
-    /// Retransmission requests tolerated per session before aborting with
-    /// reason 5. J1939-21 leaves the number to the implementation; a small
-    /// one keeps a lossy link from looping.
+    /// Retransmission requests tolerated in a row, without progress, before
+    /// aborting with reason 5. J1939-21 leaves the number to the
+    /// implementation; a small one keeps a lossy link from looping, and
+    /// resetting it on progress lets sporadic losses in a long transfer heal.
     pub max_retransmits: u8,
     /// Spacing between BAM data packets (J1939-21: 50 to 200 ms).
     pub bam_gap: Duration,
@@ -137,6 +138,9 @@ impl Default for TpConfig {
 /// A whole J1939 message, whatever it travelled as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct J1939Message {
+    /// For sending: the priority of a single frame (TP frames use
+    /// [`TpConfig::priority`]). For a reassembled message: the priority of
+    /// its RTS or BAM.
     pub priority: Priority,
     pub pgn: Pgn,
     pub source: Address,
@@ -699,19 +703,19 @@ impl Transport {
 
     fn on_bam(&mut self, id: J1939Id, size: u16, packets: u8, pgn: Pgn, now: Timestamp) {
         let source = id.source;
-        if let Some(i) = self.rx_index(source, Address::GLOBAL) {
-            let old = self.remove_rx(i);
-            if old.pgn != pgn {
-                // A node sends one BAM at a time, so a new announcement ends
-                // the old one. No Abort exists for broadcasts; report it
-                // locally with the reason that describes it (2: resources
-                // taken for another task).
-                self.events.push_back(TpEvent::ReceiveAborted {
-                    pgn: old.pgn,
-                    source,
-                    reason: AbortReason::NoResources,
-                });
-            }
+        // A node sends one BAM at a time, so a new announcement ends the old
+        // one: silently for the same PGN (the sender restarted), otherwise
+        // reported. No Abort exists for broadcasts; the local report uses the
+        // reason that describes it (2: resources taken for another task).
+        if let Some(i) = self.rx_index(source, Address::GLOBAL)
+            && let Some(old) = self.remove_rx(i)
+            && old.pgn != pgn
+        {
+            self.events.push_back(TpEvent::ReceiveAborted {
+                pgn: old.pgn,
+                source,
+                reason: AbortReason::NoResources,
+            });
         }
         // A BAM cannot be refused on the bus, so an unusable one is ignored.
         if let Err(e) = validate_announce(size, packets) {
@@ -814,7 +818,9 @@ impl Transport {
                 true
             }
             RxStep::Complete => {
-                let s = self.remove_rx(i);
+                let Some(s) = self.remove_rx(i) else {
+                    return false;
+                };
                 if matches!(s.flow, RxFlow::Cmdt(_)) {
                     let ack = Cm::EndOfMsgAck {
                         size: u16::try_from(s.buf.size()).unwrap_or(u16::MAX),
@@ -833,7 +839,9 @@ impl Transport {
                 false
             }
             RxStep::Abort(reason) => {
-                let s = self.remove_rx(i);
+                let Some(s) = self.remove_rx(i) else {
+                    return false;
+                };
                 if matches!(s.flow, RxFlow::Cmdt(_)) {
                     self.queue_cm(s.source, Cm::Abort { reason, pgn: s.pgn });
                 }
@@ -890,11 +898,14 @@ impl Transport {
         self.tx.iter().position(|s| s.destination == destination)
     }
 
-    /// Removes receive session `i`, which the caller just looked up.
-    fn remove_rx(&mut self, i: usize) -> RxSession {
+    /// Removes receive session `i` (normally just looked up).
+    fn remove_rx(&mut self, i: usize) -> Option<RxSession> {
+        if i >= self.rx.len() {
+            return None;
+        }
         let s = self.rx.swap_remove(i);
         self.buffered = self.buffered.saturating_sub(s.buf.size());
-        s
+        Some(s)
     }
 
     fn queue_cm(&mut self, destination: Address, cm: Cm) {
@@ -948,6 +959,7 @@ impl RxSession {
                 RxState::Holding { .. } => RxStep::Nothing,
                 RxState::Receiving { first, last, .. } => {
                     if self.buf.has_all(first, last) {
+                        c.retransmits = 0;
                         RxStep::Send(c.open_window(&self.buf, self.pgn, hold, cfg, now))
                     } else if seq == last {
                         // The window's last packet is in but some before it
@@ -1050,6 +1062,8 @@ impl CmdtTx {
                     if self.retransmits > cfg.max_retransmits {
                         return CtsStep::Abort(AbortReason::MaxRetransmit);
                     }
+                } else {
+                    self.retransmits = 0;
                 }
                 // Whatever the receiver grants is honoured, even beyond our
                 // RTS byte 5: we hold the whole message anyway.

@@ -980,6 +980,94 @@ fn sender_aborts_when_retransmissions_exceed_the_limit() {
 }
 
 #[test]
+fn progress_resets_the_retransmission_count() {
+    // Sender side: a request for new packets between retransmissions.
+    let data = payload(35); // 5 packets
+    let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
+    let mut t = 10;
+    let mut cts_in = |tp: &mut Transport, count, next| {
+        t += 10;
+        tp.handle_frame(&cm_frame(PILE, BMS, cts(count, next, 0x0200)), ms(t));
+        drain(tp)
+    };
+    assert_eq!(cts_in(&mut tp, 2, 1).len(), 2);
+    assert_eq!(cts_in(&mut tp, 1, 2).len(), 1); // retransmission 1
+    assert_eq!(cts_in(&mut tp, 1, 2).len(), 1); // retransmission 2
+    assert_eq!(cts_in(&mut tp, 2, 3).len(), 2); // progress
+    assert_eq!(cts_in(&mut tp, 1, 4).len(), 1); // retransmission 1 again
+    assert_eq!(cts_in(&mut tp, 1, 4).len(), 1); // retransmission 2
+    assert_eq!(cts_in(&mut tp, 1, 5).len(), 1); // progress
+    assert!(events(&mut tp).is_empty());
+
+    // Receiver side: two gaps healed in separate windows of 2.
+    let mut cfg = TpConfig::gbt27930();
+    cfg.packets_per_cts = 2;
+    cfg.max_retransmits = 1;
+    let mut rx = receiver_with_rts(cfg, &data);
+    let dt_in = |rx: &mut Transport, seq| {
+        rx.handle_frame(&dt_frame(BMS, PILE, &data, seq), ms(20));
+        drain(rx)
+    };
+    assert_eq!(
+        dt_in(&mut rx, 2),
+        vec![cm_frame(PILE, BMS, cts(1, 1, 0x0200))]
+    );
+    assert_eq!(
+        dt_in(&mut rx, 1),
+        vec![cm_frame(PILE, BMS, cts(2, 3, 0x0200))]
+    );
+    assert_eq!(
+        dt_in(&mut rx, 4),
+        vec![cm_frame(PILE, BMS, cts(1, 3, 0x0200))]
+    );
+    assert_eq!(
+        dt_in(&mut rx, 3),
+        vec![cm_frame(PILE, BMS, cts(1, 5, 0x0200))]
+    );
+    assert_eq!(
+        as_cm(&dt_in(&mut rx, 5)[0]).1,
+        Cm::EndOfMsgAck {
+            size: 35,
+            packets: 5,
+            pgn: pgn(0x0200)
+        }
+    );
+    assert!(matches!(&events(&mut rx)[..], [TpEvent::Received(m)] if m.data == data));
+}
+
+#[test]
+fn a_new_bam_for_another_pgn_ends_the_open_one() {
+    let mut tp = Transport::new(TpConfig::gbt27930(), PILE);
+    let bam = |p| Cm::Bam {
+        size: 20,
+        packets: 3,
+        pgn: pgn(p),
+    };
+    let data = payload(20);
+    tp.handle_frame(&cm_frame(BMS, Address::GLOBAL, bam(0xFE00)), ms(0));
+    tp.handle_frame(&dt_frame(BMS, Address::GLOBAL, &data, 1), ms(50));
+    // The same PGN again: a silent restart.
+    tp.handle_frame(&cm_frame(BMS, Address::GLOBAL, bam(0xFE00)), ms(100));
+    assert!(events(&mut tp).is_empty());
+    tp.handle_frame(&cm_frame(BMS, Address::GLOBAL, bam(0xFE01)), ms(150));
+    assert_eq!(
+        events(&mut tp),
+        vec![TpEvent::ReceiveAborted {
+            pgn: pgn(0xFE00),
+            source: BMS,
+            reason: AbortReason::NoResources
+        }]
+    );
+    for seq in 1..=3 {
+        tp.handle_frame(&dt_frame(BMS, Address::GLOBAL, &data, seq), ms(200));
+    }
+    assert!(
+        matches!(&events(&mut tp)[..], [TpEvent::Received(m)] if m.pgn == pgn(0xFE01) && m.data == data)
+    );
+    assert!(drain(&mut tp).is_empty(), "a BAM receiver never transmits");
+}
+
+#[test]
 fn cts_during_a_window_aborts_but_a_duplicate_does_not() {
     let data = payload(28);
     let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
