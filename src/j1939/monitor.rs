@@ -524,6 +524,79 @@ mod tests {
         );
     }
 
+    /// Frames and times of a `candump -L` capture (test-only reader; the
+    /// real one lives in `can::candump`).
+    fn capture(text: &str) -> Vec<(Timestamp, CanFrame)> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|line| {
+                let mut parts = line.split_whitespace();
+                let time = parts.next().unwrap().trim_matches(|c| c == '(' || c == ')');
+                let (secs, micros) = time.split_once('.').unwrap();
+                let t = secs.parse::<u64>().unwrap() * 1_000_000 + micros.parse::<u64>().unwrap();
+                let (id, hex) = parts.nth(1).unwrap().split_once('#').unwrap();
+                let id = ExtendedId::new(u32::from_str_radix(id, 16).unwrap()).unwrap();
+                let data: Vec<u8> = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
+                (Timestamp::from_micros(t), CanFrame::new(id, &data).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gbt_capture_with_both_directions_interleaved() {
+        // CRM(0x00); the BMS's BRM (PGN 0x0200, 49 bytes) over RTS/CTS, with a
+        // concurrent 10-byte transfer the other way (PGN 0x3400) and packet 7
+        // seen twice; then CRM(0xAA).
+        let log = "
+            (1700000000.000000) can0 1801F456#0001000000FFFFFF
+            (1700000000.010000) can0 1CEC56F4#10310007FF000200
+            (1700000000.012000) can0 1CECF456#110701FFFF000200
+            (1700000000.013000) can0 1CEB56F4#0101020304050607
+            (1700000000.014000) can0 1CEB56F4#0208090A0B0C0D0E
+            (1700000000.015000) can0 1CEB56F4#030F101112131415
+            (1700000000.015500) can0 1CECF456#100A0002FF003400
+            (1700000000.016000) can0 1CEB56F4#04161718191A1B1C
+            (1700000000.016500) can0 1CEC56F4#110201FFFF003400
+            (1700000000.017000) can0 1CEB56F4#051D1E1F20212223
+            (1700000000.017200) can0 1CEBF456#01A0A1A2A3A4A5A6
+            (1700000000.018000) can0 1CEB56F4#062425262728292A
+            (1700000000.018200) can0 1CEBF456#02A7A8A9FFFFFFFF
+            (1700000000.018300) can0 1CEC56F4#130A0002FF003400
+            (1700000000.019000) can0 1CEB56F4#072B2C2D2E2F3031
+            (1700000000.019100) can0 1CEB56F4#072B2C2D2E2F3031
+            (1700000000.020000) can0 1CECF456#13310007FF000200
+            (1700000000.250000) can0 1801F456#AA01000000FFFFFF
+        ";
+        let mut m = Monitor::new(4);
+        for (t, f) in capture(log) {
+            m.handle_frame(&f, t);
+        }
+        m.finish();
+        let p6 = Priority::new(6).unwrap();
+        let single = |data: Vec<u8>| {
+            MonitorEvent::Message(J1939Message {
+                priority: p6,
+                pgn: pgn(0x0100),
+                source: PILE,
+                destination: BMS,
+                data,
+            })
+        };
+        assert_eq!(
+            events(&mut m),
+            vec![
+                single(vec![0x00, 0x01, 0, 0, 0, 0xFF, 0xFF, 0xFF]),
+                message(0x3400, PILE, BMS, (0xA0..=0xA9).collect()),
+                message(0x0200, BMS, PILE, (1..=49).collect()),
+                single(vec![0xAA, 0x01, 0, 0, 0, 0xFF, 0xFF, 0xFF]),
+            ]
+        );
+    }
+
     /// The frames of one transfer between two real transports on a clean link.
     fn trace(
         source: Address,
