@@ -762,11 +762,11 @@ mod tests {
             tx.send(&ext(0x200, &[i])).await.unwrap();
             // Poll recv once more with a zero budget on odd rounds: it either
             // completes or is cancelled, never loses the frame.
-            if i % 2 == 1 {
-                if let Ok(ev) = tokio::time::timeout(Duration::ZERO, rx.recv()).await {
-                    got.push(expect_frame(Some(ev.unwrap())).data()[0]);
-                    continue;
-                }
+            if i % 2 == 1
+                && let Ok(ev) = tokio::time::timeout(Duration::ZERO, rx.recv()).await
+            {
+                got.push(expect_frame(Some(ev.unwrap())).data()[0]);
+                continue;
             }
             got.push(expect_frame(Some(rx.recv().await.unwrap())).data()[0]);
         }
