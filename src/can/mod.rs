@@ -41,21 +41,32 @@ pub enum LinkState {
 pub enum ErrorEvent {
     TransmitTimeout,
     /// Lost arbitration at the given bit (0 if unknown).
-    LostArbitration { bit: u8 },
+    LostArbitration {
+        bit: u8,
+    },
     /// Controller state: warning / passive levels or an overflow. `detail` is
     /// the raw `CAN_ERR_CRTL_*` byte.
-    Controller { detail: u8 },
+    Controller {
+        detail: u8,
+    },
     /// Bus protocol violation: raw `CAN_ERR_PROT_*` type and location bytes.
-    Protocol { kind: u8, location: u8 },
+    Protocol {
+        kind: u8,
+        location: u8,
+    },
     /// Transceiver status, raw `CAN_ERR_TRX_*` byte.
-    Transceiver { detail: u8 },
+    Transceiver {
+        detail: u8,
+    },
     /// No acknowledgement: no other node is listening.
     NoAck,
     BusOff,
     BusError,
     Restarted,
     /// An error frame whose class we do not know; the raw class bits are kept.
-    Other { class: u32 },
+    Other {
+        class: u32,
+    },
 }
 
 /// Why a bus operation failed.

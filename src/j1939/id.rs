@@ -177,7 +177,10 @@ impl J1939Id {
         } else {
             0
         };
-        let raw = (u32::from(self.priority.0) << 26) | (self.pgn.0 << 8) | (ps << 8) | u32::from(self.source.0);
+        let raw = (u32::from(self.priority.0) << 26)
+            | (self.pgn.0 << 8)
+            | (ps << 8)
+            | u32::from(self.source.0);
         // Priority is 3 bits and the PGN 18, so the result fits in 29 bits.
         ExtendedId::new(raw).expect("3-bit priority + 18-bit PGN + 8-bit SA fit in 29 bits")
     }
@@ -228,7 +231,9 @@ mod tests {
         assert!(Priority::new(8).is_err());
         assert!(Pgn::new(0x4_0000).is_err());
         assert_eq!(Pgn::new(0xEC12), Err(IdError::Pdu1LowByte(0xEC12)));
-        assert!(J1939Id::from_can_id(CanId::Standard(crate::can::StandardId::new(1).unwrap())).is_err());
+        assert!(
+            J1939Id::from_can_id(CanId::Standard(crate::can::StandardId::new(1).unwrap())).is_err()
+        );
     }
 
     proptest! {

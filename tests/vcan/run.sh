@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The real-SocketCAN lane.
+#
+# Our CI and dev machines run kernels without CONFIG_CAN, so the tests that
+# need real SocketCAN (vcan, can-raw, can-j1939) run inside a small VM that
+# boots Debian's kernel with virtme-ng, sharing the host's root filesystem
+# read-only. This script:
+#   1. installs what is missing (apt: qemu, kernel, can-utils, ...; pip: virtme-ng),
+#   2. builds on the host: `cargo build --release` and the test executables,
+#   3. boots the VM, which runs tests/vcan/guest.sh (the list of steps),
+#   4. prints "vcan lane: N passed, M failed" and exits non-zero on any
+#      failure, or when the VM produced no results.
+#
+# Usage: tests/vcan/run.sh
+# Environment (all optional):
+#   BMSGW_VCAN_OUT      output directory (default target/vcan-lane): results.txt,
+#                       steps/*.log, console.log, captures
+#   BMSGW_VCAN_KERNEL   kernel image (default: newest /boot/vmlinuz-*-amd64
+#                       with its modules installed)
+#   BMSGW_VCAN_MEMORY   guest memory (default 1G)
+#   BMSGW_VCAN_CPUS     guest CPUs (default 2)
+#   BMSGW_VCAN_TIMEOUT  limit for the whole VM run in seconds (default 1200)
+#   BMSGW_STEP_TIMEOUT  limit for one step inside the guest (default 300)
+#   BMSGW_VCAN_NO_INSTALL=1  fail instead of installing missing packages
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+OUT=${BMSGW_VCAN_OUT:-$ROOT/target/vcan-lane}
+MEMORY=${BMSGW_VCAN_MEMORY:-1G}
+CPUS=${BMSGW_VCAN_CPUS:-2}
+LANE_TIMEOUT=${BMSGW_VCAN_TIMEOUT:-1200}
+
+# cargo test targets built for the guest; each one's executable is passed in
+# guest.env as BMSGW_TEST_<TARGET IN UPPER CASE>. Add new targets here.
+TEST_TARGETS=(vcan_socketcan)
+
+log() { printf '[vcan lane] %s\n' "$*" >&2; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+find_kernel() {
+    if [ -n "${BMSGW_VCAN_KERNEL:-}" ]; then
+        echo "$BMSGW_VCAN_KERNEL"
+        return
+    fi
+    local k ver best=""
+    for k in /boot/vmlinuz-*-amd64; do
+        [ -e "$k" ] || continue
+        ver=${k#/boot/vmlinuz-}
+        [ -d "/lib/modules/$ver/kernel/drivers/net/can" ] && best=$k
+    done
+    # The glob is sorted; keep the newest that has its CAN modules.
+    echo "$best"
+}
+
+ensure_tools() {
+    local apt=()
+    command -v qemu-system-x86_64 >/dev/null || apt+=(qemu-system-x86)
+    [ -n "$(find_kernel)" ] || apt+=(linux-image-amd64)
+    { command -v candump && command -v cansend && command -v canplayer; } >/dev/null || apt+=(can-utils)
+    command -v ip >/dev/null || apt+=(iproute2)
+    command -v modprobe >/dev/null || apt+=(kmod)
+    # The broker for later steps (cloud link over mosquitto inside the VM).
+    command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || apt+=(mosquitto)
+    command -v python3 >/dev/null || apt+=(python3)
+    if ! command -v vng >/dev/null && ! python3 -m pip --version >/dev/null 2>&1; then
+        apt+=(python3-pip)
+    fi
+
+    if [ ${#apt[@]} -gt 0 ]; then
+        [ -z "${BMSGW_VCAN_NO_INSTALL:-}" ] || { log "missing packages: ${apt[*]}"; exit 2; }
+        log "installing: ${apt[*]}"
+        # The lock timeout lets this wait for an apt run already in progress.
+        as_root apt-get -o DPkg::Lock::Timeout=600 update -q
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+            install -y -q --no-install-recommends "${apt[@]}"
+    fi
+    if ! command -v vng >/dev/null; then
+        [ -z "${BMSGW_VCAN_NO_INSTALL:-}" ] || { log "missing: vng (pip install virtme-ng)"; exit 2; }
+        log "installing virtme-ng (pip)"
+        python3 -m pip install --user virtme-ng ||
+            python3 -m pip install --user --break-system-packages virtme-ng
+        export PATH="$HOME/.local/bin:$PATH"
+        command -v vng >/dev/null || { log "vng still not found after pip install"; exit 2; }
+    fi
+}
+
+# Prints the executable of the cargo test target $1, building it if needed.
+test_executable() {
+    (cd "$ROOT" && cargo test --no-run --test "$1" --message-format=json) |
+        python3 -c '
+import json, sys
+name = sys.argv[1]
+exe = None
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    t = msg.get("target", {})
+    if msg.get("reason") == "compiler-artifact" and t.get("name") == name \
+            and "test" in t.get("kind", []) and msg.get("executable"):
+        exe = msg["executable"]
+if not exe:
+    sys.exit("no executable for test target " + name)
+print(exe)
+' "$1"
+}
+
+# Copies the VM console through, noting (host clock) when the guest script
+# starts and ends, which gives the boot time.
+watch_console() {
+    local line
+    while IFS= read -r line; do
+        printf '%s\n' "$line"
+        case $line in
+        *BMSGW_GUEST_START*) [ -e "$OUT/.t_guest_start" ] || now >"$OUT/.t_guest_start" ;;
+        *BMSGW_GUEST_DONE*) now >"$OUT/.t_guest_done" ;;
+        esac
+    done
+}
+
+main() {
+    local t_start t_built t_vm t_end
+    t_start=$(now)
+    ensure_tools
+    local kernel
+    kernel=$(find_kernel)
+    [ -n "$kernel" ] || { log "no /boot/vmlinuz-*-amd64 with CAN modules found"; exit 2; }
+
+    log "building on the host"
+    (cd "$ROOT" && cargo build --release)
+    rm -rf "$OUT"
+    mkdir -p "$OUT"
+    {
+        printf 'BMSGW_ROOT=%q\n' "$ROOT"
+        printf 'BMSGW_BIN=%q\n' "$ROOT/target/release/bmsgw"
+        local t exe var
+        for t in "${TEST_TARGETS[@]}"; do
+            exe=$(test_executable "$t")
+            var=BMSGW_TEST_$(echo "$t" | tr '[:lower:]-' '[:upper:]_')
+            printf '%s=%q\n' "$var" "$exe"
+        done
+    } >"$OUT/guest.env"
+    t_built=$(now)
+
+    log "booting $kernel (software emulation, $CPUS CPUs, $MEMORY)"
+    t_vm=$(now)
+    local rc
+    set +e
+    # KVM hung on these machines, hence --disable-kvm (see VCAN-LANE notes).
+    timeout "$LANE_TIMEOUT" vng --run "$kernel" --disable-kvm --cpus "$CPUS" --memory "$MEMORY" \
+        --rwdir="$OUT" --exec "bash $HERE/guest.sh $OUT" </dev/null 2>&1 |
+        watch_console | tee "$OUT/console.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    t_end=$(now)
+
+    local passed=0 failed=0 problem=""
+    if [ -f "$OUT/results.txt" ]; then
+        passed=$(grep -c '^PASS ' "$OUT/results.txt" || true)
+        failed=$(grep -c '^FAIL ' "$OUT/results.txt" || true)
+    fi
+    if [ "$rc" -eq 124 ]; then
+        problem="the VM run timed out after ${LANE_TIMEOUT}s"
+    elif [ ! -f "$OUT/results.txt" ]; then
+        problem="the VM produced no results (vng exit $rc; see $OUT/console.log)"
+    elif [ ! -f "$OUT/DONE" ]; then
+        problem="the guest script did not finish (vng exit $rc; see $OUT/console.log)"
+    elif [ "$passed" -eq 0 ]; then
+        problem="no step passed"
+    fi
+
+    echo
+    echo "==== vcan lane results ($OUT) ===="
+    [ -f "$OUT/results.txt" ] && cat "$OUT/results.txt"
+    local boot="?" steps="?"
+    [ -f "$OUT/.t_guest_start" ] && boot=$(elapsed "$t_vm" "$(cat "$OUT/.t_guest_start")")
+    [ -f "$OUT/.t_guest_start" ] && [ -f "$OUT/.t_guest_done" ] &&
+        steps=$(elapsed "$(cat "$OUT/.t_guest_start")" "$(cat "$OUT/.t_guest_done")")
+    echo "timings: build $(elapsed "$t_start" "$t_built")s, VM boot ${boot}s," \
+        "guest steps ${steps}s, VM total $(elapsed "$t_vm" "$t_end")s, lane total $(elapsed "$t_start" "$t_end")s"
+    echo "vcan lane: $passed passed, $failed failed"
+    if [ -n "$problem" ]; then
+        echo "vcan lane: FAILED: $problem"
+        exit 1
+    fi
+    [ "$failed" -eq 0 ] || exit 1
+}
+
+main "$@"
