@@ -4,10 +4,14 @@
 //! - [`can`]: frames, the async bus trait and its backends;
 //! - [`j1939`]: identifier codec and transport protocol (sans-IO);
 //! - [`gbt27930`]: message codecs and the charger and BMS state machines (sans-IO);
+//! - [`service`]: what running as a service needs (logging so far);
 //! - `sim`: simulators and the demo (feature `sim`).
 #![forbid(unsafe_code)]
 
 pub mod can;
 pub mod gbt27930;
 pub mod j1939;
+pub mod service;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod time;

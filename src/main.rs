@@ -1,1 +1,312 @@
-fn main() {}
+//! The `bmsgw` command line. Parsing only: every subcommand is a library call.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bmsgw",
+    version,
+    about = "Vehicle gateway for GB/T 27930 charging"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the BMS and pile simulators against each other and print the
+    /// decoded timeline (in-process bus at 250 kbit/s unless --can is given).
+    #[cfg(feature = "sim")]
+    Demo {
+        /// Use this SocketCAN interface instead of the in-process bus.
+        #[arg(long, value_name = "IF")]
+        can: Option<String>,
+        /// Print every message, not only those whose content changed.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Decode a `candump -L` log: reassemble TP and print one line per GB/T message.
+    Decode {
+        /// The log file (`-` for standard input).
+        log: PathBuf,
+        /// Print a periodic message only when its content changes.
+        #[arg(long)]
+        changes: bool,
+    },
+    /// Simulators for tests and benches.
+    #[cfg(feature = "sim")]
+    Sim {
+        #[command(subcommand)]
+        role: SimRole,
+    },
+}
+
+#[cfg(feature = "sim")]
+#[derive(Subcommand)]
+enum SimRole {
+    /// Play the BMS: charge from --soc-start to --soc-end over --duration, then stop.
+    Bms {
+        #[arg(long, value_name = "IFACE")]
+        can: String,
+        /// State of charge at the start, in percent.
+        #[arg(long, default_value_t = 50.0)]
+        soc_start: f32,
+        /// State of charge at which the BMS stops, in percent.
+        #[arg(long, default_value_t = 80.0)]
+        soc_end: f32,
+        /// Charging current requested, in amps.
+        #[arg(long, default_value_t = 100.0)]
+        current: f32,
+        /// Time in the charging phase from start to end SOC (e.g. 10s, 500ms, 2m).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// How long to wait for a charger to appear.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        wait: Duration,
+        /// Our J1939 source address.
+        #[arg(long, default_value = "0xF4", value_parser = parse_u8)]
+        address: u8,
+        /// The pile's J1939 address.
+        #[arg(long, default_value = "0x56", value_parser = parse_u8)]
+        pile_address: u8,
+    },
+    /// Play the charging pile (charger role).
+    Pile {
+        #[arg(long, value_name = "IFACE")]
+        can: String,
+        /// Charger number sent in CRM bytes 2–5.
+        #[arg(long, default_value_t = 1)]
+        charger_number: u32,
+        /// Region code sent in CRM bytes 6–8: three ASCII characters or six hex digits.
+        #[arg(long, default_value = "000", value_parser = parse_region)]
+        region_code: [u8; 3],
+        /// Maximum output current in amps.
+        #[arg(long, default_value_t = 250.0)]
+        max_current: f32,
+        /// Maximum output voltage in volts.
+        #[arg(long, default_value_t = 750.0)]
+        max_voltage: f32,
+        /// Stop by itself after this long in the charging phase (e.g. 30s).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Our J1939 source address.
+        #[arg(long, default_value = "0x56", value_parser = parse_u8)]
+        address: u8,
+        /// The BMS's J1939 address.
+        #[arg(long, default_value = "0xF4", value_parser = parse_u8)]
+        bms_address: u8,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    bmsgw::service::logging::init(&cli.log_level);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => fail(&msg),
+    }
+}
+
+/// One line on stderr and a non-zero exit, as the CLI contract says.
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("bmsgw: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Error chains flattened to one line: "outer: inner: root".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}
+
+async fn dispatch(command: Command) -> Result<(), String> {
+    match command {
+        Command::Decode { log, changes } => {
+            let opts = bmsgw::gbt27930::timeline::TimelineOptions {
+                changes_only: changes,
+            };
+            let stdout = std::io::stdout().lock();
+            let result = if log.as_os_str() == "-" {
+                bmsgw::gbt27930::timeline::decode_log(std::io::stdin().lock(), stdout, opts)
+            } else {
+                let file = std::fs::File::open(&log)
+                    .map_err(|e| format!("decode: cannot open {}: {e}", log.display()))?;
+                bmsgw::gbt27930::timeline::decode_log(std::io::BufReader::new(file), stdout, opts)
+            };
+            result
+                .map(|_| ())
+                .map_err(|e| format!("decode {}: {}", log.display(), chain(&e)))
+        }
+        #[cfg(feature = "sim")]
+        Command::Demo { can, all } => {
+            let opts = bmsgw::sim::demo::DemoOptions {
+                can,
+                all_messages: all,
+                ..Default::default()
+            };
+            let mut out = std::io::stdout();
+            bmsgw::sim::demo::run(opts, &mut out, ctrl_c())
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("demo: {}", chain(&e)))
+        }
+        #[cfg(feature = "sim")]
+        Command::Sim { role } => sim(role).await,
+    }
+}
+
+#[cfg(feature = "sim")]
+async fn sim(role: SimRole) -> Result<(), String> {
+    use bmsgw::can::socketcan::{SocketCanBus, SocketCanOptions};
+    use bmsgw::j1939::Address;
+    use bmsgw::sim::{bms, pile};
+    match role {
+        SimRole::Bms {
+            can,
+            soc_start,
+            soc_end,
+            current,
+            duration,
+            wait,
+            address,
+            pile_address,
+        } => {
+            let opts = bms::BmsSimOptions {
+                soc_start,
+                soc_end,
+                current,
+                duration,
+                charger_wait: Some(wait),
+                address: Address(address),
+                pile_address: Address(pile_address),
+                ..Default::default()
+            };
+            opts.validate().map_err(|e| format!("sim bms: {e}"))?;
+            let mut bus = SocketCanBus::open(&can, SocketCanOptions::default())
+                .map_err(|e| format!("sim bms: {}", chain(&e)))?;
+            let s = bms::run(&mut bus, opts, ctrl_c())
+                .await
+                .map_err(|e| format!("sim bms: {}", chain(&e)))?;
+            println!(
+                "sim bms: session completed: final SOC {}%, {} min, {:.1} kWh",
+                s.final_soc_percent,
+                s.charging_minutes,
+                f32::from(s.energy_decikwh) / 10.0
+            );
+            Ok(())
+        }
+        SimRole::Pile {
+            can,
+            charger_number,
+            region_code,
+            max_current,
+            max_voltage,
+            duration,
+            address,
+            bms_address,
+        } => {
+            let opts = pile::PileSimOptions {
+                charger_number: bmsgw::gbt27930::ChargerNumber(charger_number),
+                region_code: bmsgw::gbt27930::RegionCode(region_code),
+                max_current,
+                max_voltage,
+                duration,
+                address: Address(address),
+                bms_address: Address(bms_address),
+                ..Default::default()
+            };
+            let mut bus = SocketCanBus::open(&can, SocketCanOptions::default())
+                .map_err(|e| format!("sim pile: {}", chain(&e)))?;
+            let s = pile::run(&mut bus, opts, ctrl_c())
+                .await
+                .map_err(|e| format!("sim pile: {}", chain(&e)))?;
+            println!(
+                "sim pile: session completed: BMS final SOC {}%, {} min, {:.1} kWh delivered",
+                s.final_soc_percent,
+                s.charging_minutes,
+                f32::from(s.energy_decikwh) / 10.0
+            );
+            Ok(())
+        }
+    }
+}
+
+#[cfg(feature = "sim")]
+async fn ctrl_c() {
+    // If the handler cannot be installed, run without one.
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// `10s`, `500ms`, `2m`, or bare seconds (`1.5`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration; expected e.g. 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}'; use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is not a non-negative duration"))
+}
+
+/// A J1939 address: decimal or 0x-prefixed hex.
+fn parse_u8(s: &str) -> Result<u8, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u8::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("'{s}' is not an address 0..=255 (decimal or 0x..)"))
+}
+
+/// Three ASCII characters, or six hex digits for three raw bytes.
+fn parse_region(s: &str) -> Result<[u8; 3], String> {
+    let b = s.as_bytes();
+    if b.len() == 6 && b.iter().all(u8::is_ascii_hexdigit) {
+        let mut out = [0u8; 3];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        }
+        return Ok(out);
+    }
+    match <[u8; 3]>::try_from(b) {
+        Ok(arr) if arr.iter().all(u8::is_ascii_graphic) => Ok(arr),
+        _ => Err(format!(
+            "'{s}' is not a region code; expected 3 ASCII characters or 6 hex digits"
+        )),
+    }
+}

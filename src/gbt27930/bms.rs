@@ -10,7 +10,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::messages::*;
-use super::session::{FailureReason, Outcome, Phase, Role, RoleCore, SessionEvent, Summary, Timeouts};
+use super::session::{
+    FailureReason, Outcome, Phase, Role, RoleCore, SessionEvent, Summary, Timeouts,
+};
 use super::units::{CentiVolt, Current, DeciKwh, DeciPercent, DeciVolt, Temperature};
 use crate::time::Timestamp;
 
@@ -122,11 +124,16 @@ enum State {
     /// Sending BRM, waiting for CRM(0xAA).
     Recognition,
     /// Sending BCP, waiting for CML; then BRO(0xAA), waiting for CRO(0xAA).
-    Configuration { cml_seen: bool },
+    Configuration {
+        cml_seen: bool,
+    },
     Charging,
     /// Sending BST. Once CST is heard, BST is repeated `bst_left` more times
     /// so the charger hears it, then statistics begin.
-    Stopping { cst_seen: bool, bst_left: u8 },
+    Stopping {
+        cst_seen: bool,
+        bst_left: u8,
+    },
     /// Sending BSD, waiting for CSD.
     Statistics,
     Ended,
@@ -353,18 +360,27 @@ impl Role for Bms {
                 if crm.recognition == Recognition::NotRecognized =>
             {
                 self.charger = Some((crm.charger_number, crm.region_code));
-                self.core.enter(Phase::Recognition, &[MessageKind::Brm], now);
+                self.core
+                    .enter(Phase::Recognition, &[MessageKind::Brm], now);
                 self.core.expect(MessageKind::Crm, now);
                 State::Recognition
             }
-            (State::Recognition, Message::Crm(crm)) if crm.recognition == Recognition::Recognized => {
+            (State::Recognition, Message::Crm(crm))
+                if crm.recognition == Recognition::Recognized =>
+            {
                 self.charger = Some((crm.charger_number, crm.region_code));
-                self.core.enter(Phase::Configuration, &[MessageKind::Bcp], now);
+                self.core
+                    .enter(Phase::Configuration, &[MessageKind::Bcp], now);
                 self.core.expect(MessageKind::Cml, now);
                 State::Configuration { cml_seen: false }
             }
             (State::Configuration { cml_seen: false }, Message::Cml(cml)) => {
-                if cml.max_output_voltage < self.config.max_charging_voltage.min(self.battery.voltage_demand) {
+                if cml.max_output_voltage
+                    < self
+                        .config
+                        .max_charging_voltage
+                        .min(self.battery.voltage_demand)
+                {
                     tracing::debug!(
                         charger_max = %cml.max_output_voltage,
                         "charger cannot reach our voltage demand; continuing at its maximum"
@@ -374,7 +390,9 @@ impl Role for Bms {
                 self.core.expect(MessageKind::Cro, now);
                 State::Configuration { cml_seen: true }
             }
-            (State::Configuration { cml_seen: true }, Message::Cro(cro)) if cro.ready == Readiness::Ready => {
+            (State::Configuration { cml_seen: true }, Message::Cro(cro))
+                if cro.ready == Readiness::Ready =>
+            {
                 let mut kinds = vec![MessageKind::Bcl, MessageKind::Bcs, MessageKind::Bsm];
                 if self.config.send_cell_details {
                     kinds.extend([MessageKind::Bmv, MessageKind::Bmt]);
@@ -392,7 +410,13 @@ impl Role for Bms {
                 self.enter_stopping(true, now);
                 self.state
             }
-            (State::Stopping { cst_seen: false, bst_left }, Message::Cst(_)) => {
+            (
+                State::Stopping {
+                    cst_seen: false,
+                    bst_left,
+                },
+                Message::Cst(_),
+            ) => {
                 self.core.deadline = None;
                 State::Stopping {
                     cst_seen: true,
@@ -408,8 +432,13 @@ impl Role for Bms {
                 self.core.finish(Outcome::Completed(summary));
                 State::Ended
             }
-            (State::Handshake | State::Recognition | State::Configuration { .. }, Message::Cst(_)) => {
-                self.core.fail(FailureReason::StoppedEarly { by: MessageKind::Cst });
+            (
+                State::Handshake | State::Recognition | State::Configuration { .. },
+                Message::Cst(_),
+            ) => {
+                self.core.fail(FailureReason::StoppedEarly {
+                    by: MessageKind::Cst,
+                });
                 State::Ended
             }
             (state, _) => state,
@@ -426,13 +455,12 @@ impl Role for Bms {
             self.state = State::Ended;
             return;
         }
-        if self.state == State::Idle {
-            if let Some(wait) = self.config.charger_wait {
-                if now.saturating_since(started) >= wait {
-                    self.on_timeout_expired(MessageKind::Chm, now);
-                    return;
-                }
-            }
+        if self.state == State::Idle
+            && let Some(wait) = self.config.charger_wait
+            && now.saturating_since(started) >= wait
+        {
+            self.on_timeout_expired(MessageKind::Chm, now);
+            return;
         }
         if let Some(kind) = self.core.expired(now) {
             self.on_timeout_expired(kind, now);
@@ -441,22 +469,21 @@ impl Role for Bms {
             if let Some(msg) = self.build(kind) {
                 self.out.push_back(msg);
             }
-            if kind == MessageKind::Bst {
-                if let State::Stopping {
+            if kind == MessageKind::Bst
+                && let State::Stopping {
                     cst_seen: true,
                     bst_left,
                 } = &mut self.state
-                {
-                    *bst_left = bst_left.saturating_sub(1);
-                    if *bst_left == 0 {
-                        self.enter_statistics(now);
-                        // BSD goes out at once.
-                        if let Some(msg) = self.build(MessageKind::Bsd) {
-                            self.out.push_back(msg);
-                        }
-                        let _ = self.core.schedule.due(now);
-                        break;
+            {
+                *bst_left = bst_left.saturating_sub(1);
+                if *bst_left == 0 {
+                    self.enter_statistics(now);
+                    // BSD goes out at once.
+                    if let Some(msg) = self.build(MessageKind::Bsd) {
+                        self.out.push_back(msg);
                     }
+                    let _ = self.core.schedule.due(now);
+                    break;
                 }
             }
         }
@@ -472,11 +499,11 @@ impl Role for Bms {
 
     fn poll_timeout(&self) -> Option<Timestamp> {
         let mut next = self.core.next_timeout();
-        if self.state == State::Idle {
-            if let (Some(started), Some(wait)) = (self.started_at, self.config.charger_wait) {
-                let t = started + wait;
-                next = Some(next.map_or(t, |n| n.min(t)));
-            }
+        if self.state == State::Idle
+            && let (Some(started), Some(wait)) = (self.started_at, self.config.charger_wait)
+        {
+            let t = started + wait;
+            next = Some(next.map_or(t, |n| n.min(t)));
         }
         next
     }

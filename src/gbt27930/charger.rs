@@ -8,7 +8,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::messages::*;
-use super::session::{FailureReason, Outcome, Phase, Role, RoleCore, SessionEvent, Summary, Timeouts};
+use super::session::{
+    FailureReason, Outcome, Phase, Role, RoleCore, SessionEvent, Summary, Timeouts,
+};
 use super::units::{Current, DeciKwh, DeciVolt};
 use crate::time::Timestamp;
 
@@ -73,14 +75,27 @@ enum State {
     /// Sending CHM, waiting for BHM.
     Handshake,
     /// Sending CRM(0x00), waiting for BRM; then CRM(0xAA), waiting for BCP.
-    Recognition { identified: bool },
+    Recognition {
+        identified: bool,
+    },
     /// Sending CTS/CML, waiting for BRO(0xAA); then CRO(0xAA), waiting for BCL.
-    Configuration { bms_ready: bool },
-    Charging { started: Timestamp },
+    Configuration {
+        bms_ready: bool,
+    },
+    /// BCL is watched by the core's deadline (1 s); BCS by `bcs_by` (5 s).
+    Charging {
+        started: Timestamp,
+        bcs_by: Timestamp,
+    },
     /// Sending CST. `bst_seen` once the BMS has stopped too; then waiting for BSD.
-    Stopping { bst_seen: bool },
+    Stopping {
+        bst_seen: bool,
+    },
     /// Sending CSD a few times so the BMS hears it, then done.
-    Statistics { csd_left: u8, bsd: Bsd },
+    Statistics {
+        csd_left: u8,
+        bsd: Bsd,
+    },
     Ended,
 }
 
@@ -181,8 +196,14 @@ impl Charger {
         self.last_ccs_at = None;
         self.state = State::Stopping { bst_seen };
         self.core.enter(Phase::Stopping, &[MessageKind::Cst], now);
-        self.core
-            .expect(if bst_seen { MessageKind::Bsd } else { MessageKind::Bst }, now);
+        self.core.expect(
+            if bst_seen {
+                MessageKind::Bsd
+            } else {
+                MessageKind::Bst
+            },
+            now,
+        );
     }
 
     fn output(&self) -> (DeciVolt, Current) {
@@ -310,7 +331,9 @@ impl Role for Charger {
                     State::Handshake | State::Recognition { .. } | State::Configuration { .. }
                 ) =>
             {
-                self.core.fail(FailureReason::StoppedEarly { by: MessageKind::Bst });
+                self.core.fail(FailureReason::StoppedEarly {
+                    by: MessageKind::Bst,
+                });
                 self.state = State::Ended;
                 return;
             }
@@ -319,7 +342,8 @@ impl Role for Charger {
         let state = std::mem::replace(&mut self.state, State::Ended);
         self.state = match (state, msg) {
             (State::Handshake, Message::Bhm(_)) => {
-                self.core.enter(Phase::Recognition, &[MessageKind::Crm], now);
+                self.core
+                    .enter(Phase::Recognition, &[MessageKind::Crm], now);
                 self.core.expect(MessageKind::Brm, now);
                 State::Recognition { identified: false }
             }
@@ -335,7 +359,9 @@ impl Role for Charger {
                 }
                 State::Recognition { identified: true }
             }
-            (State::Recognition { identified: true }, Message::Bcp(bcp)) if self.recognition_allowed() => {
+            (State::Recognition { identified: true }, Message::Bcp(bcp))
+                if self.recognition_allowed() =>
+            {
                 if bcp.max_charging_voltage < self.config.min_output_voltage {
                     self.core.fail(FailureReason::Incompatible(format!(
                         "BMS max voltage {} is below the charger's minimum {}",
@@ -343,8 +369,11 @@ impl Role for Charger {
                     )));
                     State::Ended
                 } else {
-                    self.core
-                        .enter(Phase::Configuration, &[MessageKind::Cts, MessageKind::Cml], now);
+                    self.core.enter(
+                        Phase::Configuration,
+                        &[MessageKind::Cts, MessageKind::Cml],
+                        now,
+                    );
                     self.core.expect(MessageKind::Bro, now);
                     State::Configuration { bms_ready: false }
                 }
@@ -364,17 +393,23 @@ impl Role for Charger {
                 self.last_ccs_at = Some(now);
                 self.core.enter(Phase::Charging, &[MessageKind::Ccs], now);
                 self.core.expect(MessageKind::Bcl, now);
-                State::Charging { started: now }
+                State::Charging {
+                    started: now,
+                    bcs_by: now + self.config.timeouts.for_kind(MessageKind::Bcs),
+                }
             }
-            (State::Charging { started }, Message::Bcl(bcl)) => {
+            (State::Charging { started, bcs_by }, Message::Bcl(bcl)) => {
                 self.accumulate_energy(now);
                 self.demand = Some(bcl);
                 self.core.expect(MessageKind::Bcl, now);
-                State::Charging { started }
+                State::Charging { started, bcs_by }
             }
-            (State::Charging { started }, Message::Bcs(bcs)) => {
+            (State::Charging { started, .. }, Message::Bcs(bcs)) => {
                 self.bms_soc_percent = bcs.soc_percent;
-                State::Charging { started }
+                State::Charging {
+                    started,
+                    bcs_by: now + self.config.timeouts.for_kind(MessageKind::Bcs),
+                }
             }
             (State::Charging { .. }, Message::Bst(_)) => {
                 self.stop.bms_stopped = Bits2::SET;
@@ -405,31 +440,34 @@ impl Role for Charger {
         }
         if let Some(kind) = self.core.expired(now) {
             self.on_timeout_expired(kind, now);
+        } else if let State::Charging { bcs_by, .. } = self.state
+            && bcs_by <= now
+        {
+            self.on_timeout_expired(MessageKind::Bcs, now);
         }
-        if let State::Charging { started } = self.state {
-            if let Some(limit) = self.config.max_charging_time {
-                if now.saturating_since(started) >= limit {
-                    self.request_stop(ChargerStopReason::ConditionsReached, now);
-                }
-            }
+        if let State::Charging { started, .. } = self.state
+            && let Some(limit) = self.config.max_charging_time
+            && now.saturating_since(started) >= limit
+        {
+            self.request_stop(ChargerStopReason::ConditionsReached, now);
         }
         for kind in self.core.schedule.due(now) {
             if let Some(msg) = self.build(kind, now) {
                 self.out.push_back(msg);
             }
-            if kind == MessageKind::Csd {
-                if let State::Statistics { csd_left, bsd } = &mut self.state {
-                    *csd_left = csd_left.saturating_sub(1);
-                    if *csd_left == 0 {
-                        let summary = Summary {
-                            final_soc_percent: bsd.soc_percent,
-                            charging_minutes: self.charging_minutes(now),
-                            energy_decikwh: self.energy().0,
-                        };
-                        self.core.finish(Outcome::Completed(summary));
-                        self.state = State::Ended;
-                        break;
-                    }
+            if kind == MessageKind::Csd
+                && let State::Statistics { csd_left, bsd } = &mut self.state
+            {
+                *csd_left = csd_left.saturating_sub(1);
+                if *csd_left == 0 {
+                    let summary = Summary {
+                        final_soc_percent: bsd.soc_percent,
+                        charging_minutes: self.charging_minutes(now),
+                        energy_decikwh: self.energy().0,
+                    };
+                    self.core.finish(Outcome::Completed(summary));
+                    self.state = State::Ended;
+                    break;
                 }
             }
         }
@@ -445,8 +483,11 @@ impl Role for Charger {
 
     fn poll_timeout(&self) -> Option<Timestamp> {
         let mut next = self.core.next_timeout();
-        if let (State::Charging { started }, Some(limit)) = (&self.state, self.config.max_charging_time) {
-            let t = *started + limit;
+        if let State::Charging { started, bcs_by } = &self.state {
+            let mut t = *bcs_by;
+            if let Some(limit) = self.config.max_charging_time {
+                t = t.min(*started + limit);
+            }
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         next

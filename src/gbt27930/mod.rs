@@ -11,7 +11,9 @@ pub mod charger;
 pub mod codec;
 mod display;
 pub mod messages;
+pub mod node;
 pub mod session;
+pub mod timeline;
 pub mod units;
 
 pub use messages::*;

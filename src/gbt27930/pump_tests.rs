@@ -120,8 +120,16 @@ fn full_session_stopped_by_the_bms() {
         |_, _, _| true,
         stop_bms_after(Duration::from_secs(3)),
     );
-    assert!(run.charger_outcome.as_ref().is_some_and(Outcome::is_completed), "{run:?}");
-    assert!(run.bms_outcome.as_ref().is_some_and(Outcome::is_completed), "{run:?}");
+    assert!(
+        run.charger_outcome
+            .as_ref()
+            .is_some_and(Outcome::is_completed),
+        "{run:?}"
+    );
+    assert!(
+        run.bms_outcome.as_ref().is_some_and(Outcome::is_completed),
+        "{run:?}"
+    );
     let expected = [
         Phase::Handshake,
         Phase::Recognition,
@@ -146,7 +154,11 @@ fn full_session_stopped_by_the_bms() {
     ];
     let pos: Vec<usize> = order
         .iter()
-        .map(|k| c.iter().position(|x| x == k).unwrap_or_else(|| panic!("{k} never sent: {c:?}")))
+        .map(|k| {
+            c.iter()
+                .position(|x| x == k)
+                .unwrap_or_else(|| panic!("{k} never sent: {c:?}"))
+        })
         .collect();
     assert!(pos.windows(2).all(|w| w[0] < w[1]), "{c:?}");
     // BST carries the reason the BMS gave.
@@ -156,7 +168,11 @@ fn full_session_stopped_by_the_bms() {
     });
     assert_eq!(bst.map(|b| b.soc_target_reached), Some(Bits2::SET));
     // CCS repeats at 50 ms while charging: about 3 s / 50 ms of them.
-    let ccs = run.log.iter().filter(|(_, c, m)| *c && m.kind() == MessageKind::Ccs).count();
+    let ccs = run
+        .log
+        .iter()
+        .filter(|(_, c, m)| *c && m.kind() == MessageKind::Ccs)
+        .count();
     assert!((55..=65).contains(&ccs), "{ccs} CCS in 3 s");
 }
 
@@ -167,9 +183,23 @@ fn full_session_stopped_by_the_charger() {
         ..ChargerConfig::default()
     });
     let mut bms = Bms::new(BmsConfig::default());
-    let run = pump(&mut charger, &mut bms, Duration::from_secs(60), |_, _, _| true, |_, _| {});
-    assert!(run.charger_outcome.as_ref().is_some_and(Outcome::is_completed), "{run:?}");
-    assert!(run.bms_outcome.as_ref().is_some_and(Outcome::is_completed), "{run:?}");
+    let run = pump(
+        &mut charger,
+        &mut bms,
+        Duration::from_secs(60),
+        |_, _, _| true,
+        |_, _| {},
+    );
+    assert!(
+        run.charger_outcome
+            .as_ref()
+            .is_some_and(Outcome::is_completed),
+        "{run:?}"
+    );
+    assert!(
+        run.bms_outcome.as_ref().is_some_and(Outcome::is_completed),
+        "{run:?}"
+    );
     let cst = run.log.iter().find_map(|(_, _, m)| match m {
         Message::Cst(c) => Some(c.clone()),
         _ => None,
@@ -247,10 +277,14 @@ fn error_message(run: &Run, from_charger: bool) -> Option<Message> {
         .map(|(_, _, m)| m.clone())
 }
 
+/// Reads the flag a timeout should set.
+type BemFlag = fn(&Bem) -> Bits2;
+type CemFlag = fn(&Cem) -> Bits2;
+
 #[test]
 fn bms_times_out_in_every_phase_and_sends_the_matching_bem() {
     use MessageKind as K;
-    let cases: [(Phase, K, fn(&Bem) -> Bits2); 6] = [
+    let cases: [(Phase, K, BemFlag); 6] = [
         (Phase::Handshake, K::Crm, |b| b.crm00_timeout),
         (Phase::Recognition, K::Crm, |b| b.crmaa_timeout),
         (Phase::Configuration, K::Cml, |b| b.cts_cml_timeout),
@@ -270,7 +304,7 @@ fn bms_times_out_in_every_phase_and_sends_the_matching_bem() {
 #[test]
 fn charger_times_out_in_every_phase_and_sends_the_matching_cem() {
     use MessageKind as K;
-    let cases: [(Phase, K, fn(&Cem) -> Bits2); 5] = [
+    let cases: [(Phase, K, CemFlag); 5] = [
         (Phase::Recognition, K::Brm, |c| c.brm_timeout),
         (Phase::Configuration, K::Bro, |c| c.bro_timeout),
         (Phase::Charging, K::Bcl, |c| c.bcl_timeout),
@@ -294,17 +328,36 @@ fn charger_times_out_in_every_phase_and_sends_the_matching_cem() {
 fn charger_without_bhm_gives_up_after_the_default_timeout() {
     let mut charger = Charger::new(ChargerConfig::default());
     let mut bms = Bms::new(BmsConfig::default());
-    let run = pump(&mut charger, &mut bms, Duration::from_secs(60), |c, _, _| c, |_, _| {});
+    let run = pump(
+        &mut charger,
+        &mut bms,
+        Duration::from_secs(60),
+        |c, _, _| c,
+        |_, _| {},
+    );
     match run.charger_outcome {
         Some(Outcome::Failed { phase, reason }) => {
             assert_eq!(phase, Phase::Handshake);
-            assert_eq!(reason, FailureReason::Timeout { waiting_for: MessageKind::Bhm });
+            assert_eq!(
+                reason,
+                FailureReason::Timeout {
+                    waiting_for: MessageKind::Bhm
+                }
+            );
         }
         other => panic!("{other:?}"),
     }
     // Gave up at 5 s, not before.
-    let last_chm = run.log.iter().filter(|(_, c, _)| *c).map(|(t, _, _)| *t).max();
-    assert!(last_chm.is_some_and(|t| t >= Timestamp::from_millis(4750) && t < Timestamp::from_millis(5000)));
+    let last_chm = run
+        .log
+        .iter()
+        .filter(|(_, c, _)| *c)
+        .map(|(t, _, _)| *t)
+        .max();
+    assert!(
+        last_chm
+            .is_some_and(|t| t >= Timestamp::from_millis(4750) && t < Timestamp::from_millis(5000))
+    );
 }
 
 #[test]
@@ -342,7 +395,13 @@ fn held_recognition_keeps_crm_at_00_until_released() {
     });
     let mut bms = Bms::new(BmsConfig::default());
     // Never released: the BMS times out waiting for CRM(0xAA).
-    let run = pump(&mut charger, &mut bms, Duration::from_secs(60), |_, _, _| true, |_, _| {});
+    let run = pump(
+        &mut charger,
+        &mut bms,
+        Duration::from_secs(60),
+        |_, _, _| true,
+        |_, _| {},
+    );
     assert!(run.log.iter().all(|(_, _, m)| !matches!(
         m,
         Message::Crm(Crm {
@@ -359,4 +418,30 @@ fn held_recognition_keeps_crm_at_00_until_released() {
             }
         })
     ));
+}
+
+#[test]
+fn charger_times_out_on_bcs_alone_while_bcl_keeps_coming() {
+    let mut charger = Charger::new(ChargerConfig::default());
+    let mut bms = Bms::new(BmsConfig::default());
+    let run = pump(
+        &mut charger,
+        &mut bms,
+        Duration::from_secs(60),
+        |_, m, _| m.kind() != MessageKind::Bcs,
+        |_, _| {},
+    );
+    assert!(matches!(
+        run.charger_outcome,
+        Some(Outcome::Failed {
+            phase: Phase::Charging,
+            reason: FailureReason::Timeout {
+                waiting_for: MessageKind::Bcs
+            }
+        })
+    ));
+    match error_message(&run, true) {
+        Some(Message::Cem(cem)) => assert_eq!(cem.bcs_timeout, Bits2::SET),
+        other => panic!("expected CEM, got {other:?}"),
+    }
 }

@@ -92,10 +92,18 @@ pub enum FailureReason {
 impl fmt::Display for FailureReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            FailureReason::Timeout { waiting_for } => write!(f, "timed out waiting for {waiting_for}"),
-            FailureReason::BmsError(bem) => write!(f, "BMS reported an error: {bem:?}"),
+            FailureReason::Timeout { waiting_for } => {
+                write!(f, "timed out waiting for {waiting_for}")
+            }
+            FailureReason::BmsError(bem) => {
+                write!(f, "BMS reported an error: {}", Message::Bem(bem.clone()))
+            }
             FailureReason::ChargerError(cem) => {
-                write!(f, "charger reported an error: {cem:?}")
+                write!(
+                    f,
+                    "charger reported an error: {}",
+                    Message::Cem(cem.clone())
+                )
             }
             FailureReason::StoppedEarly { by } => write!(f, "peer sent {by} before charging began"),
             FailureReason::Incompatible(why) => write!(f, "incompatible parameters: {why}"),
@@ -109,7 +117,10 @@ impl fmt::Display for FailureReason {
 pub enum Outcome {
     /// Charging happened and ended with a normal stop and statistics exchange.
     Completed(Summary),
-    Failed { phase: Phase, reason: FailureReason },
+    Failed {
+        phase: Phase,
+        reason: FailureReason,
+    },
 }
 
 impl Outcome {
@@ -308,7 +319,8 @@ impl RoleCore {
         self.schedule.clear();
         self.failure = None;
         self.phase = Phase::Done;
-        self.events.push_back(SessionEvent::PhaseChanged(Phase::Done));
+        self.events
+            .push_back(SessionEvent::PhaseChanged(Phase::Done));
         self.events.push_back(SessionEvent::Finished(outcome));
     }
 
@@ -320,11 +332,11 @@ impl RoleCore {
 
     /// Finish a lingering error once its time is up. Returns true if done.
     pub fn finish_error_if_due(&mut self, now: Timestamp) -> bool {
-        if let Some((phase, reason, until)) = self.failure.clone() {
-            if until <= now {
-                self.finish(Outcome::Failed { phase, reason });
-                return true;
-            }
+        if let Some((phase, reason, until)) = self.failure.clone()
+            && until <= now
+        {
+            self.finish(Outcome::Failed { phase, reason });
+            return true;
         }
         false
     }

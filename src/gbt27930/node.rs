@@ -1,0 +1,161 @@
+//! A GB/T 27930 node: one role state machine on top of the J1939 transport,
+//! still sans-IO. It turns CAN frames into typed messages for the role and
+//! the role's messages back into frames (single frame or TP), so the async
+//! shell only moves frames and sleeps until [`Node::poll_timeout`].
+
+use std::collections::VecDeque;
+
+use super::codec::DecodeError;
+use super::messages::{Message, MessageKind};
+use super::session::{Role, SessionEvent};
+use crate::can::CanFrame;
+use crate::j1939::tp::{J1939Message, TpConfig, TpError, TpEvent, Transport};
+use crate::j1939::{Address, Pgn};
+use crate::time::Timestamp;
+
+/// What a node reports besides the frames it sends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeEvent {
+    Session(SessionEvent),
+    /// A message from the peer that we decoded and handed to the role.
+    Received(Message),
+    /// A message we handed to the transport (single frame or TP started).
+    Sent(Message),
+    /// The peer sent bytes for a GB/T PGN that do not decode.
+    Malformed {
+        pgn: Pgn,
+        error: DecodeError,
+    },
+    /// A TP transfer failed; the role's timeouts take it from here.
+    TransportAborted(TpEvent),
+    /// The transport was still busy with a previous long message to the
+    /// peer; this period's copy was skipped and the next one will go.
+    Skipped(MessageKind),
+}
+
+/// A role bound to its addresses and a J1939 transport.
+#[derive(Debug)]
+pub struct Node<R> {
+    role: R,
+    tp: Transport,
+    local: Address,
+    peer: Address,
+    events: VecDeque<NodeEvent>,
+}
+
+impl<R: Role> Node<R> {
+    pub fn new(role: R, local: Address, peer: Address, tp: TpConfig) -> Self {
+        Node {
+            role,
+            tp: Transport::new(tp, local),
+            local,
+            peer,
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn role(&self) -> &R {
+        &self.role
+    }
+
+    /// Act on the role directly (start, stop requests); call
+    /// [`Node::handle_timeout`] afterwards so its output is collected.
+    pub fn role_mut(&mut self) -> &mut R {
+        &mut self.role
+    }
+
+    pub fn handle_frame(&mut self, frame: &CanFrame, now: Timestamp) {
+        self.tp.handle_frame(frame, now);
+        self.process(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.tp.handle_timeout(now);
+        self.role.handle_timeout(now);
+        self.process(now);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<CanFrame> {
+        self.tp.poll_transmit()
+    }
+
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        [self.tp.poll_timeout(), self.role.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Move messages between the transport and the role until neither has
+    /// anything more to say.
+    fn process(&mut self, now: Timestamp) {
+        loop {
+            let mut progressed = false;
+            while let Some(ev) = self.tp.poll_event() {
+                progressed = true;
+                match ev {
+                    TpEvent::Received(m) => self.deliver(m, now),
+                    TpEvent::Sent { .. } => {}
+                    other @ (TpEvent::SendAborted { .. } | TpEvent::ReceiveAborted { .. }) => {
+                        self.events.push_back(NodeEvent::TransportAborted(other));
+                    }
+                }
+            }
+            while let Some(msg) = self.role.poll_message() {
+                progressed = true;
+                self.send(msg, now);
+            }
+            while let Some(ev) = self.role.poll_event() {
+                progressed = true;
+                self.events.push_back(NodeEvent::Session(ev));
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn deliver(&mut self, m: J1939Message, now: Timestamp) {
+        // Only the peer speaks GB/T to us; anything else on the bus is not
+        // part of this session.
+        if m.source != self.peer {
+            return;
+        }
+        if MessageKind::from_pgn(m.pgn).is_none() {
+            return;
+        }
+        match Message::decode(m.pgn, &m.data) {
+            Ok(msg) => {
+                self.events.push_back(NodeEvent::Received(msg.clone()));
+                self.role.handle_message(msg, now);
+            }
+            Err(error) => self
+                .events
+                .push_back(NodeEvent::Malformed { pgn: m.pgn, error }),
+        }
+    }
+
+    fn send(&mut self, msg: Message, now: Timestamp) {
+        let kind = msg.kind();
+        let out = J1939Message {
+            priority: kind.priority(),
+            pgn: kind.pgn(),
+            source: self.local,
+            destination: self.peer,
+            data: msg.encode(),
+        };
+        match self.tp.send(out, now) {
+            Ok(()) => self.events.push_back(NodeEvent::Sent(msg)),
+            Err(TpError::Busy { .. }) => self.events.push_back(NodeEvent::Skipped(kind)),
+            Err(e) => {
+                // Our own messages are at most 1785 bytes by construction;
+                // anything else is a bug worth seeing in the log.
+                tracing::error!(message = %kind, error = %e, "transport refused a message");
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! A human-readable timeline of a GB/T 27930 session, from raw frames.
+//!
+//! Used by `bmsgw decode` on `candump -L` captures and by the demo. Frames go
+//! through the passive J1939 [`Monitor`], so TP messages (BRM, BCP, BCS …)
+//! are reassembled whichever direction they travel.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use super::messages::{BMS_ADDRESS, CHARGER_ADDRESS, Message, MessageKind};
+use super::session::Phase;
+use crate::can::CanFrame;
+use crate::can::candump::{LogEntry, LogReader};
+use crate::j1939::monitor::{Monitor, MonitorEvent};
+use crate::j1939::{Address, tp::J1939Message};
+use crate::time::Timestamp;
+
+/// How much of the traffic to print.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimelineOptions {
+    /// Print a periodic message only when its content changes (and count
+    /// the repeats), instead of every copy.
+    pub changes_only: bool,
+}
+
+/// Builds timeline lines from frames as they arrive.
+pub struct Timeline {
+    monitor: Monitor,
+    options: TimelineOptions,
+    start: Option<Duration>,
+    /// Time of the latest frame relative to the first.
+    last_rel: Duration,
+    last: HashMap<(Address, MessageKind), Vec<u8>>,
+    phases: Vec<Phase>,
+    counts: HashMap<MessageKind, usize>,
+    repeats_hidden: usize,
+    malformed: usize,
+}
+
+impl Timeline {
+    pub fn new(options: TimelineOptions) -> Self {
+        Timeline {
+            monitor: Monitor::new(64),
+            options,
+            start: None,
+            last_rel: Duration::ZERO,
+            last: HashMap::new(),
+            phases: Vec::new(),
+            counts: HashMap::new(),
+            repeats_hidden: 0,
+            malformed: 0,
+        }
+    }
+
+    /// Feed one frame seen at `time` (any clock; only differences are
+    /// printed). Returns the lines it completes.
+    pub fn feed(&mut self, time: Duration, frame: &CanFrame) -> Vec<String> {
+        let start = *self.start.get_or_insert(time);
+        let now = Timestamp::ZERO + time;
+        self.monitor.handle_timeout(now);
+        self.monitor.handle_frame(frame, now);
+        self.last_rel = time.saturating_sub(start);
+        self.drain(self.last_rel)
+    }
+
+    /// End of input: report transfers that never completed.
+    pub fn finish(&mut self) -> Vec<String> {
+        self.monitor.finish();
+        self.drain(self.last_rel)
+    }
+
+    fn drain(&mut self, rel: Duration) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Some(ev) = self.monitor.poll_event() {
+            match ev {
+                MonitorEvent::Message(m) => {
+                    if let Some(line) = self.message_line(rel, &m) {
+                        lines.push(line);
+                    }
+                }
+                MonitorEvent::Incomplete {
+                    source,
+                    destination,
+                    pgn,
+                    reason,
+                    received,
+                    total,
+                } => lines.push(format!(
+                    "{:>10.3}  {:<9} TP {pgn} incomplete ({received}/{total} packets): {reason:?}",
+                    rel.as_secs_f64(),
+                    direction(source, destination),
+                )),
+            }
+        }
+        lines
+    }
+
+    fn message_line(&mut self, rel: Duration, m: &J1939Message) -> Option<String> {
+        let dir = direction(m.source, m.destination);
+        let t = rel.as_secs_f64();
+        let Some(kind) = MessageKind::from_pgn(m.pgn) else {
+            let mut hex = String::new();
+            for b in &m.data {
+                let _ = write!(hex, "{b:02X}");
+            }
+            return Some(format!(
+                "{t:>10.3}  {dir:<9} PGN {} len={} data={hex}",
+                m.pgn,
+                m.data.len()
+            ));
+        };
+        *self.counts.entry(kind).or_default() += 1;
+        let phase = phase_of(kind);
+        if !self.phases.contains(&phase) {
+            self.phases.push(phase);
+        }
+        if self.options.changes_only {
+            let key = (m.source, kind);
+            if self.last.get(&key) == Some(&m.data) {
+                self.repeats_hidden += 1;
+                return None;
+            }
+            self.last.insert(key, m.data.clone());
+        }
+        Some(match Message::decode(m.pgn, &m.data) {
+            Ok(msg) => format!("{t:>10.3}  {dir:<9} {msg}"),
+            Err(e) => {
+                self.malformed += 1;
+                format!("{t:>10.3}  {dir:<9} {kind} MALFORMED: {e}")
+            }
+        })
+    }
+
+    /// Phases in the order they first appeared.
+    pub fn phases(&self) -> &[Phase] {
+        &self.phases
+    }
+
+    pub fn malformed(&self) -> usize {
+        self.malformed
+    }
+
+    /// Closing lines: the phase sequence and message counts.
+    pub fn summary(&self) -> Vec<String> {
+        let phases: Vec<String> = self.phases.iter().map(|p| p.to_string()).collect();
+        let mut counts: Vec<(MessageKind, usize)> =
+            self.counts.iter().map(|(k, v)| (*k, *v)).collect();
+        counts.sort();
+        let counts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}×{n}")).collect();
+        let mut out = vec![
+            format!("phases: {}", phases.join(" -> ")),
+            format!("messages: {}", counts.join(" ")),
+        ];
+        if self.repeats_hidden > 0 {
+            out.push(format!("unchanged repeats hidden: {}", self.repeats_hidden));
+        }
+        if self.malformed > 0 {
+            out.push(format!("malformed: {}", self.malformed));
+        }
+        out
+    }
+}
+
+/// The session phase a message belongs to.
+pub fn phase_of(kind: MessageKind) -> Phase {
+    use MessageKind::*;
+    match kind {
+        Chm | Bhm => Phase::Handshake,
+        Crm | Brm => Phase::Recognition,
+        Bcp | Cts | Cml | Bro | Cro => Phase::Configuration,
+        Bcl | Bcs | Ccs | Bsm | Bmv | Bmt | Bsp => Phase::Charging,
+        Bst | Cst => Phase::Stopping,
+        Bsd | Csd => Phase::Statistics,
+        Bem | Cem => Phase::Error,
+    }
+}
+
+fn name(a: Address) -> String {
+    match a.0 {
+        CHARGER_ADDRESS => "pile".to_string(),
+        BMS_ADDRESS => "BMS".to_string(),
+        _ => format!("{a}"),
+    }
+}
+
+fn direction(source: Address, destination: Address) -> String {
+    format!("{}→{}", name(source), name(destination))
+}
+
+/// Why a log could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeLogError {
+    #[error(transparent)]
+    Log(#[from] crate::can::candump::ReadError),
+    #[error("writing the timeline failed: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+/// Decode a `candump -L` log into a timeline written to `out`. Returns the
+/// timeline so the caller can inspect the phases.
+pub fn decode_log(
+    input: impl BufRead,
+    mut out: impl Write,
+    options: TimelineOptions,
+) -> Result<Timeline, DecodeLogError> {
+    let mut timeline = Timeline::new(options);
+    for record in LogReader::new(input) {
+        let record = record?;
+        let lines = match &record.entry {
+            LogEntry::Frame(frame) => timeline.feed(record.timestamp, frame),
+            _ => Vec::new(),
+        };
+        for line in lines {
+            writeln!(out, "{line}").map_err(DecodeLogError::Output)?;
+        }
+    }
+    for line in timeline.finish().into_iter().chain(timeline.summary()) {
+        writeln!(out, "{line}").map_err(DecodeLogError::Output)?;
+    }
+    Ok(timeline)
+}

@@ -1,0 +1,16 @@
+//! Logging setup shared by every subcommand.
+
+use tracing_subscriber::EnvFilter;
+
+/// Log to stderr. `RUST_LOG` wins over `default_level` when set, so an
+/// integrator can raise one module's level without a rebuild.
+pub fn init(default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // A second call (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

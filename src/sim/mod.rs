@@ -1,0 +1,14 @@
+//! Simulators and the demo (feature `sim`).
+//!
+//! The BMS and pile simulators play full GB/T 27930 sessions on any
+//! [`CanBus`](crate::can::CanBus): SocketCAN (`vcan0`, a real bench) or the
+//! in-process bus. They are test peers for the gateway and the two halves of
+//! `bmsgw demo`.
+
+pub mod bms;
+pub mod demo;
+pub mod driver;
+pub mod pile;
+mod wallclock;
+
+pub use driver::SimError;
