@@ -66,6 +66,7 @@ fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("bmsgw=debug")
         .with_test_writer()
+        .with_ansi(false)
         .try_init();
 }
 

@@ -12,6 +12,8 @@ pub mod socketcan;
 pub mod virtual_bus;
 
 pub use frame::{CAN_MAX_DLEN, CanFrame, CanId, ExtendedId, FrameError, StandardId};
+pub use socketcan::{SocketCanBus, SocketCanOptions};
+pub use virtual_bus::{VirtualBus, VirtualNode};
 
 use std::future::Future;
 

@@ -101,7 +101,8 @@ step_cargo_tests() {
     local prefix=$1 bin=$2
     shift 2
     local log=$OUT/steps/$prefix.tests.log
-    timeout "$STEP_TIMEOUT" "$bin" --ignored --test-threads=1 "$@" 2>&1 | tee "$log"
+    # --show-output keeps the tracing logs of passing tests in the log too.
+    timeout "$STEP_TIMEOUT" "$bin" --ignored --test-threads=1 --show-output "$@" 2>&1 | tee "$log"
     local rc=${PIPESTATUS[0]}
     local line name verdict
     while IFS= read -r line; do

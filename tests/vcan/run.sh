@@ -59,6 +59,16 @@ find_kernel() {
     echo "$best"
 }
 
+have_static_busybox() {
+    local b p
+    for b in busybox-static busybox.static busybox; do
+        p=$(command -v "$b") || continue
+        # ldd fails on a static executable ("not a dynamic executable").
+        ldd "$p" >/dev/null 2>&1 || return 0
+    done
+    return 1
+}
+
 ensure_tools() {
     local apt=()
     command -v qemu-system-x86_64 >/dev/null || apt+=(qemu-system-x86)
@@ -68,6 +78,9 @@ ensure_tools() {
     command -v modprobe >/dev/null || apt+=(kmod)
     # The broker for later steps (cloud link over mosquitto inside the VM).
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || apt+=(mosquitto)
+    # virtme-ng builds an initramfs (Debian's kernel has virtio/9p as
+    # modules) and insists on a statically linked busybox for it.
+    have_static_busybox || apt+=(busybox-static)
     command -v python3 >/dev/null || apt+=(python3)
     if ! command -v vng >/dev/null && ! python3 -m pip --version >/dev/null 2>&1; then
         apt+=(python3-pip)
@@ -127,9 +140,10 @@ watch_console() {
 }
 
 main() {
-    local t_start t_built t_vm t_end
+    local t_start t_tools t_built t_vm t_end
     t_start=$(now)
     ensure_tools
+    t_tools=$(now)
     local kernel
     kernel=$(find_kernel)
     [ -n "$kernel" ] || { log "no /boot/vmlinuz-*-amd64 with CAN modules found"; exit 2; }
@@ -184,7 +198,7 @@ main() {
     [ -f "$OUT/.t_guest_start" ] && boot=$(elapsed "$t_vm" "$(cat "$OUT/.t_guest_start")")
     [ -f "$OUT/.t_guest_start" ] && [ -f "$OUT/.t_guest_done" ] &&
         steps=$(elapsed "$(cat "$OUT/.t_guest_start")" "$(cat "$OUT/.t_guest_done")")
-    echo "timings: build $(elapsed "$t_start" "$t_built")s, VM boot ${boot}s," \
+    echo "timings: install $(elapsed "$t_start" "$t_tools")s, build $(elapsed "$t_tools" "$t_built")s, VM boot ${boot}s," \
         "guest steps ${steps}s, VM total $(elapsed "$t_vm" "$t_end")s, lane total $(elapsed "$t_start" "$t_end")s"
     echo "vcan lane: $passed passed, $failed failed"
     if [ -n "$problem" ]; then
