@@ -1,5 +1,7 @@
 //! Logging setup shared by every subcommand.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Log to stderr. `RUST_LOG` wins over `default_level` when set, so an
@@ -11,6 +13,8 @@ pub fn init(default_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in logs and captures.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

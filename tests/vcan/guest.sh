@@ -133,14 +133,70 @@ step kernel-can step_kernel_can
 step can-utils-loopback step_can_utils_loopback
 BMSGW_VCAN=vcan0 step socketcan step_cargo_tests socketcan "$BMSGW_TEST_VCAN_SOCKETCAN"
 
-# ---- LATER STEPS GO HERE ------------------------------------------------------
-# e.g. (owners: sim / gateway / j1939):
-#   step sim-session    step_sim_session      # two-process BMS <-> pile over vcan0,
-#                                             # with `candump -L vcan0` capture in $OUT
-#   step decode-capture step_decode_capture   # `bmsgw decode` on that capture
-#   step j1939-interop  step_j1939_interop    # kernel can-j1939 (j1939cat/testj1939)
-#                                             # as an independent TP peer
-# ------------------------------------------------------------------------------
+# Two separate processes, BMS sim and pile sim, to a complete session on
+# vcan0, while candump records the bus.
+step_sim_session() {
+    local cap=$OUT/session.log
+    candump -L vcan0 >"$cap" &
+    local dump=$!
+    # candump has no ready signal: send a marker until it shows in the
+    # capture. A standard-id frame, which the J1939 layer ignores.
+    local i
+    for i in $(seq 1 100); do
+        cansend vcan0 7FF#00
+        grep -q ' vcan0 7FF#00' "$cap" && break
+        sleep 0.1
+    done
+    grep -q ' vcan0 7FF#00' "$cap" || { echo "candump never started" >"$REASON_FILE"; return 1; }
+
+    "$BMSGW_BIN" --log-level info sim bms --can vcan0 --soc-start 40 --soc-end 43 \
+        --current 150 --duration 3s --wait 30s >"$OUT/sim-bms.out" 2>&1 &
+    local bms=$!
+    "$BMSGW_BIN" --log-level info sim pile --can vcan0 --charger-number 12345678 \
+        --region-code 310 >"$OUT/sim-pile.out" 2>&1 &
+    local pile=$!
+    local rc_bms=0 rc_pile=0
+    wait "$bms" || rc_bms=$?
+    wait "$pile" || rc_pile=$?
+    sleep 0.3
+    kill "$dump" 2>/dev/null
+    wait "$dump" 2>/dev/null
+    echo "--- sim bms (exit $rc_bms)"; cat "$OUT/sim-bms.out"
+    echo "--- sim pile (exit $rc_pile)"; cat "$OUT/sim-pile.out"
+    echo "--- capture: $(wc -l <"$cap") frames"
+    if [ "$rc_bms" -ne 0 ] || [ "$rc_pile" -ne 0 ]; then
+        echo "bms exit $rc_bms: $(tail -n 1 "$OUT/sim-bms.out"); pile exit $rc_pile: $(tail -n 1 "$OUT/sim-pile.out")" >"$REASON_FILE"
+        return 1
+    fi
+    grep -q 'session completed' "$OUT/sim-bms.out" && grep -q 'session completed' "$OUT/sim-pile.out"
+}
+
+# Decode that capture and check that every phase appears, in order.
+step_decode_capture() {
+    local cap=$OUT/session.log decoded=$OUT/session.decoded
+    [ -s "$cap" ] || { echo "no capture from sim-session" >"$REASON_FILE"; return 1; }
+    "$BMSGW_BIN" decode "$cap" >"$decoded" || { echo "bmsgw decode failed" >"$REASON_FILE"; return 1; }
+    "$BMSGW_BIN" decode --changes "$cap"
+    local want='phases: handshake -> recognition -> configuration -> charging -> stopping -> statistics'
+    grep -qx "$want" "$decoded" || {
+        echo "expected '$want', got '$(grep '^phases:' "$decoded")'" >"$REASON_FILE"
+        return 1
+    }
+    if grep -q 'MALFORMED\|incomplete' "$decoded"; then
+        echo "capture has malformed messages or incomplete transfers" >"$REASON_FILE"
+        grep 'MALFORMED\|incomplete' "$decoded"
+        return 1
+    fi
+    # The TP-carried messages were reassembled, in both directions' flow.
+    local m
+    for m in BRM BCP BCS; do
+        grep -q " BMS→pile  $m " "$decoded" || { echo "no $m in the decoded capture" >"$REASON_FILE"; return 1; }
+    done
+}
+
+step sim-session step_sim_session
+step decode-capture step_decode_capture
+BMSGW_VCAN=vcan0 BMSGW_LANE_TMP=$OUT step j1939-interop step_cargo_tests j1939 "$BMSGW_TEST_VCAN_J1939"
 
 touch "$OUT/DONE"
 echo "BMSGW_GUEST_DONE"
