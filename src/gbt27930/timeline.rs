@@ -37,6 +37,7 @@ pub struct Timeline {
     counts: HashMap<MessageKind, usize>,
     repeats_hidden: usize,
     malformed: usize,
+    bad_lines: usize,
 }
 
 impl Timeline {
@@ -51,6 +52,7 @@ impl Timeline {
             counts: HashMap::new(),
             repeats_hidden: 0,
             malformed: 0,
+            bad_lines: 0,
         }
     }
 
@@ -142,6 +144,11 @@ impl Timeline {
         self.malformed
     }
 
+    /// Log lines that did not parse (see [`decode_log`]).
+    pub fn bad_lines(&self) -> usize {
+        self.bad_lines
+    }
+
     /// Closing lines: the phase sequence and message counts.
     pub fn summary(&self) -> Vec<String> {
         let phases: Vec<String> = self.phases.iter().map(|p| p.to_string()).collect();
@@ -158,6 +165,9 @@ impl Timeline {
         }
         if self.malformed > 0 {
             out.push(format!("malformed: {}", self.malformed));
+        }
+        if self.bad_lines > 0 {
+            out.push(format!("bad log lines: {}", self.bad_lines));
         }
         out
     }
@@ -192,14 +202,18 @@ fn direction(source: Address, destination: Address) -> String {
 /// Why a log could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeLogError {
-    #[error(transparent)]
-    Log(#[from] crate::can::candump::ReadError),
+    #[error("reading the log failed: {0}")]
+    Input(#[source] crate::can::candump::ReadError),
     #[error("writing the timeline failed: {0}")]
     Output(#[source] std::io::Error),
 }
 
-/// Decode a `candump -L` log into a timeline written to `out`. Returns the
-/// timeline so the caller can inspect the phases.
+/// Decode a `candump -L` log into a timeline written to `out`, and return
+/// the timeline so the caller can inspect the phases.
+///
+/// A line that does not parse is reported in the output (`!! line N: …`)
+/// and skipped, so a capture cut off mid-line still decodes; only I/O
+/// errors stop the run.
 pub fn decode_log(
     input: impl BufRead,
     mut out: impl Write,
@@ -207,10 +221,18 @@ pub fn decode_log(
 ) -> Result<Timeline, DecodeLogError> {
     let mut timeline = Timeline::new(options);
     for record in LogReader::new(input) {
-        let record = record?;
-        let lines = match &record.entry {
-            LogEntry::Frame(frame) => timeline.feed(record.timestamp, frame),
-            _ => Vec::new(),
+        let lines = match record {
+            Ok(record) => match &record.entry {
+                LogEntry::Frame(frame) => timeline.feed(record.timestamp, frame),
+                _ => Vec::new(),
+            },
+            Err(e @ crate::can::candump::ReadError::Io { .. }) => {
+                return Err(DecodeLogError::Input(e));
+            }
+            Err(e) => {
+                timeline.bad_lines += 1;
+                vec![format!("!! {e}")]
+            }
         };
         for line in lines {
             writeln!(out, "{line}").map_err(DecodeLogError::Output)?;
@@ -220,4 +242,51 @@ pub fn decode_log(
         writeln!(out, "{line}").map_err(DecodeLogError::Output)?;
     }
     Ok(timeline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SESSION: &str = "\
+(1700000000.000000) vcan0 1826F456#010100
+(1700000000.001000) vcan0 182756F4#6810
+(1700000000.002000) vcan0 1801F456#004E61BC00333130
+(1700000000.003000) vcan0 1CEC56F4#101E0005FF000600
+this line is not a frame
+(1700000000.004000) vcan0 1CEC56F4#10
+";
+
+    #[test]
+    fn decodes_frames_and_reports_bad_lines_without_stopping() {
+        let mut out = Vec::new();
+        let t = decode_log(SESSION.as_bytes(), &mut out, TimelineOptions::default()).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("pile→BMS  CHM"), "{text}");
+        assert!(text.contains("BMS→pile  BHM"), "{text}");
+        assert!(
+            text.contains("CRM recognition=0x00 charger=12345678"),
+            "{text}"
+        );
+        assert!(text.contains("!! line 5:"), "{text}");
+        assert_eq!(t.bad_lines(), 1);
+        assert_eq!(t.phases(), [Phase::Handshake, Phase::Recognition]);
+        assert!(text.contains("phases: handshake -> recognition"), "{text}");
+        assert!(text.contains("bad log lines: 1"), "{text}");
+    }
+
+    #[test]
+    fn changes_only_hides_identical_repeats() {
+        let log = "(1.0) vcan0 1826F456#010100\n(1.25) vcan0 1826F456#010100\n(1.5) vcan0 1826F456#010200\n";
+        let mut out = Vec::new();
+        decode_log(
+            log.as_bytes(),
+            &mut out,
+            TimelineOptions { changes_only: true },
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches(" CHM ").count(), 2, "{text}");
+        assert!(text.contains("unchanged repeats hidden: 1"), "{text}");
+    }
 }
