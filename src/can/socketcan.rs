@@ -8,6 +8,11 @@
 //! reported once as [`LinkState::Down`], the socket is reopened with
 //! backoff, and [`LinkState::Up`] follows when it works again.
 //!
+//! All socket I/O goes through `socketcan::tokio::CanSocket`: this module
+//! hands no file descriptor to tokio itself and needs no `unsafe`. (That
+//! type still registers its socket with tokio's deprecated `AsyncFd::new`;
+//! a fix for that belongs in socketcan.)
+//!
 //! The decoding of error frames ([`error_events_from`]) is pure and shared
 //! with the `candump` log reader, since a log holds the same kernel layout.
 
@@ -15,9 +20,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::Duration;
 
-use socketcan::{EmbeddedFrame, Socket, SocketOptions};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+use socketcan::{EmbeddedFrame, SocketOptions};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -183,6 +186,10 @@ const ENOBUFS_FIRST_DELAY: Duration = Duration::from_millis(1);
 /// Linux's limit on interface names (IFNAMSIZ without the NUL).
 const IFNAME_MAX: usize = 15;
 
+/// How often an idle `recv` looks at the interface in sysfs, the only way
+/// it learns of an outage (see `recv`): an outage is noticed within this.
+const LINK_CHECK_PERIOD: Duration = Duration::from_millis(250);
+
 /// A SocketCAN raw socket on one interface. See the module docs.
 #[derive(Debug)]
 pub struct SocketCanBus {
@@ -192,11 +199,23 @@ pub struct SocketCanBus {
     /// Events decoded but not yet returned: one error frame can carry
     /// several, and a failed send reports the link going down here.
     pending: VecDeque<BusEvent>,
+    /// When `recv` next checks the interface in sysfs. Kept here rather than
+    /// as a timer inside `recv`, so that a caller cancelling `recv` more
+    /// often than [`LINK_CHECK_PERIOD`] (a `select!` next to a fast tick)
+    /// still gets its checks.
+    next_check: Instant,
 }
 
 #[derive(Debug)]
 enum Link {
-    Up(AsyncFd<socketcan::CanSocket>),
+    Up {
+        socket: socketcan::tokio::CanSocket,
+        /// The interface index the socket is bound to. A raw socket stays
+        /// bound to the index, so an interface deleted and recreated under
+        /// the same name (driver reload, USB adapter replugged) leaves it
+        /// deaf; a changed index in sysfs reveals that.
+        ifindex: u32,
+    },
     Down {
         retry_at: Instant,
         backoff: Duration,
@@ -214,12 +233,15 @@ impl SocketCanBus {
     /// Outside a tokio runtime with I/O enabled.
     pub fn open(iface: &str, opts: SocketCanOptions) -> Result<Self, BusError> {
         check_iface_name(iface)?;
-        let socket = open_socket(iface, &opts)?;
+        let (socket, ifindex) = open_socket(iface, &opts)?;
         Ok(SocketCanBus {
             iface: iface.to_owned(),
             opts,
-            link: Link::Up(socket),
+            link: Link::Up { socket, ifindex },
             pending: VecDeque::new(),
+            // Check at once, so an interface that was down when opened is
+            // reported on the first `recv`.
+            next_check: Instant::now(),
         })
     }
 
@@ -229,7 +251,7 @@ impl SocketCanBus {
 
     /// Whether the socket is currently usable (not waiting to reopen).
     pub fn is_up(&self) -> bool {
-        matches!(self.link, Link::Up(_))
+        matches!(self.link, Link::Up { .. })
     }
 
     /// Turns a received kernel frame into events; remote frames are dropped
@@ -253,7 +275,7 @@ impl SocketCanBus {
 
     /// Drops the socket, reports the outage once and schedules a reopen.
     fn link_down(&mut self, op: &'static str, err: &io::Error) {
-        if let Link::Up(_) = self.link {
+        if let Link::Up { .. } = self.link {
             warn!(
                 iface = %self.iface, op, error = %err,
                 "CAN interface lost; reopening with backoff"
@@ -272,24 +294,27 @@ impl SocketCanBus {
         let Link::Down { backoff, .. } = self.link else {
             return;
         };
-        let attempt = match iface_is_up(&self.iface) {
+        let attempt = match iface_state(&self.iface) {
             // A socket bound to a down interface opens fine but is useless,
             // so wait for the interface itself.
-            Ok(false) => Err(io::Error::new(
+            Ok(IfaceState::Down) => Err(io::Error::new(
                 io::ErrorKind::NetworkDown,
                 "interface is down or absent",
             )),
-            Ok(true) => open_socket(&self.iface, &self.opts).map_err(io::Error::other),
+            Ok(IfaceState::Up { .. }) => {
+                open_socket(&self.iface, &self.opts).map_err(io::Error::other)
+            }
             Err(e) => {
-                debug!(iface = %self.iface, error = %e, "cannot read interface flags; trying to open anyway");
+                debug!(iface = %self.iface, error = %e, "cannot read the interface state; trying to open anyway");
                 open_socket(&self.iface, &self.opts).map_err(io::Error::other)
             }
         };
         match attempt {
-            Ok(socket) => {
-                info!(iface = %self.iface, "CAN interface is back");
-                self.link = Link::Up(socket);
+            Ok((socket, ifindex)) => {
+                info!(iface = %self.iface, ifindex, "CAN interface is back");
+                self.link = Link::Up { socket, ifindex };
                 self.pending.push_back(BusEvent::Link(LinkState::Up));
+                self.next_check = Instant::now() + LINK_CHECK_PERIOD;
             }
             Err(e) => {
                 let next = (backoff * 2).min(self.opts.reopen_max);
@@ -300,6 +325,29 @@ impl SocketCanBus {
                 };
             }
         }
+    }
+
+    /// The periodic check of an up link: reports an outage that the socket
+    /// itself does not wake `recv` for (see `recv`).
+    fn check_link(&mut self) {
+        self.next_check = Instant::now() + LINK_CHECK_PERIOD;
+        let Link::Up { ifindex, .. } = self.link else {
+            return;
+        };
+        let cause = match iface_state(&self.iface) {
+            Ok(IfaceState::Up { ifindex: now }) if now == ifindex => return,
+            Ok(IfaceState::Up { .. }) => "the interface was replaced (its index changed)",
+            Ok(IfaceState::Down) => "the interface is down or absent",
+            Err(e) => {
+                // Not proof of an outage; reads and sends still report one.
+                debug!(iface = %self.iface, error = %e, "cannot read the interface state");
+                return;
+            }
+        };
+        self.link_down(
+            "link check",
+            &io::Error::new(io::ErrorKind::NetworkDown, cause),
+        );
     }
 
     fn io_error(&self, op: &'static str, source: io::Error) -> BusError {
@@ -333,16 +381,13 @@ impl CanBus for SocketCanBus {
         let mut delay = ENOBUFS_FIRST_DELAY;
         let mut retries = 0;
         loop {
-            let Link::Up(socket) = &self.link else {
+            let Link::Up { socket, .. } = &self.link else {
                 return Err(self.io_error(
                     "send",
                     io::Error::new(io::ErrorKind::NetworkDown, "interface is down"),
                 ));
             };
-            let result = socket
-                .async_io(Interest::WRITABLE, |s| s.write_frame(&out))
-                .await;
-            match result {
+            match socket.write_frame(out).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && retries < ENOBUFS_RETRIES => {
                     retries += 1;
@@ -360,28 +405,44 @@ impl CanBus for SocketCanBus {
         }
     }
 
-    /// Waits for the next frame, error frame or link change. Cancel-safe:
-    /// a cancelled call consumes nothing from the socket, and a reopen
-    /// that was waiting simply waits again.
+    /// Waits for the next frame, error frame or link change.
+    ///
+    /// When the interface goes down the kernel only sets an error on the
+    /// socket, which epoll reports as EPOLLERR alone, and
+    /// `socketcan::tokio::CanSocket::read_frame` waits for READABLE: an idle
+    /// reader would never wake. So the read races a check of the interface
+    /// in sysfs every [`LINK_CHECK_PERIOD`]: `IFF_UP` (what the kernel tests
+    /// before answering ENETDOWN) and the interface index. Not `operstate`:
+    /// a CAN controller going bus-off drops the carrier, but the socket stays
+    /// valid and the bus-off arrives as an error frame. A read error (e.g.
+    /// the pending ENETDOWN, seen by the first read once frames flow again)
+    /// also counts as an outage.
+    ///
+    /// Cancel-safe: `read_frame` reads only once the socket is ready and
+    /// returns the frame in the same poll, so a cancelled call consumes
+    /// nothing; state changes happen between awaits, and the check and
+    /// reopen deadlines live in `self`, so a cancelled wait resumes where
+    /// it was.
     async fn recv(&mut self) -> Result<BusEvent, BusError> {
         loop {
             if let Some(ev) = self.pending.pop_front() {
                 return Ok(ev);
             }
             match &self.link {
-                Link::Up(socket) => {
-                    // ERROR as well as READABLE: when the interface goes
-                    // down the kernel flags the socket with ENETDOWN, which
-                    // epoll reports as EPOLLERR alone; waiting on READABLE
-                    // only would never wake up.
-                    let result = socket
-                        .async_io(Interest::READABLE | Interest::ERROR, |s| s.read_frame())
-                        .await;
-                    match result {
-                        Ok(frame) => self.on_frame(frame),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Link::Up { socket, .. } => {
+                    let read = tokio::select! {
+                        // Frames already received go out before an outage
+                        // found by the check.
+                        biased;
+                        r = socket.read_frame() => Some(r),
+                        () = tokio::time::sleep_until(self.next_check) => None,
+                    };
+                    match read {
+                        Some(Ok(frame)) => self.on_frame(frame),
+                        Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                         // Any other read error leaves the socket unusable.
-                        Err(e) => self.link_down("receive", &e),
+                        Some(Err(e)) => self.link_down("receive", &e),
+                        None => self.check_link(),
                     }
                 }
                 Link::Down { retry_at, .. } => {
@@ -420,10 +481,12 @@ fn check_iface_name(iface: &str) -> Result<(), BusError> {
     })
 }
 
+/// Opens and sets up a socket on `iface`, returning it with the interface
+/// index it is bound to.
 fn open_socket(
     iface: &str,
     opts: &SocketCanOptions,
-) -> Result<AsyncFd<socketcan::CanSocket>, BusError> {
+) -> Result<(socketcan::tokio::CanSocket, u32), BusError> {
     let config = |what: &'static str| {
         move |source: io::Error| BusError::Config {
             iface: iface.to_owned(),
@@ -431,11 +494,15 @@ fn open_socket(
             source,
         }
     };
-    let socket = socketcan::CanSocket::open(iface).map_err(|source| BusError::Io {
+    let open_error = |source: io::Error| BusError::Io {
         iface: iface.to_owned(),
         op: "open",
         source,
-    })?;
+    };
+    // Resolve the name once and bind to that index, so the index recorded
+    // for the link check is the one the socket is bound to.
+    let addr = socketcan::CanAddr::from_iface(iface).map_err(open_error)?;
+    let socket = socketcan::tokio::CanSocket::open_addr(&addr).map_err(open_error)?;
     if opts.filters.is_empty() {
         socket.set_filter_accept_all().map_err(config("filters"))?;
     } else {
@@ -455,48 +522,62 @@ fn open_socket(
     socket
         .set_recv_own_msgs(opts.receive_own)
         .map_err(config("receiving own frames"))?;
-    socket
-        .set_nonblocking(true)
-        .map_err(config("non-blocking mode"))?;
-    register(socket).map_err(|source| BusError::Io {
-        iface: iface.to_owned(),
-        op: "register with the runtime",
-        source,
+    Ok((socket, addr.ifindex()))
+}
+
+/// An interface as sysfs shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IfaceState {
+    /// Absent, or administratively down (`IFF_UP` clear), which is what the
+    /// kernel checks before it answers ENETDOWN.
+    Down,
+    Up {
+        ifindex: u32,
+    },
+}
+
+/// Reads `iface`'s state from `/sys/class/net`. Plain blocking reads: sysfs
+/// attributes are generated in memory and never wait on a disk.
+fn iface_state(iface: &str) -> io::Result<IfaceState> {
+    let dir = format!("/sys/class/net/{iface}");
+    let Some(flags) = read_sysfs_number(&dir, "flags", 16)? else {
+        return Ok(IfaceState::Down);
+    };
+    const IFF_UP: u32 = 0x1;
+    if flags & IFF_UP == 0 {
+        return Ok(IfaceState::Down);
+    }
+    // Absent here means the interface vanished between the two reads.
+    Ok(match read_sysfs_number(&dir, "ifindex", 10)? {
+        Some(ifindex) => IfaceState::Up { ifindex },
+        None => IfaceState::Down,
     })
 }
 
-/// Hands the socket to tokio's reactor.
-///
-/// `socketcan::tokio::CanSocket` makes this very call, but its reads only
-/// wait for READABLE and so never see ENETDOWN (see `recv`); owning the
-/// registration lets us wait for ERROR too. tokio 1.54 deprecated this
-/// safe constructor for an `unsafe` one because a wrapped type could swap
-/// its fd under the reactor. `socketcan::CanSocket` owns its fd for its
-/// whole life and we never take it mutably, so that cannot happen here, and
-/// the crate stays free of `unsafe`.
-#[allow(deprecated)]
-fn register(socket: socketcan::CanSocket) -> io::Result<AsyncFd<socketcan::CanSocket>> {
-    AsyncFd::new(socket)
-}
-
-/// Whether `iface` exists and is administratively up (`IFF_UP`), which is
-/// what the kernel checks before it answers ENETDOWN.
-fn iface_is_up(iface: &str) -> io::Result<bool> {
-    let path = format!("/sys/class/net/{iface}/flags");
+/// One numeric sysfs attribute (`0x`-prefixed when `radix` is 16); `None`
+/// when the file does not exist.
+fn read_sysfs_number(dir: &str, attr: &str, radix: u32) -> io::Result<Option<u32>> {
+    let path = format!("{dir}/{attr}");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let hex = text.trim().trim_start_matches("0x");
-    let flags = u32::from_str_radix(hex, 16).map_err(|e| {
+    parse_sysfs_number(&text, radix).map(Some).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{path}: {text:?} is not a hex flag word: {e}"),
+            format!("{path}: {text:?} is not a base-{radix} number: {e}"),
         )
-    })?;
-    const IFF_UP: u32 = 0x1;
-    Ok(flags & IFF_UP != 0)
+    })
+}
+
+fn parse_sysfs_number(text: &str, radix: u32) -> Result<u32, std::num::ParseIntError> {
+    let digits = text.trim();
+    let digits = match radix {
+        16 => digits.strip_prefix("0x").unwrap_or(digits),
+        _ => digits,
+    };
+    u32::from_str_radix(digits, radix)
 }
 
 fn from_socketcan(f: &socketcan::CanDataFrame) -> Option<CanFrame> {
@@ -639,6 +720,16 @@ mod tests {
 
     #[test]
     fn missing_interface_reads_as_down() {
-        assert!(!iface_is_up("bmsgw-none0").unwrap());
+        assert_eq!(iface_state("bmsgw-none0").unwrap(), IfaceState::Down);
+    }
+
+    #[test]
+    fn sysfs_numbers_parse_as_the_kernel_writes_them() {
+        // `flags` of an up vcan (IFF_UP | IFF_RUNNING | IFF_NOARP), `ifindex`.
+        assert_eq!(parse_sysfs_number("0xc1\n", 16), Ok(0xC1));
+        assert_eq!(parse_sysfs_number("42\n", 10), Ok(42));
+        assert!(parse_sysfs_number("", 10).is_err());
+        assert!(parse_sysfs_number("0x", 16).is_err());
+        assert!(parse_sysfs_number("up\n", 16).is_err());
     }
 }
