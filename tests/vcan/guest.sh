@@ -112,6 +112,15 @@ step_cargo_tests() {
             if [ "$verdict" = ok ]; then pass "$prefix/$name"; else fail "$prefix/$name" "see steps/$prefix.tests.log"; fi
         fi
     done <"$log"
+    # Every test the runner announced must have reported: a result line
+    # garbled by stray output must not vanish from the count.
+    local announced reported
+    announced=$(sed -nE 's/^running ([0-9]+) tests?$/\1/p' "$log" | head -n 1)
+    reported=$(grep -cE '^test [^ ]+ \.\.\. (ok|FAILED)$' "$log" || true)
+    if [ "$rc" -eq 0 ] && [ "${announced:-0}" != "$reported" ]; then
+        echo "the runner announced ${announced:-no} tests but $reported reported a result" >"$REASON_FILE"
+        return 1
+    fi
     if [ "$rc" -eq 124 ]; then
         echo "timed out after ${STEP_TIMEOUT}s" >"$REASON_FILE"
     elif [ "$rc" -ne 0 ]; then
