@@ -1,6 +1,7 @@
 //! bmsgw: the vehicle gateway for GB/T 27930 charging.
 //!
 //! Layers, one folder per concept (see `ARCHITECTURE.md`):
+//! - [`auth`]: vehicle authentication at the pile: ticket, handshake, vouchers (sans-IO);
 //! - [`can`]: frames, the async bus trait and its backends;
 //! - [`j1939`]: identifier codec and transport protocol (sans-IO);
 //! - [`gbt27930`]: message codecs and the charger and BMS state machines (sans-IO);
@@ -8,6 +9,7 @@
 //! - `sim`: simulators and the demo (feature `sim`).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod can;
 pub mod gbt27930;
 pub mod j1939;
