@@ -79,10 +79,8 @@ impl Credential {
     }
 
     fn header(&self) -> TicketHeader {
-        let [_, _, o0, o1, _, _, _, _, id @ .., ] = *self
-            .ticket
-            .first_chunk::<20>()
-            .unwrap_or(&[0; 20]);
+        let [_, _, o0, o1, _, _, _, _, id @ ..] =
+            *self.ticket.first_chunk::<20>().unwrap_or(&[0; 20]);
         TicketHeader {
             key_offset: u16::from_le_bytes([o0, o1]),
             charger_number: self.charger_number,
@@ -158,7 +156,12 @@ const EXPECT_BOOL: &str = "true or false";
 
 impl Fields {
     fn set(&mut self, line: usize, key: &str, value: &str) -> Result<(), CredentialError> {
-        fn put<T>(slot: &mut Option<T>, v: T, line: usize, key: &'static str) -> Result<(), CredentialError> {
+        fn put<T>(
+            slot: &mut Option<T>,
+            v: T,
+            line: usize,
+            key: &'static str,
+        ) -> Result<(), CredentialError> {
             if slot.replace(v).is_some() {
                 return Err(CredentialError::Duplicate { line, key });
             }
@@ -180,12 +183,27 @@ impl Fields {
                 let k = Zeroizing::new(
                     from_hex::<32>(value).ok_or(bad("session_key", EXPECT_SESSION_KEY))?,
                 );
-                put(&mut self.session_key, SessionKey::from_bytes(*k), line, "session_key")
+                put(
+                    &mut self.session_key,
+                    SessionKey::from_bytes(*k),
+                    line,
+                    "session_key",
+                )
             }
-            "charger_number" => put(&mut self.charger_number, int("charger_number")?, line, "charger_number"),
+            "charger_number" => put(
+                &mut self.charger_number,
+                int("charger_number")?,
+                line,
+                "charger_number",
+            ),
             "not_before" => put(&mut self.not_before, int("not_before")?, line, "not_before"),
             "not_after" => put(&mut self.not_after, int("not_after")?, line, "not_after"),
-            "energy_cap_wh" => put(&mut self.energy_cap_wh, int("energy_cap_wh")?, line, "energy_cap_wh"),
+            "energy_cap_wh" => put(
+                &mut self.energy_cap_wh,
+                int("energy_cap_wh")?,
+                line,
+                "energy_cap_wh",
+            ),
             "voucher" => {
                 let v = match value {
                     "true" => true,
@@ -204,16 +222,22 @@ impl Fields {
     fn finish(self) -> Result<Credential, CredentialError> {
         let missing = |key, expected| CredentialError::Missing { key, expected };
         let ticket = self.ticket.ok_or(missing("ticket", EXPECT_TICKET))?;
-        let charger_number = self.charger_number.ok_or(missing("charger_number", EXPECT_U32))?;
+        let charger_number = self
+            .charger_number
+            .ok_or(missing("charger_number", EXPECT_U32))?;
         let not_before = self.not_before.ok_or(missing("not_before", EXPECT_U32))?;
         let not_after = self.not_after.ok_or(missing("not_after", EXPECT_U32))?;
         let credential = Credential {
             ticket,
-            session_key: self.session_key.ok_or(missing("session_key", EXPECT_SESSION_KEY))?,
+            session_key: self
+                .session_key
+                .ok_or(missing("session_key", EXPECT_SESSION_KEY))?,
             charger_number,
             not_before,
             not_after,
-            energy_cap_wh: self.energy_cap_wh.ok_or(missing("energy_cap_wh", EXPECT_U32))?,
+            energy_cap_wh: self
+                .energy_cap_wh
+                .ok_or(missing("energy_cap_wh", EXPECT_U32))?,
             voucher: self.voucher.ok_or(missing("voucher", EXPECT_BOOL))?,
         };
         let in_ticket = TicketHeader::parse(&ticket)
@@ -263,7 +287,9 @@ pub enum CredentialError {
         key: &'static str,
         expected: &'static str,
     },
-    #[error("the ticket is for charger {ticket} but `charger_number` says {field}; they must match")]
+    #[error(
+        "the ticket is for charger {ticket} but `charger_number` says {field}; they must match"
+    )]
     ChargerMismatch { ticket: u32, field: u32 },
     #[error("`not_after` ({not_after}) must be later than `not_before` ({not_before})")]
     EmptyWindow { not_before: u32, not_after: u32 },
@@ -323,7 +349,11 @@ pub trait VoucherWallet {
     /// (the one that expires soonest), marked spent — durably, for a durable
     /// wallet — before it is returned. A spent voucher is never returned
     /// again, even if the session using it fails.
-    fn take_for(&mut self, charger_number: u32, unix_now: u32) -> Result<Option<Credential>, WalletError>;
+    fn take_for(
+        &mut self,
+        charger_number: u32,
+        unix_now: u32,
+    ) -> Result<Option<Credential>, WalletError>;
     /// How many unspent vouchers `take_for` could return for that pile now.
     fn remaining_for(&self, charger_number: u32, unix_now: u32) -> usize;
     /// Store a voucher. Refuses online tickets and any voucher already seen.
@@ -349,7 +379,11 @@ impl MemoryWallet {
 }
 
 impl VoucherWallet for MemoryWallet {
-    fn take_for(&mut self, charger_number: u32, unix_now: u32) -> Result<Option<Credential>, WalletError> {
+    fn take_for(
+        &mut self,
+        charger_number: u32,
+        unix_now: u32,
+    ) -> Result<Option<Credential>, WalletError> {
         let usable = Self::usable(charger_number, unix_now);
         let pick = self
             .unspent
@@ -415,8 +449,20 @@ mod tests {
         assert_eq!(back.ticket, c.ticket);
         assert_eq!(back.session_key.expose(), c.session_key.expose());
         assert_eq!(
-            (back.charger_number, back.not_before, back.not_after, back.energy_cap_wh, back.voucher),
-            (c.charger_number, c.not_before, c.not_after, c.energy_cap_wh, c.voucher)
+            (
+                back.charger_number,
+                back.not_before,
+                back.not_after,
+                back.energy_cap_wh,
+                back.voucher
+            ),
+            (
+                c.charger_number,
+                c.not_before,
+                c.not_after,
+                c.energy_cap_wh,
+                c.voucher
+            )
         );
         assert_eq!(back.ticket_id(), c.ticket_id());
         assert_eq!(back.key_offset(), 1);
@@ -427,45 +473,79 @@ mod tests {
         let good = issue(7, NOW + 60, false, &mut StreamRng::new(2)).to_text();
         let cases: Vec<(String, CredentialError)> = vec![
             ("ticket=00".into(), CredentialError::MissingHeader),
-            (good.replace("voucher=false", "voucher=yes"), CredentialError::BadValue {
-                line: 8,
-                key: "voucher",
-                expected: EXPECT_BOOL,
-            }),
-            (good.replace("not_before=", "not_before=-"), CredentialError::BadValue {
-                line: 5,
-                key: "not_before",
-                expected: EXPECT_U32,
-            }),
-            (format!("{good}colour=blue\n"), CredentialError::UnknownKey {
-                line: 9,
-                key: "colour".into(),
-            }),
-            (format!("{good}\n# note\nvoucher=true\n"), CredentialError::Duplicate {
-                line: 11,
-                key: "voucher",
-            }),
-            (format!("{good}oops\n"), CredentialError::NotKeyValue { line: 9 }),
-            (good.replace("energy_cap_wh", "# energy_cap_wh"), CredentialError::Missing {
-                key: "energy_cap_wh",
-                expected: EXPECT_U32,
-            }),
-            (good.replace("charger_number=7", "charger_number=8"), CredentialError::ChargerMismatch {
-                ticket: 7,
-                field: 8,
-            }),
-            (good.replace("ticket=01", "ticket=02"), CredentialError::Ticket {
-                line: 2,
-                code: ResultCode::UnsupportedVersion,
-            }),
+            (
+                good.replace("voucher=false", "voucher=yes"),
+                CredentialError::BadValue {
+                    line: 8,
+                    key: "voucher",
+                    expected: EXPECT_BOOL,
+                },
+            ),
+            (
+                good.replace("not_before=", "not_before=-"),
+                CredentialError::BadValue {
+                    line: 5,
+                    key: "not_before",
+                    expected: EXPECT_U32,
+                },
+            ),
+            (
+                format!("{good}colour=blue\n"),
+                CredentialError::UnknownKey {
+                    line: 9,
+                    key: "colour".into(),
+                },
+            ),
+            (
+                format!("{good}\n# note\nvoucher=true\n"),
+                CredentialError::Duplicate {
+                    line: 11,
+                    key: "voucher",
+                },
+            ),
+            (
+                format!("{good}oops\n"),
+                CredentialError::NotKeyValue { line: 9 },
+            ),
+            (
+                good.replace("energy_cap_wh", "# energy_cap_wh"),
+                CredentialError::Missing {
+                    key: "energy_cap_wh",
+                    expected: EXPECT_U32,
+                },
+            ),
+            (
+                good.replace("charger_number=7", "charger_number=8"),
+                CredentialError::ChargerMismatch {
+                    ticket: 7,
+                    field: 8,
+                },
+            ),
+            (
+                good.replace("ticket=01", "ticket=02"),
+                CredentialError::Ticket {
+                    line: 2,
+                    code: ResultCode::UnsupportedVersion,
+                },
+            ),
         ];
         for (text, expected) in cases {
-            assert_eq!(Credential::from_text(&text).err(), Some(expected.clone()), "{text}");
+            assert_eq!(
+                Credential::from_text(&text).err(),
+                Some(expected.clone()),
+                "{text}"
+            );
             assert!(expected.to_string().len() > 10);
         }
         let short_key = good
             .lines()
-            .map(|l| if l.starts_with("session_key=") { "session_key=abcd" } else { l })
+            .map(|l| {
+                if l.starts_with("session_key=") {
+                    "session_key=abcd"
+                } else {
+                    l
+                }
+            })
             .collect::<Vec<_>>()
             .join("\n");
         let err = Credential::from_text(&short_key).expect_err("short key");
@@ -502,10 +582,16 @@ mod tests {
         assert_eq!(wallet.remaining_for(7, NOW), 1);
         let second = wallet.take_for(7, NOW).expect("ok").expect("a voucher");
         assert_eq!(second.ticket_id(), late.ticket_id());
-        assert!(wallet.take_for(7, NOW).expect("ok").is_none(), "never the expired or another pile's");
+        assert!(
+            wallet.take_for(7, NOW).expect("ok").is_none(),
+            "never the expired or another pile's"
+        );
         assert_eq!(wallet.remaining_for(7, NOW), 0);
         // A spent voucher cannot come back in.
-        assert!(matches!(wallet.add(soon.clone()), Err(WalletError::Duplicate { .. })));
+        assert!(matches!(
+            wallet.add(soon.clone()),
+            Err(WalletError::Duplicate { .. })
+        ));
         assert!(wallet.take_for(7, NOW).expect("ok").is_none());
         // The other pile still has its own.
         assert_eq!(wallet.remaining_for(8, NOW), 1);

@@ -123,7 +123,13 @@ impl ResultCode {
 
 impl fmt::Display for ResultCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (0x{:02X}): {}", self.name(), self.as_u8(), self.meaning())
+        write!(
+            f,
+            "{} (0x{:02X}): {}",
+            self.name(),
+            self.as_u8(),
+            self.meaning()
+        )
     }
 }
 
@@ -269,7 +275,8 @@ impl AuthMessage {
                     RESULT_TRANSPORT_LEN => Some(rest.try_into().map_err(|_| length("2 or 19"))?),
                     _ => return Err(length("2 or 19")),
                 };
-                let code = ResultCode::from_u8(code).ok_or(ParseError::UnknownResultCode { code })?;
+                let code =
+                    ResultCode::from_u8(code).ok_or(ParseError::UnknownResultCode { code })?;
                 Ok(AuthMessage::Result { code, transport })
             }
         }
@@ -345,7 +352,11 @@ mod tests {
         request.resize(149, 0);
         assert!(matches!(
             AuthMessage::parse(&request),
-            Err(ParseError::Length { message: MessageType::Request, got: 149, .. })
+            Err(ParseError::Length {
+                message: MessageType::Request,
+                got: 149,
+                ..
+            })
         ));
     }
 
@@ -358,7 +369,10 @@ mod tests {
             Err(ParseError::UnsupportedVersion { version: 2 })
         );
         request.push(0);
-        assert_eq!(AuthMessage::parse(&request).map_err(|e| e.code()), Err(ResultCode::Malformed));
+        assert_eq!(
+            AuthMessage::parse(&request).map_err(|e| e.code()),
+            Err(ResultCode::Malformed)
+        );
     }
 
     fn arb_message() -> impl Strategy<Value = AuthMessage> {
@@ -385,7 +399,10 @@ mod tests {
                 transport[..32].copy_from_slice(&a);
                 AuthMessage::Confirm { transport }
             }),
-            (code, proptest::option::of(any::<[u8; RESULT_TRANSPORT_LEN]>()))
+            (
+                code,
+                proptest::option::of(any::<[u8; RESULT_TRANSPORT_LEN]>())
+            )
                 .prop_map(|(code, transport)| AuthMessage::Result { code, transport }),
         ]
     }

@@ -26,8 +26,8 @@ pub mod ticket;
 
 pub use credential::{Credential, CredentialError, MemoryWallet, VoucherWallet, WalletError};
 pub use handshake::{
-    AcceptedTicket, ChannelError, PileAuth, PileAuthConfig, PileAuthError, PileAuthEvent, SecureChannel,
-    VehicleAuth, VehicleAuthConfig, VehicleAuthError, VehicleAuthEvent,
+    AcceptedTicket, ChannelError, PileAuth, PileAuthConfig, PileAuthError, PileAuthEvent,
+    SecureChannel, VehicleAuth, VehicleAuthConfig, VehicleAuthError, VehicleAuthEvent,
 };
 pub use keys::{PileKeys, RootKey, SessionKey, TicketKey, ticket_key};
 pub use messages::{AUTH_PGN, AuthMessage, MessageType, ParseError, ResultCode};

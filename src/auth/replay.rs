@@ -66,7 +66,9 @@ impl ReplayStore for MemoryReplayStore {
 pub enum ReplayError {
     #[error("ticket {} has been used before", super::credential::to_hex(.id))]
     Replayed { id: [u8; 12] },
-    #[error("replay cache holds {capacity} live tickets; new tickets are refused until some expire")]
+    #[error(
+        "replay cache holds {capacity} live tickets; new tickets are refused until some expire"
+    )]
     Full { capacity: usize },
     /// The id could not be recorded durably, so the ticket is refused: it
     /// cannot be spent without a record.
@@ -115,7 +117,10 @@ impl std::fmt::Debug for ReplayCache {
 impl ReplayCache {
     /// Load every id the store holds. More than `capacity` may be loaded
     /// (after a capacity cut); all are kept until they expire.
-    pub fn open(mut store: Box<dyn ReplayStore>, capacity: usize) -> Result<Self, ReplayStoreError> {
+    pub fn open(
+        mut store: Box<dyn ReplayStore>,
+        capacity: usize,
+    ) -> Result<Self, ReplayStoreError> {
         let entries = store.load()?.into_iter().collect();
         Ok(ReplayCache {
             store,
@@ -192,7 +197,9 @@ mod tests {
     fn second_use_is_replayed_also_after_restart() {
         let store = MemoryReplayStore::default();
         let mut cache = ReplayCache::open(Box::new(store.clone()), 8).expect("opens");
-        cache.check_and_insert(id(1), NOW + 60, NOW, 300).expect("first use");
+        cache
+            .check_and_insert(id(1), NOW + 60, NOW, 300)
+            .expect("first use");
         assert!(matches!(
             cache.check_and_insert(id(1), NOW + 60, NOW, 300),
             Err(ReplayError::Replayed { .. })
@@ -208,10 +215,17 @@ mod tests {
 
     #[test]
     fn full_cache_refuses_instead_of_evicting_live_ids() {
-        let mut cache = ReplayCache::open(Box::new(MemoryReplayStore::default()), 2).expect("opens");
-        cache.check_and_insert(id(1), NOW + 10, NOW, 300).expect("1");
-        cache.check_and_insert(id(2), NOW + 10, NOW, 300).expect("2");
-        let err = cache.check_and_insert(id(3), NOW + 10, NOW, 300).expect_err("full");
+        let mut cache =
+            ReplayCache::open(Box::new(MemoryReplayStore::default()), 2).expect("opens");
+        cache
+            .check_and_insert(id(1), NOW + 10, NOW, 300)
+            .expect("1");
+        cache
+            .check_and_insert(id(2), NOW + 10, NOW, 300)
+            .expect("2");
+        let err = cache
+            .check_and_insert(id(3), NOW + 10, NOW, 300)
+            .expect_err("full");
         assert_eq!(err.code(), ResultCode::ReplayCacheFull);
         assert!(cache.contains(&id(1)) && cache.contains(&id(2)) && !cache.contains(&id(3)));
         // Still refused while the ids are within not_after + skew.
@@ -223,10 +237,16 @@ mod tests {
     fn full_cache_purges_expired_ids_first() {
         let store = MemoryReplayStore::default();
         let mut cache = ReplayCache::open(Box::new(store.clone()), 2).expect("opens");
-        cache.check_and_insert(id(1), NOW + 10, NOW, 300).expect("1");
-        cache.check_and_insert(id(2), NOW + 5000, NOW, 300).expect("2");
+        cache
+            .check_and_insert(id(1), NOW + 10, NOW, 300)
+            .expect("1");
+        cache
+            .check_and_insert(id(2), NOW + 5000, NOW, 300)
+            .expect("2");
         let later = NOW + 10 + 301;
-        cache.check_and_insert(id(3), later + 60, later, 300).expect("room after purge");
+        cache
+            .check_and_insert(id(3), later + 60, later, 300)
+            .expect("room after purge");
         assert!(!cache.contains(&id(1)) && cache.contains(&id(2)) && cache.contains(&id(3)));
         // The store was purged too.
         let mut stored = store.clone().load().expect("loads");
@@ -253,9 +273,14 @@ mod tests {
     #[test]
     fn unrecordable_ticket_is_refused_and_not_remembered() {
         let mut cache = ReplayCache::open(Box::new(FailingStore), 4).expect("opens");
-        let err = cache.check_and_insert(id(1), NOW, NOW, 0).expect_err("store fails");
+        let err = cache
+            .check_and_insert(id(1), NOW, NOW, 0)
+            .expect_err("store fails");
         assert_eq!(err.code(), ResultCode::ReplayCacheFull);
-        assert!(err.to_string().contains("cannot record ticket 0101"), "{err}");
+        assert!(
+            err.to_string().contains("cannot record ticket 0101"),
+            "{err}"
+        );
         assert!(cache.is_empty());
     }
 }

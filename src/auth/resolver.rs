@@ -312,14 +312,13 @@ mod tests {
 
     const PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_SHA256";
 
-    fn builder<'a>(
-        ours: bool,
-        psk: &'a [u8; 32],
-        e: &'a [u8; 32],
-    ) -> Builder<'a> {
+    fn builder<'a>(ours: bool, psk: &'a [u8; 32], e: &'a [u8; 32]) -> Builder<'a> {
         let params = PARAMS.parse().expect("valid Noise parameters");
         let b = if ours {
-            Builder::with_resolver(params, Box::new(ZeroizingResolver::new(Zeroizing::new([0; 32]))))
+            Builder::with_resolver(
+                params,
+                Box::new(ZeroizingResolver::new(Zeroizing::new([0; 32]))),
+            )
         } else {
             Builder::with_resolver(params, Box::new(DefaultResolver))
         };
@@ -337,19 +336,31 @@ mod tests {
         let psk = [7u8; 32];
         let (ei, er) = ([1u8; 32], [2u8; 32]);
         for (init_ours, resp_ours) in [(true, false), (false, true), (true, true)] {
-            let mut i = builder(init_ours, &psk, &ei).build_initiator().expect("initiator");
-            let mut r = builder(resp_ours, &psk, &er).build_responder().expect("responder");
-            let mut reference_i = builder(false, &psk, &ei).build_initiator().expect("initiator");
-            let mut reference_r = builder(false, &psk, &er).build_responder().expect("responder");
+            let mut i = builder(init_ours, &psk, &ei)
+                .build_initiator()
+                .expect("initiator");
+            let mut r = builder(resp_ours, &psk, &er)
+                .build_responder()
+                .expect("responder");
+            let mut reference_i = builder(false, &psk, &ei)
+                .build_initiator()
+                .expect("initiator");
+            let mut reference_r = builder(false, &psk, &er)
+                .build_responder()
+                .expect("responder");
             let (mut m1, mut m1_ref, mut m2, mut m2_ref, mut p) =
                 ([0u8; 100], [0u8; 100], [0u8; 100], [0u8; 100], [0u8; 100]);
             let n1 = i.write_message(b"", &mut m1).expect("msg1");
             reference_i.write_message(b"", &mut m1_ref).expect("msg1");
             assert_eq!(m1[..n1], m1_ref[..n1]);
             r.read_message(&m1[..n1], &mut p).expect("read msg1");
-            reference_r.read_message(&m1[..n1], &mut p).expect("read msg1");
+            reference_r
+                .read_message(&m1[..n1], &mut p)
+                .expect("read msg1");
             let n2 = r.write_message(b"challenge", &mut m2).expect("msg2");
-            reference_r.write_message(b"challenge", &mut m2_ref).expect("msg2");
+            reference_r
+                .write_message(b"challenge", &mut m2_ref)
+                .expect("msg2");
             assert_eq!(m2[..n2], m2_ref[..n2]);
             let np = i.read_message(&m2[..n2], &mut p).expect("read msg2");
             assert_eq!(&p[..np], b"challenge");

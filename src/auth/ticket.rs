@@ -118,7 +118,12 @@ impl TicketHeader {
 /// The nonce is a fresh 96-bit `ticket_id` from `rng` (the nonce rule of
 /// §4.2). The caller keeps `body.not_after > body.not_before`; a pile refuses
 /// a ticket that breaks it.
-pub fn seal(root: &RootKey, key_offset: u16, body: &TicketBody, rng: &mut dyn Rng) -> [u8; TICKET_LEN] {
+pub fn seal(
+    root: &RootKey,
+    key_offset: u16,
+    body: &TicketBody,
+    rng: &mut dyn Rng,
+) -> [u8; TICKET_LEN] {
     let mut ticket_id = [0u8; 12];
     rng.fill(&mut ticket_id);
     let header = TicketHeader {
@@ -151,7 +156,12 @@ pub struct OpenedTicket {
 
 /// Steps 1–6 of §4.2, in the spec's order, each failure with its own code.
 /// The replay check (step 7) belongs to the pile's state machine.
-pub fn open(keys: &PileKeys, ticket: &[u8], unix_now: u32, skew: u32) -> Result<OpenedTicket, ResultCode> {
+pub fn open(
+    keys: &PileKeys,
+    ticket: &[u8],
+    unix_now: u32,
+    skew: u32,
+) -> Result<OpenedTicket, ResultCode> {
     let header = TicketHeader::parse(ticket)?;
     if !keys.accepts_offset(header.key_offset) {
         return Err(ResultCode::UnknownKeyOffset);
@@ -162,7 +172,9 @@ pub fn open(keys: &PileKeys, ticket: &[u8], unix_now: u32, skew: u32) -> Result<
     let (aad, rest) = ticket
         .split_first_chunk::<HEADER_LEN>()
         .ok_or(ResultCode::Malformed)?;
-    let (ciphertext, rest) = rest.split_first_chunk::<BODY_LEN>().ok_or(ResultCode::Malformed)?;
+    let (ciphertext, rest) = rest
+        .split_first_chunk::<BODY_LEN>()
+        .ok_or(ResultCode::Malformed)?;
     let tag: &[u8; TAG_LEN] = rest.try_into().map_err(|_| ResultCode::Malformed)?;
 
     let key = ticket_key(&keys.root, header.key_offset, header.charger_number);
@@ -239,8 +251,14 @@ mod tests {
         assert_eq!(&opened.ticket_id[..], &t[8..20]);
         assert_eq!(opened.body.pseudonym, [0x77; 16]);
         assert_eq!(opened.body.session_key.expose(), &[0x5a; 32]);
-        assert_eq!((opened.body.energy_cap_wh, opened.body.voucher), (30_000, true));
-        assert_eq!((opened.body.not_before, opened.body.not_after), (NOW - 60, NOW + 600));
+        assert_eq!(
+            (opened.body.energy_cap_wh, opened.body.voucher),
+            (30_000, true)
+        );
+        assert_eq!(
+            (opened.body.not_before, opened.body.not_after),
+            (NOW - 60, NOW + 600)
+        );
     }
 
     #[test]
@@ -255,20 +273,32 @@ mod tests {
     #[test]
     fn each_step_has_its_code() {
         let t = sealed(&body(), 3);
-        assert_eq!(open(&keys(), &t[..100], NOW, 300).err(), Some(ResultCode::Malformed));
+        assert_eq!(
+            open(&keys(), &t[..100], NOW, 300).err(),
+            Some(ResultCode::Malformed)
+        );
         let mut v2 = t;
         v2[0] = 2;
-        assert_eq!(open(&keys(), &v2, NOW, 300).err(), Some(ResultCode::UnsupportedVersion));
+        assert_eq!(
+            open(&keys(), &v2, NOW, 300).err(),
+            Some(ResultCode::UnsupportedVersion)
+        );
         assert_eq!(
             open(&keys(), &sealed(&body(), 1), NOW, 300).err(),
             Some(ResultCode::UnknownKeyOffset)
         );
         let mut other = keys();
         other.charger_number += 1;
-        assert_eq!(open(&other, &t, NOW, 300).err(), Some(ResultCode::WrongCharger));
+        assert_eq!(
+            open(&other, &t, NOW, 300).err(),
+            Some(ResultCode::WrongCharger)
+        );
         let mut wrong_root = keys();
         wrong_root.root = RootKey::from_bytes([0x43; 32]);
-        assert_eq!(open(&wrong_root, &t, NOW, 300).err(), Some(ResultCode::BadTicket));
+        assert_eq!(
+            open(&wrong_root, &t, NOW, 300).err(),
+            Some(ResultCode::BadTicket)
+        );
     }
 
     #[test]
@@ -277,7 +307,10 @@ mod tests {
         assert!(open(&keys(), &t, NOW, 300).is_ok());
         let mut k = keys();
         k.previous_offset = None;
-        assert_eq!(open(&k, &t, NOW, 300).err(), Some(ResultCode::UnknownKeyOffset));
+        assert_eq!(
+            open(&k, &t, NOW, 300).err(),
+            Some(ResultCode::UnknownKeyOffset)
+        );
     }
 
     #[test]
@@ -295,7 +328,10 @@ mod tests {
             .expect("seals");
         t[20..85].copy_from_slice(&plain[..]);
         t[85..].copy_from_slice(&tag);
-        assert_eq!(open(&keys(), &t, NOW, 300).err(), Some(ResultCode::BadTicket));
+        assert_eq!(
+            open(&keys(), &t, NOW, 300).err(),
+            Some(ResultCode::BadTicket)
+        );
 
         let mut inverted = body();
         inverted.not_after = inverted.not_before;
@@ -313,11 +349,20 @@ mod tests {
         assert!(open(&keys(), &t, nb - 300, 300).is_ok());
         assert!(open(&keys(), &t, na + 300, 300).is_ok());
         // Beyond it.
-        assert_eq!(open(&keys(), &t, nb - 301, 300).err(), Some(ResultCode::NotYetValid));
-        assert_eq!(open(&keys(), &t, na + 301, 300).err(), Some(ResultCode::Expired));
+        assert_eq!(
+            open(&keys(), &t, nb - 301, 300).err(),
+            Some(ResultCode::NotYetValid)
+        );
+        assert_eq!(
+            open(&keys(), &t, na + 301, 300).err(),
+            Some(ResultCode::Expired)
+        );
         // No overflow at the ends of time.
         assert_eq!(open(&keys(), &t, u32::MAX, u32::MAX).map(|_| ()), Ok(()));
-        assert_eq!(open(&keys(), &t, u32::MAX, 0).err(), Some(ResultCode::Expired));
+        assert_eq!(
+            open(&keys(), &t, u32::MAX, 0).err(),
+            Some(ResultCode::Expired)
+        );
     }
 
     #[test]

@@ -36,7 +36,12 @@ const CONFIRM_PAYLOAD_LEN: usize = CONFIRM_LABEL.len() + CHALLENGE_LEN;
 
 /// Build one side of the handshake. The ephemeral key is drawn from `rng`
 /// through the resolver, so the whole run is reproducible under a fixed RNG.
-fn build(initiator: bool, psk: &SessionKey, ticket: &[u8; TICKET_LEN], rng: &mut dyn Rng) -> Box<HandshakeState> {
+fn build(
+    initiator: bool,
+    psk: &SessionKey,
+    ticket: &[u8; TICKET_LEN],
+    rng: &mut dyn Rng,
+) -> Box<HandshakeState> {
     let mut prologue = [0u8; PROLOGUE_LABEL.len() + TICKET_LEN];
     prologue[..PROLOGUE_LABEL.len()].copy_from_slice(PROLOGUE_LABEL);
     prologue[PROLOGUE_LABEL.len()..].copy_from_slice(ticket);
@@ -45,7 +50,9 @@ fn build(initiator: bool, psk: &SessionKey, ticket: &[u8; TICKET_LEN], rng: &mut
     // Invariant for every `expect` below: the parameters are a constant
     // snow supports, PSK slot 0 and the prologue are set once, and the
     // resolver provides all three primitives and an RNG.
-    let params = NOISE_PARAMS.parse().expect("NOISE_PARAMS is a valid Noise protocol name");
+    let params = NOISE_PARAMS
+        .parse()
+        .expect("NOISE_PARAMS is a valid Noise protocol name");
     let builder = Builder::with_resolver(params, Box::new(ZeroizingResolver::new(entropy)))
         .psk(0, psk.expose())
         .expect("PSK slot 0 exists and is set once")

@@ -118,7 +118,8 @@ impl AwaitConfirm {
     /// this run's challenge.
     fn confirms(&mut self, transport: &[u8; CONFIRM_TRANSPORT_LEN]) -> bool {
         let mut payload = Zeroizing::new([0u8; CONFIRM_TRANSPORT_LEN]);
-        let Ok(CONFIRM_PAYLOAD_LEN) = self.channel.0.read_message(transport, &mut payload[..]) else {
+        let Ok(CONFIRM_PAYLOAD_LEN) = self.channel.0.read_message(transport, &mut payload[..])
+        else {
             return false;
         };
         let mut expected = Zeroizing::new([0u8; CONFIRM_PAYLOAD_LEN]);
@@ -154,7 +155,11 @@ fn sealed_result(channel: &mut SecureChannel, code: ResultCode) -> Vec<u8> {
 }
 
 fn plain_result(code: ResultCode) -> Vec<u8> {
-    AuthMessage::Result { code, transport: None }.encode()
+    AuthMessage::Result {
+        code,
+        transport: None,
+    }
+    .encode()
 }
 
 /// The pile's authentication state machine (Noise responder).
@@ -183,7 +188,12 @@ impl std::fmt::Debug for PileAuth {
 }
 
 impl PileAuth {
-    pub fn new(keys: PileKeys, config: PileAuthConfig, replay: ReplayCache, rng: Box<dyn Rng>) -> Self {
+    pub fn new(
+        keys: PileKeys,
+        config: PileAuthConfig,
+        replay: ReplayCache,
+        rng: Box<dyn Rng>,
+    ) -> Self {
         PileAuth {
             keys,
             config,
@@ -229,8 +239,10 @@ impl PileAuth {
             }
             (State::AwaitConfirm(mut waiting), Ok(AuthMessage::Confirm { transport })) => {
                 if waiting.confirms(&transport) {
-                    self.transmit.push_back(waiting.result(ResultCode::Accepted));
-                    self.events.push_back(PileAuthEvent::Accepted(waiting.ticket.clone()));
+                    self.transmit
+                        .push_back(waiting.result(ResultCode::Accepted));
+                    self.events
+                        .push_back(PileAuthEvent::Accepted(waiting.ticket.clone()));
                     self.state = State::Accepted {
                         channel: waiting.channel,
                         ticket: waiting.ticket,
@@ -254,7 +266,10 @@ impl PileAuth {
             }
             (State::Idle, Err(source)) => {
                 // Refused with a code (§4.4); it counts as an attempt.
-                self.record(PileAuthError::Malformed { state: "Idle", source: source.clone() });
+                self.record(PileAuthError::Malformed {
+                    state: "Idle",
+                    source: source.clone(),
+                });
                 if self.take_attempt() {
                     self.reject_plain(source.code());
                 }
@@ -373,8 +388,16 @@ impl PileAuth {
             return self.reject_plain(code);
         }
 
-        let mut handshake = build(false, &opened.body.session_key, ticket_bytes, &mut *self.rng);
-        if handshake.read_message(noise, &mut [0u8; NOISE_MSG1_LEN]).is_err() {
+        let mut handshake = build(
+            false,
+            &opened.body.session_key,
+            ticket_bytes,
+            &mut *self.rng,
+        );
+        if handshake
+            .read_message(noise, &mut [0u8; NOISE_MSG1_LEN])
+            .is_err()
+        {
             return self.reject_plain(ResultCode::HandshakeFailed);
         }
         scrub_psk(&mut handshake);
@@ -389,7 +412,8 @@ impl PileAuth {
         let transport = handshake
             .into_transport_mode()
             .expect("the handshake is complete after message 2");
-        self.transmit.push_back(AuthMessage::Challenge { noise: msg2 }.encode());
+        self.transmit
+            .push_back(AuthMessage::Challenge { noise: msg2 }.encode());
         let body = opened.body;
         self.state = State::AwaitConfirm(AwaitConfirm {
             channel: SecureChannel(transport),

@@ -11,7 +11,8 @@ use zeroize::Zeroizing;
 use super::{CHALLENGE_LEN, CONFIRM_LABEL, CONFIRM_PAYLOAD_LEN, SecureChannel, build, scrub_psk};
 use crate::auth::credential::Credential;
 use crate::auth::messages::{
-    AuthMessage, CONFIRM_TRANSPORT_LEN, MessageType, NOISE_MSG1_LEN, ParseError, RESULT_TRANSPORT_LEN, ResultCode,
+    AuthMessage, CONFIRM_TRANSPORT_LEN, MessageType, NOISE_MSG1_LEN, ParseError,
+    RESULT_TRANSPORT_LEN, ResultCode,
 };
 use crate::auth::rng::Rng;
 use crate::time::Timestamp;
@@ -44,7 +45,9 @@ pub enum VehicleAuthEvent {
     /// The challenge or the result does not verify: whoever answered does
     /// not hold the pile's root key, or tampered with the answer.
     FakePile,
-    Timeout { waiting_for: &'static str },
+    Timeout {
+        waiting_for: &'static str,
+    },
 }
 
 /// A message the vehicle ignored or that made it report [`VehicleAuthEvent::FakePile`].
@@ -113,7 +116,13 @@ struct Output {
 }
 
 impl AwaitChallenge {
-    fn on_message(mut self, msg: AuthMessage, now: Timestamp, config: &VehicleAuthConfig, out: &mut Output) -> State {
+    fn on_message(
+        mut self,
+        msg: AuthMessage,
+        now: Timestamp,
+        config: &VehicleAuthConfig,
+        out: &mut Output,
+    ) -> State {
         match msg {
             AuthMessage::Challenge { noise } => {
                 let mut challenge = Zeroizing::new([0u8; CHALLENGE_LEN]);
@@ -198,7 +207,10 @@ impl AwaitResult {
                     }
                 }
             }
-            AuthMessage::Result { code, transport: None } => {
+            AuthMessage::Result {
+                code,
+                transport: None,
+            } => {
                 // A pile in transport mode authenticates its result; a plain
                 // one was injected or comes from a non-conforming pile.
                 // "Accepted" must never be taken on trust; a rejection is
@@ -264,7 +276,12 @@ impl VehicleAuth {
             });
             return;
         }
-        let mut handshake = build(true, &self.credential.session_key, &self.credential.ticket, &mut *self.rng);
+        let mut handshake = build(
+            true,
+            &self.credential.session_key,
+            &self.credential.ticket,
+            &mut *self.rng,
+        );
         let mut noise = [0u8; NOISE_MSG1_LEN];
         // Invariant: a fresh initiator writes message 1 into a buffer of
         // exactly its size; its RNG pool is unused.
@@ -320,7 +337,8 @@ impl VehicleAuth {
             _ => return,
         };
         self.state = State::Failed;
-        self.events.push_back(VehicleAuthEvent::Timeout { waiting_for });
+        self.events
+            .push_back(VehicleAuthEvent::Timeout { waiting_for });
     }
 
     /// The next encoded message for the pile.
