@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod can;
+pub mod gateway;
 pub mod gbt27930;
 pub mod j1939;
 pub mod service;

@@ -47,6 +47,20 @@ enum Command {
         #[command(subcommand)]
         role: SimRole,
     },
+    /// Development keys (never for production).
+    Pki {
+        #[command(subcommand)]
+        what: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Generate development keys into DIR: pile-root.key (mode 0600).
+    Dev {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[cfg(feature = "sim")]
@@ -103,6 +117,60 @@ enum SimRole {
         /// The BMS's J1939 address.
         #[arg(long, default_value = "0xF4", value_parser = parse_u8)]
         bms_address: u8,
+        /// Require vehicle authentication before CRM(0xAA).
+        #[arg(long, requires_all = ["root_key_file", "key_offset"])]
+        require_auth: bool,
+        /// The pile's 32-byte root key (64 hex digits), mode 0600.
+        #[arg(long, value_name = "F")]
+        root_key_file: Option<PathBuf>,
+        /// The current root key offset (key epoch).
+        #[arg(long, value_name = "N")]
+        key_offset: Option<u16>,
+        /// Also accept tickets of this earlier epoch (during rotation).
+        #[arg(long, value_name = "N")]
+        previous_key_offset: Option<u16>,
+        /// Clock skew tolerated on ticket validity.
+        #[arg(long, default_value = "300s", value_parser = parse_duration)]
+        skew: Duration,
+    },
+    /// Play the vehicle side of authentication with a credential from a file
+    /// (stands in for the gateway daemon).
+    Vehicle {
+        #[arg(long, value_name = "IFACE")]
+        can: String,
+        /// Credential file written by `bmsgw sim ticket` (mode 0600).
+        #[arg(long, value_name = "F")]
+        credential: PathBuf,
+        /// Our J1939 source address.
+        #[arg(long, default_value = "0xF5", value_parser = parse_u8)]
+        address: u8,
+        /// How long to wait for a pile's CRM(0x00).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Issue a credential (ticket + session key) for a pile, as the cloud
+    /// would, into a new file with mode 0600.
+    Ticket {
+        #[arg(long, value_name = "F")]
+        root_key_file: PathBuf,
+        #[arg(long, value_name = "N")]
+        key_offset: u16,
+        #[arg(long, value_name = "N")]
+        charger_number: u32,
+        /// Validity from its start.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        valid_for: Duration,
+        /// Start the validity this long before now (to test expiry).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        start_ago: Duration,
+        /// Issue a voucher (offline credential) rather than an online ticket.
+        #[arg(long)]
+        voucher: bool,
+        /// Energy cap in Wh (0 = none).
+        #[arg(long, default_value_t = 0)]
+        energy_cap_wh: u32,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
 }
 
@@ -176,7 +244,21 @@ async fn dispatch(command: Command) -> Result<(), String> {
         }
         #[cfg(feature = "sim")]
         Command::Sim { role } => sim(role).await,
+        Command::Pki {
+            what: PkiCommand::Dev { out },
+        } => pki_dev(&out),
     }
+}
+
+fn pki_dev(out: &std::path::Path) -> Result<(), String> {
+    use bmsgw::auth::{RootKey, SystemRng};
+    std::fs::create_dir_all(out)
+        .map_err(|e| format!("pki dev: cannot create {}: {e}", out.display()))?;
+    let path = out.join("pile-root.key");
+    let key = RootKey::generate(&mut SystemRng);
+    bmsgw::service::keyfile::write_key(&path, key.expose()).map_err(|e| format!("pki dev: {e}"))?;
+    println!("pki dev: wrote {} (mode 0600)", path.display());
+    Ok(())
 }
 
 #[cfg(feature = "sim")]
@@ -228,8 +310,39 @@ async fn sim(role: SimRole) -> Result<(), String> {
             duration,
             address,
             bms_address,
+            require_auth,
+            root_key_file,
+            key_offset,
+            previous_key_offset,
+            skew,
         } => {
+            let auth = match (require_auth, root_key_file, key_offset) {
+                (true, Some(file), Some(offset)) => {
+                    let key = bmsgw::service::keyfile::load_key(&file)
+                        .map_err(|e| format!("sim pile: {e}"))?;
+                    Some(pile::PileAuthSetup {
+                        keys: bmsgw::auth::PileKeys {
+                            root: bmsgw::auth::RootKey::from_bytes(*key),
+                            charger_number,
+                            current_offset: offset,
+                            previous_offset: previous_key_offset,
+                        },
+                        config: bmsgw::auth::PileAuthConfig {
+                            skew: u32::try_from(skew.as_secs()).unwrap_or(u32::MAX),
+                            ..Default::default()
+                        },
+                        replay: bmsgw::auth::MemoryReplayStore::default(),
+                    })
+                }
+                (true, _, _) => {
+                    return Err(
+                        "sim pile: --require-auth needs --root-key-file and --key-offset".into(),
+                    );
+                }
+                (false, _, _) => None,
+            };
             let opts = pile::PileSimOptions {
+                auth,
                 charger_number: bmsgw::gbt27930::ChargerNumber(charger_number),
                 region_code: bmsgw::gbt27930::RegionCode(region_code),
                 max_current,
@@ -249,6 +362,73 @@ async fn sim(role: SimRole) -> Result<(), String> {
                 s.final_soc_percent,
                 s.charging_minutes,
                 f32::from(s.energy_decikwh) / 10.0
+            );
+            Ok(())
+        }
+        SimRole::Vehicle {
+            can,
+            credential,
+            address,
+            wait,
+        } => {
+            use bmsgw::gateway::vehicle_auth::{VehicleAuthOptions, authenticate};
+            let text = bmsgw::service::keyfile::read_secret_text(&credential)
+                .map_err(|e| format!("sim vehicle: {e}"))?;
+            let cred = bmsgw::auth::Credential::from_text(&text)
+                .map_err(|e| format!("sim vehicle: {}: {e}", credential.display()))?;
+            let mut bus = SocketCanBus::open(&can, SocketCanOptions::default())
+                .map_err(|e| format!("sim vehicle: {}", chain(&e)))?;
+            let opts = VehicleAuthOptions {
+                address: Address(address),
+                wait_for_pile: wait,
+                ..Default::default()
+            };
+            let ok = authenticate(&mut bus, cred, opts, ctrl_c())
+                .await
+                .map_err(|e| format!("sim vehicle: {}", chain(&e)))?;
+            println!(
+                "sim vehicle: pile {} (address {}) accepted the credential",
+                ok.charger_number, ok.pile_address
+            );
+            Ok(())
+        }
+        SimRole::Ticket {
+            root_key_file,
+            key_offset,
+            charger_number,
+            valid_for,
+            start_ago,
+            voucher,
+            energy_cap_wh,
+            out,
+        } => {
+            use bmsgw::auth::{Credential, Rng, RootKey, SystemRng};
+            let key = bmsgw::service::keyfile::load_key(&root_key_file)
+                .map_err(|e| format!("sim ticket: {e}"))?;
+            let root = RootKey::from_bytes(*key);
+            let now = pile::unix_now();
+            let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+            let not_before = now.saturating_sub(secs(start_ago));
+            let not_after = not_before.saturating_add(secs(valid_for));
+            let mut pseudonym = [0u8; 16];
+            SystemRng.fill(&mut pseudonym);
+            let cred = Credential::issue(
+                &root,
+                key_offset,
+                charger_number,
+                pseudonym,
+                not_before,
+                not_after,
+                energy_cap_wh,
+                voucher,
+                &mut SystemRng,
+            );
+            bmsgw::service::keyfile::write_secret_text(&out, &cred.to_text())
+                .map_err(|e| format!("sim ticket: {e}"))?;
+            println!(
+                "sim ticket: wrote {} ({} for charger {charger_number}, valid {not_before}..{not_after})",
+                out.display(),
+                if voucher { "voucher" } else { "online ticket" }
             );
             Ok(())
         }

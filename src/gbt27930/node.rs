@@ -31,6 +31,9 @@ pub enum NodeEvent {
     /// The transport was still busy with a previous long message to the
     /// peer; this period's copy was skipped and the next one will go.
     Skipped(MessageKind),
+    /// A message addressed to us (or broadcast) that is not GB/T 27930, from
+    /// any source: what the layer above (vehicle authentication) handles.
+    Other(J1939Message),
 }
 
 /// A role bound to its addresses and a J1939 transport.
@@ -119,13 +122,26 @@ impl<R: Role> Node<R> {
         }
     }
 
+    /// Send a message that is not GB/T (single frame or TP), e.g. an
+    /// authentication message, to `destination`.
+    pub fn send_other(&mut self, msg: J1939Message, now: Timestamp) -> Result<(), TpError> {
+        self.tp.send(msg, now)?;
+        self.process(now);
+        Ok(())
+    }
+
+    pub fn local(&self) -> Address {
+        self.local
+    }
+
     fn deliver(&mut self, m: J1939Message, now: Timestamp) {
+        if MessageKind::from_pgn(m.pgn).is_none() {
+            self.events.push_back(NodeEvent::Other(m));
+            return;
+        }
         // Only the peer speaks GB/T to us; anything else on the bus is not
         // part of this session.
         if m.source != self.peer {
-            return;
-        }
-        if MessageKind::from_pgn(m.pgn).is_none() {
             return;
         }
         match Message::decode(m.pgn, &m.data) {

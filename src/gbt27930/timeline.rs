@@ -102,6 +102,9 @@ impl Timeline {
     fn message_line(&mut self, rel: Duration, m: &J1939Message) -> Option<String> {
         let dir = direction(m.source, m.destination);
         let t = rel.as_secs_f64();
+        if m.pgn.raw() == crate::auth::AUTH_PGN {
+            return Some(format!("{t:>10.3}  {dir:<9} {}", auth_summary(&m.data)));
+        }
         let Some(kind) = MessageKind::from_pgn(m.pgn) else {
             let mut hex = String::new();
             for b in &m.data {
@@ -173,6 +176,55 @@ impl Timeline {
     }
 }
 
+/// One line for a vehicle-authentication message: its type and the clear
+/// parts (the ticket header, the result code). Nothing secret is in clear.
+fn auth_summary(data: &[u8]) -> String {
+    use crate::auth::AuthMessage;
+    match AuthMessage::parse(data) {
+        Ok(AuthMessage::Request { ticket, noise }) => {
+            let le16 = |i: usize| {
+                ticket
+                    .get(i..i + 2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            };
+            let le32 = |i: usize| {
+                ticket
+                    .get(i..i + 4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            };
+            let id: String = ticket
+                .get(8..20)
+                .unwrap_or_default()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!(
+                "AuthRequest len={} ticket(v{} key_offset={} charger={} id={id}) noise={}B",
+                data.len(),
+                ticket.first().copied().unwrap_or(0),
+                le16(2).unwrap_or(0),
+                le32(4).unwrap_or(0),
+                noise.len()
+            )
+        }
+        Ok(AuthMessage::Challenge { noise }) => {
+            format!("AuthChallenge len={} noise={}B", data.len(), noise.len())
+        }
+        Ok(AuthMessage::Confirm { transport }) => {
+            format!("AuthConfirm len={} sealed={}B", data.len(), transport.len())
+        }
+        Ok(AuthMessage::Result { code, transport }) => format!(
+            "AuthResult {code} ({})",
+            if transport.is_some() {
+                "authenticated"
+            } else {
+                "unauthenticated"
+            }
+        ),
+        Err(e) => format!("Auth MALFORMED len={}: {e}", data.len()),
+    }
+}
+
 /// The session phase a message belongs to.
 pub fn phase_of(kind: MessageKind) -> Phase {
     use MessageKind::*;
@@ -191,6 +243,7 @@ fn name(a: Address) -> String {
     match a.0 {
         CHARGER_ADDRESS => "pile".to_string(),
         BMS_ADDRESS => "BMS".to_string(),
+        crate::gateway::vehicle_auth::DEFAULT_VEHICLE_ADDRESS => "GW".to_string(),
         _ => format!("{a}"),
     }
 }

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::driver::{SimError, run_node};
+use super::driver::{OnTick, SimError, run_node};
 use crate::can::CanBus;
 use crate::gbt27930::bms::{BatteryState, Bms, BmsConfig, BmsStopReason};
 use crate::gbt27930::node::Node;
@@ -146,7 +146,7 @@ pub async fn run<B: CanBus>(
         bus,
         &mut node,
         &clock,
-        move |node, now| {
+        &mut OnTick(move |node: &mut Node<Bms>, now| {
             let bms = node.role_mut();
             if bms.phase() == Phase::Charging && battery.charging_since.is_none() {
                 battery.charging_since = Some(now);
@@ -157,7 +157,7 @@ pub async fn run<B: CanBus>(
             if bms.phase() == Phase::Charging && soc >= battery.opts.soc_end {
                 bms.request_stop(BmsStopReason::SocTarget, now);
             }
-        },
+        }),
         shutdown,
     )
     .await?;

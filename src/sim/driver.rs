@@ -21,6 +21,14 @@ pub enum SimError {
     },
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The pile required authentication and no vehicle passed it.
+    #[error("vehicle not authenticated ({}); session {outcome}", .last_rejection.map_or("no AuthRequest received".to_string(), |c| format!("last refusal: {c}")))]
+    Unauthenticated {
+        last_rejection: Option<crate::auth::ResultCode>,
+        outcome: Outcome,
+    },
+    #[error("setup: {0}")]
+    Setup(String),
 }
 
 impl SimError {
@@ -33,15 +41,41 @@ impl SimError {
     }
 }
 
+/// What a simulator adds around its node: a model that moves with time,
+/// and handling for messages the node does not own (authentication).
+pub trait Hooks<R> {
+    /// Before each timer-driven step of the node.
+    fn on_tick(&mut self, _node: &mut Node<R>, _now: Timestamp) {}
+
+    /// For every event the node reports, before the driver logs it.
+    fn on_event(&mut self, _node: &mut Node<R>, _event: &NodeEvent, _now: Timestamp) {}
+
+    /// The earliest time the hooks need a tick of their own.
+    fn poll_timeout(&self) -> Option<Timestamp> {
+        None
+    }
+}
+
+/// No hooks.
+pub struct NoHooks;
+
+impl<R> Hooks<R> for NoHooks {}
+
+/// Hooks that only tick.
+pub struct OnTick<F>(pub F);
+
+impl<R, F: FnMut(&mut Node<R>, Timestamp)> Hooks<R> for OnTick<F> {
+    fn on_tick(&mut self, node: &mut Node<R>, now: Timestamp) {
+        (self.0)(node, now)
+    }
+}
+
 /// Run `node` on `bus` until its session finishes or `shutdown` completes.
-///
-/// `on_tick` runs before each timer-driven step; simulators use it to move
-/// their model (battery charge, stop conditions) forward in time.
 pub async fn run_node<B, R>(
     bus: &mut B,
     node: &mut Node<R>,
     clock: &Clock,
-    mut on_tick: impl FnMut(&mut Node<R>, Timestamp),
+    hooks: &mut impl Hooks<R>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Outcome, SimError>
 where
@@ -58,6 +92,7 @@ where
             }
         }
         while let Some(ev) = node.poll_event() {
+            hooks.on_event(node, &ev, clock.now());
             match ev {
                 NodeEvent::Session(SessionEvent::Finished(outcome)) => return Ok(outcome),
                 NodeEvent::Session(SessionEvent::PhaseChanged(phase)) => info!(%phase, "phase"),
@@ -68,9 +103,20 @@ where
                 }
                 NodeEvent::TransportAborted(ev) => warn!(?ev, "transport aborted"),
                 NodeEvent::Skipped(kind) => debug!(message = %kind, "skipped: transport busy"),
+                NodeEvent::Other(m) => trace!(pgn = %m.pgn, source = %m.source, "non-GB/T message"),
             }
         }
-        let deadline = node.poll_timeout();
+        // Hooks may have queued frames while handling events.
+        if let Some(frame) = node.poll_transmit() {
+            if let Err(e) = bus.send(&frame).await {
+                warn!(error = %e, %frame, "send failed");
+            }
+            continue;
+        }
+        let deadline = [node.poll_timeout(), hooks.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
             biased;
             () = &mut shutdown => {
@@ -83,7 +129,7 @@ where
             },
             () = sleep_until(clock, deadline), if deadline.is_some() => {
                 let now = clock.now();
-                on_tick(node, now);
+                hooks.on_tick(node, now);
                 node.handle_timeout(now);
             }
         }

@@ -1,19 +1,27 @@
 //! The charging pile simulator: the charger role of GB/T 27930, offering a
-//! configurable output, optionally stopping by itself after `duration`.
+//! configurable output, optionally stopping by itself after `duration`, and
+//! optionally requiring vehicle authentication before CRM(0xAA).
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::driver::{SimError, run_node};
+use tracing::{info, warn};
+
+use super::driver::{Hooks, SimError, run_node};
+use crate::auth::{
+    AUTH_PGN, AcceptedTicket, MemoryReplayStore, PileAuth, PileAuthConfig, PileAuthEvent, PileKeys,
+    ReplayCache, ResultCode, SystemRng,
+};
 use crate::can::CanBus;
+use crate::gateway::vehicle_auth::auth_priority;
 use crate::gbt27930::charger::{Charger, ChargerConfig};
-use crate::gbt27930::node::Node;
-use crate::gbt27930::session::{Summary, Timeouts};
+use crate::gbt27930::node::{Node, NodeEvent};
+use crate::gbt27930::session::{Outcome, Summary, Timeouts};
 use crate::gbt27930::units::{Current, DeciVolt};
 use crate::gbt27930::{BMS_ADDRESS, CHARGER_ADDRESS, ChargerNumber, RegionCode};
-use crate::j1939::Address;
-use crate::j1939::tp::TpConfig;
-use crate::time::Clock;
+use crate::j1939::tp::{J1939Message, TpConfig};
+use crate::j1939::{Address, Pgn};
+use crate::time::{Clock, Timestamp};
 
 #[derive(Clone, Debug)]
 pub struct PileSimOptions {
@@ -28,6 +36,8 @@ pub struct PileSimOptions {
     pub address: Address,
     pub bms_address: Address,
     pub timeouts: Timeouts,
+    /// Require vehicle authentication before CRM(0xAA).
+    pub auth: Option<PileAuthSetup>,
 }
 
 impl Default for PileSimOptions {
@@ -41,8 +51,107 @@ impl Default for PileSimOptions {
             address: Address(CHARGER_ADDRESS),
             bms_address: Address(BMS_ADDRESS),
             timeouts: Timeouts::default(),
+            auth: None,
         }
     }
+}
+
+/// What `--require-auth` sets up: the pile's keys, its policy, and where its
+/// replay cache lives (in memory here; it survives a restart of the session
+/// loop as long as the store handle is kept).
+#[derive(Clone)]
+pub struct PileAuthSetup {
+    pub keys: PileKeys,
+    pub config: PileAuthConfig,
+    pub replay: MemoryReplayStore,
+}
+
+impl std::fmt::Debug for PileAuthSetup {
+    /// Never prints the root key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PileAuthSetup")
+            .field("charger_number", &self.keys.charger_number)
+            .field("current_offset", &self.keys.current_offset)
+            .field("previous_offset", &self.keys.previous_offset)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Feeds authentication messages to [`PileAuth`] and releases CRM(0xAA)
+/// when it accepts.
+struct AuthHooks {
+    auth: PileAuth,
+    /// Where the AuthRequest came from: the vehicle side's address.
+    vehicle: Option<Address>,
+    accepted: Option<AcceptedTicket>,
+    last_rejection: Option<ResultCode>,
+}
+
+impl AuthHooks {
+    fn flush(&mut self, node: &mut Node<Charger>, now: Timestamp) {
+        while let Some(data) = self.auth.poll_transmit() {
+            let Some(dst) = self.vehicle else { continue };
+            let msg = J1939Message {
+                priority: auth_priority(),
+                pgn: Pgn::from_const(AUTH_PGN),
+                source: node.local(),
+                destination: dst,
+                data,
+            };
+            if let Err(e) = node.send_other(msg, now) {
+                warn!(error = %e, "cannot send an authentication message");
+            }
+        }
+        while let Some(ev) = self.auth.poll_event() {
+            match ev {
+                PileAuthEvent::Accepted(ticket) => {
+                    info!(
+                        voucher = ticket.voucher,
+                        energy_cap_wh = ticket.energy_cap_wh,
+                        "vehicle authenticated; releasing CRM(0xAA)"
+                    );
+                    self.accepted = Some(ticket);
+                    node.role_mut().release_recognition(now);
+                    node.handle_timeout(now);
+                }
+                PileAuthEvent::Rejected(code) => {
+                    warn!(%code, "vehicle authentication refused");
+                    self.last_rejection = Some(code);
+                }
+            }
+        }
+    }
+}
+
+impl Hooks<Charger> for AuthHooks {
+    fn on_tick(&mut self, node: &mut Node<Charger>, now: Timestamp) {
+        self.auth.handle_timeout(now);
+        self.flush(node, now);
+    }
+
+    fn on_event(&mut self, node: &mut Node<Charger>, event: &NodeEvent, now: Timestamp) {
+        if let NodeEvent::Other(m) = event
+            && m.pgn.raw() == AUTH_PGN
+            && m.destination == node.local()
+        {
+            self.vehicle = Some(m.source);
+            self.auth.handle_message(&m.data, now, unix_now());
+            self.flush(node, now);
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Timestamp> {
+        self.auth.poll_timeout()
+    }
+}
+
+/// Wall-clock seconds for ticket validity (the monotonic clock drives the
+/// protocol's deadlines).
+pub fn unix_now() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0)
 }
 
 /// Play the charger side of one session on `bus`.
@@ -60,6 +169,7 @@ pub async fn run<B: CanBus>(
         max_charging_time: opts.duration,
         time: super::wallclock::now_cts(),
         timeouts: opts.timeouts,
+        hold_recognition: opts.auth.is_some(),
         ..ChargerConfig::default()
     };
     let mut node = Node::new(
@@ -71,6 +181,35 @@ pub async fn run<B: CanBus>(
     let now = clock.now();
     node.role_mut().start(now);
     node.handle_timeout(now);
-    let outcome = run_node(bus, &mut node, &clock, |_, _| {}, shutdown).await?;
-    SimError::check(outcome)
+    let Some(setup) = opts.auth else {
+        let outcome = run_node(
+            bus,
+            &mut node,
+            &clock,
+            &mut super::driver::NoHooks,
+            shutdown,
+        )
+        .await?;
+        return SimError::check(outcome);
+    };
+    let replay = ReplayCache::open(Box::new(setup.replay), setup.config.replay_capacity)
+        .map_err(|e| SimError::Setup(format!("replay cache: {e}")))?;
+    let mut hooks = AuthHooks {
+        auth: PileAuth::new(setup.keys, setup.config, replay, Box::new(SystemRng)),
+        vehicle: None,
+        accepted: None,
+        last_rejection: None,
+    };
+    let outcome = run_node(bus, &mut node, &clock, &mut hooks, shutdown).await?;
+    match (&outcome, &hooks.accepted) {
+        (Outcome::Completed(_), Some(_)) => SimError::check(outcome),
+        (Outcome::Completed(_), None) => Err(SimError::Setup(
+            "session completed without authentication; this is a bug".to_string(),
+        )),
+        (Outcome::Failed { .. }, None) => Err(SimError::Unauthenticated {
+            last_rejection: hooks.last_rejection,
+            outcome,
+        }),
+        (Outcome::Failed { .. }, Some(_)) => SimError::check(outcome),
+    }
 }

@@ -203,9 +203,121 @@ step_decode_capture() {
     done
 }
 
+# Vehicle authentication: dev keys and a credential, as the cloud would issue.
+step_auth_keys() {
+    local pki=$OUT/pki
+    "$BMSGW_BIN" pki dev --out "$pki" || return 1
+    "$BMSGW_BIN" sim ticket --root-key-file "$pki/pile-root.key" --key-offset 3 \
+        --charger-number 12345678 --valid-for 10m --out "$pki/vehicle.credential" || return 1
+    "$BMSGW_BIN" sim ticket --root-key-file "$pki/pile-root.key" --key-offset 3 \
+        --charger-number 12345678 --start-ago 2h --valid-for 1h --out "$pki/expired.credential" || return 1
+    stat -c '%a %n' "$pki"/*
+    [ "$(stat -c %a "$pki/pile-root.key")" = 600 ] || { echo "root key is not 0600" >"$REASON_FILE"; return 1; }
+}
+
+# Starts candump on vcan0 into $1 and waits until it records; sets DUMP_PID.
+start_capture() {
+    candump -L vcan0 >"$1" &
+    DUMP_PID=$!
+    local i
+    for i in $(seq 1 100); do
+        cansend vcan0 7FF#00
+        grep -q ' vcan0 7FF#00' "$1" && return 0
+        sleep 0.1
+    done
+    echo "candump never started" >"$REASON_FILE"
+    return 1
+}
+
+stop_capture() {
+    sleep 0.3
+    kill "$DUMP_PID" 2>/dev/null
+    wait "$DUMP_PID" 2>/dev/null
+}
+
+# Pile requiring authentication, BMS, and the vehicle side: three processes.
+step_auth_session() {
+    local pki=$OUT/pki cap=$OUT/auth-session.log
+    start_capture "$cap" || return 1
+    "$BMSGW_BIN" --log-level info sim pile --can vcan0 --charger-number 12345678 \
+        --require-auth --root-key-file "$pki/pile-root.key" --key-offset 3 >"$OUT/auth-pile.out" 2>&1 &
+    local pile=$!
+    "$BMSGW_BIN" --log-level info sim bms --can vcan0 --soc-start 60 --soc-end 62 \
+        --duration 2s --wait 30s >"$OUT/auth-bms.out" 2>&1 &
+    local bms=$!
+    "$BMSGW_BIN" --log-level info sim vehicle --can vcan0 --credential "$pki/vehicle.credential" \
+        --wait 30s >"$OUT/auth-vehicle.out" 2>&1 &
+    local vehicle=$!
+    local rc_p=0 rc_b=0 rc_v=0
+    wait "$vehicle" || rc_v=$?
+    wait "$pile" || rc_p=$?
+    wait "$bms" || rc_b=$?
+    stop_capture
+    local f
+    for f in pile bms vehicle; do echo "--- $f"; cat "$OUT/auth-$f.out"; done
+    "$BMSGW_BIN" decode --changes "$cap" | tee "$OUT/auth-session.decoded"
+    if [ "$rc_p$rc_b$rc_v" != 000 ]; then
+        echo "exit codes pile=$rc_p bms=$rc_b vehicle=$rc_v: $(tail -n 1 "$OUT/auth-pile.out")" >"$REASON_FILE"
+        return 1
+    fi
+    local want='phases: handshake -> recognition -> configuration -> charging -> stopping -> statistics'
+    grep -qx "$want" "$OUT/auth-session.decoded" || { echo "phases missing in the capture" >"$REASON_FILE"; return 1; }
+    # The authentication messages are on the wire between BRM and CRM(0xAA).
+    grep -q 'AuthRequest' "$OUT/auth-session.decoded" && grep -q 'AuthResult' "$OUT/auth-session.decoded" || {
+        echo "no authentication messages in the capture" >"$REASON_FILE"
+        return 1
+    }
+}
+
+# With no gateway on the bus, a pile requiring authentication refuses: the
+# BMS never gets CRM(0xAA), both simulators fail with a reason.
+step_auth_refused_without_gateway() {
+    local pki=$OUT/pki
+    "$BMSGW_BIN" sim pile --can vcan0 --charger-number 12345678 \
+        --require-auth --root-key-file "$pki/pile-root.key" --key-offset 3 >"$OUT/noauth-pile.out" 2>&1 &
+    local pile=$!
+    "$BMSGW_BIN" sim bms --can vcan0 --wait 30s >"$OUT/noauth-bms.out" 2>&1 &
+    local bms=$!
+    local rc_p=0 rc_b=0
+    wait "$pile" || rc_p=$?
+    wait "$bms" || rc_b=$?
+    cat "$OUT/noauth-pile.out" "$OUT/noauth-bms.out"
+    [ "$rc_p" -ne 0 ] && [ "$rc_b" -ne 0 ] || { echo "expected both to fail: pile=$rc_p bms=$rc_b" >"$REASON_FILE"; return 1; }
+    grep -q 'vehicle not authenticated' "$OUT/noauth-pile.out" || { echo "pile gave no auth reason" >"$REASON_FILE"; return 1; }
+    grep -q 'timed out waiting for CRM' "$OUT/noauth-bms.out" || { echo "BMS did not time out on CRM" >"$REASON_FILE"; return 1; }
+}
+
+# An expired credential is refused with its own code; a loose key file is refused.
+step_auth_expired_and_loose_key() {
+    local pki=$OUT/pki
+    "$BMSGW_BIN" sim pile --can vcan0 --charger-number 12345678 \
+        --require-auth --root-key-file "$pki/pile-root.key" --key-offset 3 >"$OUT/expired-pile.out" 2>&1 &
+    local pile=$!
+    "$BMSGW_BIN" sim bms --can vcan0 --wait 30s >"$OUT/expired-bms.out" 2>&1 &
+    local bms=$!
+    local rc_v=0
+    "$BMSGW_BIN" sim vehicle --can vcan0 --credential "$pki/expired.credential" --wait 30s \
+        >"$OUT/expired-vehicle.out" 2>&1 || rc_v=$?
+    wait "$pile"; wait "$bms"
+    cat "$OUT/expired-vehicle.out" "$OUT/expired-pile.out"
+    [ "$rc_v" -ne 0 ] && grep -q 'Expired' "$OUT/expired-vehicle.out" || {
+        echo "expired credential not refused as Expired (exit $rc_v)" >"$REASON_FILE"
+        return 1
+    }
+    cp "$pki/pile-root.key" "$OUT/loose.key" && chmod 644 "$OUT/loose.key"
+    local out rc=0
+    out=$("$BMSGW_BIN" sim pile --can vcan0 --require-auth --root-key-file "$OUT/loose.key" --key-offset 3 2>&1) || rc=$?
+    echo "$out"
+    [ "$rc" -ne 0 ] && echo "$out" | grep -q 'chmod 600' || { echo "loose key file was not refused" >"$REASON_FILE"; return 1; }
+}
+
 step sim-session step_sim_session
 step decode-capture step_decode_capture
 BMSGW_VCAN=vcan0 BMSGW_LANE_TMP=$OUT step j1939-interop step_cargo_tests j1939 "$BMSGW_TEST_VCAN_J1939"
+step auth-keys step_auth_keys
+step auth-session step_auth_session
+step auth-refused-without-gateway step_auth_refused_without_gateway
+step auth-expired-and-loose-key step_auth_expired_and_loose_key
 
 touch "$OUT/DONE"
 echo "BMSGW_GUEST_DONE"
