@@ -379,6 +379,18 @@ mod tests {
     }
 
     #[test]
+    fn key_holders_zeroize_on_drop() {
+        fn zeroizes_on_drop<T: ZeroizeOnDrop>() {}
+        zeroizes_on_drop::<X25519>();
+        zeroizes_on_drop::<ChaChaPoly>();
+        zeroizes_on_drop::<Sha256>();
+        let mut c = ChaChaPoly::default();
+        c.set(&[1; 32]);
+        c.rekey();
+        assert_ne!(c.key, [1; 32]);
+    }
+
+    #[test]
     fn low_order_peer_key_is_refused() {
         let mut x = X25519::default();
         x.set(&[9u8; 32]);
