@@ -444,7 +444,7 @@ impl PileAuth {
     }
 
     fn record(&mut self, e: PileAuthError) {
-        tracing::debug!(error = %e, state = self.state.name(), "pile auth");
+        tracing::debug!(error = %e, "pile auth");
         self.last_error = Some(e);
     }
 }
