@@ -1,7 +1,6 @@
 //! bmsgw: the vehicle gateway for GB/T 27930 charging.
 //!
 //! Layers, one folder per concept (see `ARCHITECTURE.md`):
-//! - [`auth`]: vehicle authentication at the pile: ticket, handshake, vouchers (sans-IO);
 //! - [`can`]: frames, the async bus trait and its backends;
 //! - [`j1939`]: identifier codec and transport protocol (sans-IO);
 //! - [`gbt27930`]: message codecs and the charger and BMS state machines (sans-IO);

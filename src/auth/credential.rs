@@ -180,9 +180,8 @@ impl Fields {
                 put(&mut self.ticket, t, line, "ticket")
             }
             "session_key" => {
-                let k = Zeroizing::new(
-                    from_hex::<32>(value).ok_or(bad("session_key", EXPECT_SESSION_KEY))?,
-                );
+                let mut k = Zeroizing::new([0u8; 32]);
+                from_hex_into(value, &mut k[..]).ok_or(bad("session_key", EXPECT_SESSION_KEY))?;
                 put(
                     &mut self.session_key,
                     SessionKey::from_bytes(*k),
@@ -308,6 +307,14 @@ pub(crate) fn to_hex(bytes: &[u8]) -> String {
 
 /// Exactly `N` bytes of hex, either case.
 pub(crate) fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    from_hex_into(s, &mut out)?;
+    Some(out)
+}
+
+/// Fill all of `out` from hex, either case; `None` unless `s` has exactly
+/// that length. Decodes in place, so a secret needs no intermediate copy.
+pub(crate) fn from_hex_into(s: &str, out: &mut [u8]) -> Option<()> {
     fn nibble(c: u8) -> Option<u8> {
         match c {
             b'0'..=b'9' => Some(c - b'0'),
@@ -317,15 +324,14 @@ pub(crate) fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
         }
     }
     let digits = s.as_bytes();
-    if digits.len() != 2 * N {
+    if digits.len() != 2 * out.len() {
         return None;
     }
-    let mut out = [0u8; N];
     for (o, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
         let [hi, lo] = pair else { return None };
         *o = nibble(*hi)? << 4 | nibble(*lo)?;
     }
-    Some(out)
+    Some(())
 }
 
 /// Why a wallet refused or failed.

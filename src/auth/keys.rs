@@ -96,6 +96,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_zeroize_on_drop() {
+        fn zeroizes_on_drop<T: ZeroizeOnDrop>() {}
+        zeroizes_on_drop::<RootKey>();
+        zeroizes_on_drop::<SessionKey>();
+        zeroizes_on_drop::<TicketKey>();
+        let mut k = SessionKey::from_bytes([7; 32]);
+        k.zeroize();
+        assert_eq!(k.expose(), &[0; 32]);
+    }
+
+    #[test]
     fn debug_never_shows_key_bytes() {
         let keys = PileKeys {
             root: RootKey::from_bytes([0xab; 32]),

@@ -28,11 +28,11 @@ pub const CONFIRM_TRANSPORT_LEN: usize = 45;
 pub const RESULT_TRANSPORT_LEN: usize = 17;
 
 /// Encoded sizes, type byte included.
-pub const REQUEST_LEN: usize = 1 + TICKET_LEN + NOISE_MSG1_LEN;
-pub const CHALLENGE_LEN: usize = 1 + NOISE_MSG2_LEN;
-pub const CONFIRM_LEN: usize = 1 + CONFIRM_TRANSPORT_LEN;
-pub const RESULT_PLAIN_LEN: usize = 2;
-pub const RESULT_SEALED_LEN: usize = 2 + RESULT_TRANSPORT_LEN;
+pub const AUTH_REQUEST_LEN: usize = 1 + TICKET_LEN + NOISE_MSG1_LEN;
+pub const AUTH_CHALLENGE_LEN: usize = 1 + NOISE_MSG2_LEN;
+pub const AUTH_CONFIRM_LEN: usize = 1 + CONFIRM_TRANSPORT_LEN;
+pub const AUTH_RESULT_PLAIN_LEN: usize = 2;
+pub const AUTH_RESULT_SEALED_LEN: usize = 2 + RESULT_TRANSPORT_LEN;
 
 /// The outcome of an authentication attempt, as the pile reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -246,7 +246,7 @@ impl AuthMessage {
         };
         match message {
             MessageType::Request => {
-                if data.len() != REQUEST_LEN {
+                if data.len() != AUTH_REQUEST_LEN {
                     // A later ticket version may change the length (up to
                     // 160 bytes); report the version rather than the length.
                     return Err(match body.first() {
@@ -309,14 +309,14 @@ mod tests {
 
     #[test]
     fn sizes_match_the_spec_table() {
-        assert_eq!(REQUEST_LEN, 150);
-        assert_eq!(CHALLENGE_LEN, 65);
-        assert_eq!(CONFIRM_LEN, 46);
-        assert_eq!((RESULT_PLAIN_LEN, RESULT_SEALED_LEN), (2, 19));
+        assert_eq!(AUTH_REQUEST_LEN, 150);
+        assert_eq!(AUTH_CHALLENGE_LEN, 65);
+        assert_eq!(AUTH_CONFIRM_LEN, 46);
+        assert_eq!((AUTH_RESULT_PLAIN_LEN, AUTH_RESULT_SEALED_LEN), (2, 19));
         // J1939 TP packets carry 7 bytes each.
-        assert_eq!(REQUEST_LEN.div_ceil(7), 22);
-        assert_eq!(CHALLENGE_LEN.div_ceil(7), 10);
-        assert_eq!(CONFIRM_LEN.div_ceil(7), 7);
+        assert_eq!(AUTH_REQUEST_LEN.div_ceil(7), 22);
+        assert_eq!(AUTH_CHALLENGE_LEN.div_ceil(7), 10);
+        assert_eq!(AUTH_CONFIRM_LEN.div_ceil(7), 7);
     }
 
     #[test]
@@ -426,11 +426,11 @@ mod tests {
         fn encode_parse_round_trip(msg in arb_message()) {
             let bytes = msg.encode();
             let expected_len = match &msg {
-                AuthMessage::Request { .. } => REQUEST_LEN,
-                AuthMessage::Challenge { .. } => CHALLENGE_LEN,
-                AuthMessage::Confirm { .. } => CONFIRM_LEN,
-                AuthMessage::Result { transport: None, .. } => RESULT_PLAIN_LEN,
-                AuthMessage::Result { transport: Some(_), .. } => RESULT_SEALED_LEN,
+                AuthMessage::Request { .. } => AUTH_REQUEST_LEN,
+                AuthMessage::Challenge { .. } => AUTH_CHALLENGE_LEN,
+                AuthMessage::Confirm { .. } => AUTH_CONFIRM_LEN,
+                AuthMessage::Result { transport: None, .. } => AUTH_RESULT_PLAIN_LEN,
+                AuthMessage::Result { transport: Some(_), .. } => AUTH_RESULT_SEALED_LEN,
             };
             prop_assert_eq!(bytes.len(), expected_len);
             prop_assert_eq!(AuthMessage::parse(&bytes), Ok(msg));

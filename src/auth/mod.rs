@@ -11,7 +11,7 @@
 //!
 //! Everything here is sans-IO: time, randomness ([`rng`]) and storage come in
 //! through arguments and traits. Secrets zeroize on drop, including inside
-//! the Noise handshake, which runs on this module's own [`resolver`] (its
+//! the Noise handshake, which runs on this module's own `resolver` (its
 //! docs list what snow still leaves behind).
 
 pub mod credential;

@@ -18,13 +18,15 @@
 //!
 //! **Still not zeroized** (snow owns the memory and offers no hook):
 //! `SymmetricState`'s chaining key `ck` and hash `h` (dropped when the
-//! handshake turns into transport mode), snow's stack temporaries in
+//! handshake turns into transport mode) and the checkpoint copies snow takes
+//! of them around every handshake message; snow's stack temporaries in
 //! `mix_key`/`split` (HKDF outputs, cipher keys copied on the way to
-//! `Cipher::set`), its DH output array, and the copy of the PSK inside
-//! `HandshakeState` — the handshake code overwrites that copy with zeros as
-//! soon as message 1 has consumed it (see `handshake.rs`). Stack temporaries
+//! `Cipher::set`), its DH output array and the PSK array `Builder::build`
+//! copies; and the PSK slot inside `HandshakeState`, which `handshake/mod.rs`
+//! overwrites with zeros as soon as message 1 has used it. Stack temporaries
 //! inside curve25519-dalek and the SHA-256 compression function are not
-//! cleared either.
+//! cleared either, nor (anywhere in Rust) the copies the compiler may leave
+//! when a key is moved.
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
@@ -376,6 +378,18 @@ mod tests {
                 tr.rekey_incoming();
             }
         }
+    }
+
+    #[test]
+    fn key_holders_zeroize_on_drop() {
+        fn zeroizes_on_drop<T: ZeroizeOnDrop>() {}
+        zeroizes_on_drop::<X25519>();
+        zeroizes_on_drop::<ChaChaPoly>();
+        zeroizes_on_drop::<Sha256>();
+        let mut c = ChaChaPoly::default();
+        c.set(&[1; 32]);
+        c.rekey();
+        assert_ne!(c.key, [1; 32]);
     }
 
     #[test]

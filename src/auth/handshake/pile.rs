@@ -394,13 +394,12 @@ impl PileAuth {
             ticket_bytes,
             &mut *self.rng,
         );
-        if handshake
-            .read_message(noise, &mut [0u8; NOISE_MSG1_LEN])
-            .is_err()
-        {
+        let read = handshake.read_message(noise, &mut [0u8; NOISE_MSG1_LEN]);
+        // Message 1 has used the PSK, whether or not it verified.
+        scrub_psk(&mut handshake);
+        if read.is_err() {
             return self.reject_plain(ResultCode::HandshakeFailed);
         }
-        scrub_psk(&mut handshake);
         let mut challenge = Zeroizing::new([0u8; CHALLENGE_LEN]);
         self.rng.fill(&mut challenge[..]);
         let mut msg2 = [0u8; NOISE_MSG2_LEN];
@@ -445,7 +444,7 @@ impl PileAuth {
     }
 
     fn record(&mut self, e: PileAuthError) {
-        tracing::debug!(error = %e, state = self.state.name(), "pile auth");
+        tracing::debug!(error = %e, "pile auth");
         self.last_error = Some(e);
     }
 }

@@ -958,6 +958,29 @@ fn golden_vectors() {
     assert_eq!(got, VECTORS.map(String::from));
 }
 
+/// docs/protocol.md §4.7 prints the same vectors.
+#[test]
+fn golden_vectors_are_the_ones_in_the_spec() {
+    let spec = include_str!("../../../docs/protocol.md");
+    let section = spec
+        .split_once("### 4.7 Test vectors")
+        .expect("protocol.md has section 4.7")
+        .1;
+    // Code blocks, their lines joined.
+    let blocks: Vec<String> = section
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|b| b.lines().map(str::trim).collect())
+        .collect();
+    for vector in VECTORS {
+        assert!(
+            blocks.iter().any(|b| b == vector),
+            "{vector} is not in §4.7"
+        );
+    }
+}
+
 /// The Noise messages of the vectors are plain Noise: snow's own default
 /// resolver, given the same ephemeral keys, writes the same bytes.
 #[test]

@@ -390,7 +390,7 @@ impl VehicleAuth {
     }
 
     fn record(&mut self, e: VehicleAuthError) {
-        tracing::debug!(error = %e, state = self.state.name(), "vehicle auth");
+        tracing::debug!(error = %e, "vehicle auth");
         self.last_error = Some(e);
     }
 }
