@@ -406,7 +406,7 @@ async fn sim(role: SimRole) -> Result<(), String> {
             let key = bmsgw::service::keyfile::load_key(&root_key_file)
                 .map_err(|e| format!("sim ticket: {e}"))?;
             let root = RootKey::from_bytes(*key);
-            let now = pile::unix_now();
+            let now = bmsgw::time::unix_now();
             let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
             let not_before = now.saturating_sub(secs(start_ago));
             let not_after = not_before.saturating_add(secs(valid_for));

@@ -75,6 +75,25 @@ impl Clock {
     pub fn instant_at(&self, t: Timestamp) -> tokio::time::Instant {
         self.origin + Duration::from_micros(t.as_micros())
     }
+
+    /// Sleep until `deadline`; with no deadline, never wake. For a
+    /// `select!` branch next to the bus and a shutdown signal.
+    pub async fn sleep_until(&self, deadline: Option<Timestamp>) {
+        match deadline {
+            Some(t) => tokio::time::sleep_until(self.instant_at(t)).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Wall-clock Unix seconds, for credential validity. The protocol's
+/// deadlines run on the monotonic [`Clock`]; only validity windows, which
+/// the cloud sets in calendar time, need this.
+pub fn unix_now() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0)
 }
 
 impl Default for Clock {

@@ -16,7 +16,8 @@ use bmsgw::gbt27930::ChargerNumber;
 use bmsgw::gbt27930::session::{FailureReason, Outcome, Phase};
 use bmsgw::sim::SimError;
 use bmsgw::sim::bms::{self, BmsSimOptions};
-use bmsgw::sim::pile::{self, PileAuthSetup, PileSimOptions, unix_now};
+use bmsgw::sim::pile::{self, PileAuthSetup, PileSimOptions};
+use bmsgw::time::unix_now;
 
 const CHARGER: u32 = 20_261_121;
 const OFFSET: u16 = 7;

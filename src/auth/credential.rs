@@ -296,13 +296,7 @@ pub enum CredentialError {
 
 /// Lower-case hex.
 pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
+    hex::encode(bytes)
 }
 
 /// Exactly `N` bytes of hex, either case.
@@ -315,23 +309,7 @@ pub(crate) fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
 /// Fill all of `out` from hex, either case; `None` unless `s` has exactly
 /// that length. Decodes in place, so a secret needs no intermediate copy.
 pub(crate) fn from_hex_into(s: &str, out: &mut [u8]) -> Option<()> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
-    let digits = s.as_bytes();
-    if digits.len() != 2 * out.len() {
-        return None;
-    }
-    for (o, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
-        let [hi, lo] = pair else { return None };
-        *o = nibble(*hi)? << 4 | nibble(*lo)?;
-    }
-    Some(())
+    hex::decode_to_slice(s, out).ok()
 }
 
 /// Why a wallet refused or failed.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
+use crate::auth::messages::AUTH_PRIORITY;
 use crate::auth::{
     AUTH_PGN, Credential, ResultCode, SystemRng, VehicleAuth, VehicleAuthConfig, VehicleAuthEvent,
 };
@@ -18,7 +19,7 @@ use crate::can::{BusError, BusEvent, CanBus, CanFrame};
 use crate::gbt27930::{Message, MessageKind, Recognition};
 use crate::j1939::tp::{J1939Message, TpConfig, TpEvent, Transport};
 use crate::j1939::{Address, J1939Id, Pgn, Priority};
-use crate::time::{Clock, Timestamp};
+use crate::time::Clock;
 
 /// The vehicle side's default J1939 address, next to the BMS's 0xF4.
 pub const DEFAULT_VEHICLE_ADDRESS: u8 = 0xF5;
@@ -173,7 +174,7 @@ pub async fn authenticate<B: CanBus>(
                     tp.handle_frame(&frame, now);
                 }
             }
-            () = sleep_until(&clock, deadline) => {
+            () = clock.sleep_until(deadline) => {
                 let now = clock.now();
                 if pile.is_none() && now >= give_up {
                     return Err(VehicleAuthError::NoPile(opts.wait_for_pile));
@@ -203,14 +204,8 @@ fn auth_pgn() -> Pgn {
     Pgn::from_const(AUTH_PGN)
 }
 
-/// Authentication messages go at priority 6 (their TP frames at 7).
+/// The priority of authentication messages (§4.4); their TP frames use the
+/// transport's own priority.
 pub fn auth_priority() -> Priority {
-    Priority::new(6).expect("6 is a valid priority")
-}
-
-async fn sleep_until(clock: &Clock, deadline: Option<Timestamp>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(clock.instant_at(t)).await,
-        None => std::future::pending().await,
-    }
+    Priority::new(AUTH_PRIORITY).expect("AUTH_PRIORITY is a constant within 0..=7")
 }

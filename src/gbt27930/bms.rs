@@ -224,14 +224,14 @@ impl Bms {
         if cst_seen {
             self.core.deadline = None;
         } else {
-            self.core.expect(MessageKind::Cst, now);
+            self.core.wait_for(MessageKind::Cst, now);
         }
     }
 
     fn enter_statistics(&mut self, now: Timestamp) {
         self.state = State::Statistics;
         self.core.enter(Phase::Statistics, &[MessageKind::Bsd], now);
-        self.core.expect(MessageKind::Csd, now);
+        self.core.wait_for(MessageKind::Csd, now);
     }
 
     fn build(&self, kind: MessageKind) -> Option<Message> {
@@ -352,7 +352,7 @@ impl Role for Bms {
         self.state = match (self.state, msg) {
             (State::Idle, Message::Chm(_)) => {
                 self.core.enter(Phase::Handshake, &[MessageKind::Bhm], now);
-                self.core.expect(MessageKind::Crm, now);
+                self.core.wait_for(MessageKind::Crm, now);
                 State::Handshake
             }
             // A 2011-edition charger skips CHM and starts with CRM(0x00).
@@ -362,7 +362,7 @@ impl Role for Bms {
                 self.charger = Some((crm.charger_number, crm.region_code));
                 self.core
                     .enter(Phase::Recognition, &[MessageKind::Brm], now);
-                self.core.expect(MessageKind::Crm, now);
+                self.core.wait_for(MessageKind::Crm, now);
                 State::Recognition
             }
             (State::Recognition, Message::Crm(crm))
@@ -371,7 +371,7 @@ impl Role for Bms {
                 self.charger = Some((crm.charger_number, crm.region_code));
                 self.core
                     .enter(Phase::Configuration, &[MessageKind::Bcp], now);
-                self.core.expect(MessageKind::Cml, now);
+                self.core.wait_for(MessageKind::Cml, now);
                 State::Configuration { cml_seen: false }
             }
             (State::Configuration { cml_seen: false }, Message::Cml(cml)) => {
@@ -387,7 +387,7 @@ impl Role for Bms {
                     );
                 }
                 self.core.schedule.set(&[MessageKind::Bro], now);
-                self.core.expect(MessageKind::Cro, now);
+                self.core.wait_for(MessageKind::Cro, now);
                 State::Configuration { cml_seen: true }
             }
             (State::Configuration { cml_seen: true }, Message::Cro(cro))
@@ -398,11 +398,11 @@ impl Role for Bms {
                     kinds.extend([MessageKind::Bmv, MessageKind::Bmt]);
                 }
                 self.core.enter(Phase::Charging, &kinds, now);
-                self.core.expect(MessageKind::Ccs, now);
+                self.core.wait_for(MessageKind::Ccs, now);
                 State::Charging
             }
             (State::Charging, Message::Ccs(_)) => {
-                self.core.expect(MessageKind::Ccs, now);
+                self.core.wait_for(MessageKind::Ccs, now);
                 State::Charging
             }
             (State::Charging, Message::Cst(_)) => {
@@ -465,25 +465,28 @@ impl Role for Bms {
         if let Some(kind) = self.core.expired(now) {
             self.on_timeout_expired(kind, now);
         }
-        for kind in self.core.schedule.due(now) {
-            if let Some(msg) = self.build(kind) {
-                self.out.push_back(msg);
+        // Entering statistics schedules BSD for `now`; the outer loop sends
+        // it at once rather than at the next wake-up.
+        'schedule: loop {
+            let due = self.core.schedule.due(now);
+            if due.is_empty() {
+                break;
             }
-            if kind == MessageKind::Bst
-                && let State::Stopping {
-                    cst_seen: true,
-                    bst_left,
-                } = &mut self.state
-            {
-                *bst_left = bst_left.saturating_sub(1);
-                if *bst_left == 0 {
-                    self.enter_statistics(now);
-                    // BSD goes out at once.
-                    if let Some(msg) = self.build(MessageKind::Bsd) {
-                        self.out.push_back(msg);
+            for kind in due {
+                if let Some(msg) = self.build(kind) {
+                    self.out.push_back(msg);
+                }
+                if kind == MessageKind::Bst
+                    && let State::Stopping {
+                        cst_seen: true,
+                        bst_left,
+                    } = &mut self.state
+                {
+                    *bst_left = bst_left.saturating_sub(1);
+                    if *bst_left == 0 {
+                        self.enter_statistics(now);
+                        continue 'schedule;
                     }
-                    let _ = self.core.schedule.due(now);
-                    break;
                 }
             }
         }

@@ -147,7 +147,7 @@ impl Charger {
         }
         self.started = true;
         self.core.enter(Phase::Handshake, &[MessageKind::Chm], now);
-        self.core.expect(MessageKind::Bhm, now);
+        self.core.wait_for(MessageKind::Bhm, now);
     }
 
     /// Allow CRM(0xAA) once the BMS has been identified (see `hold_recognition`).
@@ -156,7 +156,7 @@ impl Charger {
         if let State::Recognition { identified: true } = self.state {
             // Send CRM(0xAA) at once rather than at the next 250 ms tick.
             self.core.schedule.set(&[MessageKind::Crm], now);
-            self.core.expect(MessageKind::Bcp, now);
+            self.core.wait_for(MessageKind::Bcp, now);
         }
     }
 
@@ -175,7 +175,7 @@ impl Charger {
             ChargerStopReason::Manual => self.stop.manual_stop = Bits2::SET,
             ChargerStopReason::Fault => self.stop.fault_stop = Bits2::SET,
         }
-        self.enter_stopping(false, now);
+        self.state = self.stopping(false, now);
     }
 
     pub fn config(&self) -> &ChargerConfig {
@@ -191,12 +191,12 @@ impl Charger {
         matches!(self.state, State::Recognition { identified: true }) && self.recognition_allowed()
     }
 
-    fn enter_stopping(&mut self, bst_seen: bool, now: Timestamp) {
+    /// Leave charging: the output goes off, CST starts. Returns the new state.
+    fn stopping(&mut self, bst_seen: bool, now: Timestamp) -> State {
         self.accumulate_energy(now);
         self.last_ccs_at = None;
-        self.state = State::Stopping { bst_seen };
         self.core.enter(Phase::Stopping, &[MessageKind::Cst], now);
-        self.core.expect(
+        self.core.wait_for(
             if bst_seen {
                 MessageKind::Bsd
             } else {
@@ -204,6 +204,7 @@ impl Charger {
             },
             now,
         );
+        State::Stopping { bst_seen }
     }
 
     fn output(&self) -> (DeciVolt, Current) {
@@ -344,7 +345,7 @@ impl Role for Charger {
             (State::Handshake, Message::Bhm(_)) => {
                 self.core
                     .enter(Phase::Recognition, &[MessageKind::Crm], now);
-                self.core.expect(MessageKind::Brm, now);
+                self.core.wait_for(MessageKind::Brm, now);
                 State::Recognition { identified: false }
             }
             (State::Recognition { identified: false }, Message::Brm(brm)) => {
@@ -355,7 +356,7 @@ impl Role for Charger {
                 } else {
                     // Answer with CRM(0xAA) at once.
                     self.core.schedule.set(&[MessageKind::Crm], now);
-                    self.core.expect(MessageKind::Bcp, now);
+                    self.core.wait_for(MessageKind::Bcp, now);
                 }
                 State::Recognition { identified: true }
             }
@@ -374,14 +375,14 @@ impl Role for Charger {
                         &[MessageKind::Cts, MessageKind::Cml],
                         now,
                     );
-                    self.core.expect(MessageKind::Bro, now);
+                    self.core.wait_for(MessageKind::Bro, now);
                     State::Configuration { bms_ready: false }
                 }
             }
             (State::Configuration { bms_ready: false }, Message::Bro(bro)) => {
                 if bro.ready == Readiness::Ready {
                     self.core.schedule.set(&[MessageKind::Cro], now);
-                    self.core.expect(MessageKind::Bcl, now);
+                    self.core.wait_for(MessageKind::Bcl, now);
                     State::Configuration { bms_ready: true }
                 } else {
                     State::Configuration { bms_ready: false }
@@ -392,7 +393,7 @@ impl Role for Charger {
                 self.charging_since = Some(now);
                 self.last_ccs_at = Some(now);
                 self.core.enter(Phase::Charging, &[MessageKind::Ccs], now);
-                self.core.expect(MessageKind::Bcl, now);
+                self.core.wait_for(MessageKind::Bcl, now);
                 State::Charging {
                     started: now,
                     bcs_by: now + self.config.timeouts.for_kind(MessageKind::Bcs),
@@ -401,7 +402,7 @@ impl Role for Charger {
             (State::Charging { started, bcs_by }, Message::Bcl(bcl)) => {
                 self.accumulate_energy(now);
                 self.demand = Some(bcl);
-                self.core.expect(MessageKind::Bcl, now);
+                self.core.wait_for(MessageKind::Bcl, now);
                 State::Charging { started, bcs_by }
             }
             (State::Charging { started, .. }, Message::Bcs(bcs)) => {
@@ -413,11 +414,10 @@ impl Role for Charger {
             }
             (State::Charging { .. }, Message::Bst(_)) => {
                 self.stop.bms_stopped = Bits2::SET;
-                self.enter_stopping(true, now);
-                std::mem::replace(&mut self.state, State::Ended)
+                self.stopping(true, now)
             }
             (State::Stopping { bst_seen: false }, Message::Bst(_)) => {
-                self.core.expect(MessageKind::Bsd, now);
+                self.core.wait_for(MessageKind::Bsd, now);
                 State::Stopping { bst_seen: true }
             }
             (State::Stopping { .. }, Message::Bsd(bsd)) => {

@@ -292,7 +292,7 @@ impl RoleCore {
     }
 
     /// Wait for `kind` with the standard's timeout.
-    pub fn expect(&mut self, kind: MessageKind, now: Timestamp) {
+    pub fn wait_for(&mut self, kind: MessageKind, now: Timestamp) {
         self.deadline = Some(Deadline::new(kind, now, &self.timeouts));
     }
 

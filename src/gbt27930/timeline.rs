@@ -5,7 +5,6 @@
 //! are reassembled whichever direction they travel.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
@@ -106,14 +105,11 @@ impl Timeline {
             return Some(format!("{t:>10.3}  {dir:<9} {}", auth_summary(&m.data)));
         }
         let Some(kind) = MessageKind::from_pgn(m.pgn) else {
-            let mut hex = String::new();
-            for b in &m.data {
-                let _ = write!(hex, "{b:02X}");
-            }
             return Some(format!(
-                "{t:>10.3}  {dir:<9} PGN {} len={} data={hex}",
+                "{t:>10.3}  {dir:<9} PGN {} len={} data={}",
                 m.pgn,
-                m.data.len()
+                m.data.len(),
+                hex::encode_upper(&m.data)
             ));
         };
         *self.counts.entry(kind).or_default() += 1;
@@ -182,28 +178,19 @@ fn auth_summary(data: &[u8]) -> String {
     use crate::auth::AuthMessage;
     match AuthMessage::parse(data) {
         Ok(AuthMessage::Request { ticket, noise }) => {
-            let le16 = |i: usize| {
-                ticket
-                    .get(i..i + 2)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            let header = match crate::auth::TicketHeader::parse(&ticket) {
+                Ok(h) => format!(
+                    "v{} key_offset={} charger={} id={}",
+                    crate::auth::ticket::TICKET_VERSION,
+                    h.key_offset,
+                    h.charger_number,
+                    hex::encode(h.ticket_id)
+                ),
+                Err(code) => format!("header refused: {code}"),
             };
-            let le32 = |i: usize| {
-                ticket
-                    .get(i..i + 4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            };
-            let id: String = ticket
-                .get(8..20)
-                .unwrap_or_default()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
             format!(
-                "AuthRequest len={} ticket(v{} key_offset={} charger={} id={id}) noise={}B",
+                "AuthRequest len={} ticket({header}) noise={}B",
                 data.len(),
-                ticket.first().copied().unwrap_or(0),
-                le16(2).unwrap_or(0),
-                le32(4).unwrap_or(0),
                 noise.len()
             )
         }

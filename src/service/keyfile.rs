@@ -60,7 +60,7 @@ pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyFileError> {
 
 /// Write a 32-byte secret to a new file `path` as hex, mode 0600.
 pub fn write_key(path: &Path, key: &[u8; 32]) -> Result<(), KeyFileError> {
-    write_secret_text(path, &Zeroizing::new(format!("{}\n", hex(key))))
+    write_secret_text(path, &Zeroizing::new(format!("{}\n", hex::encode(key))))
 }
 
 /// Write secret text (a credential, a key) to a new file with mode 0600.
@@ -121,13 +121,7 @@ fn parse_key(raw: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
         return Some(key);
     }
     let text = std::str::from_utf8(raw).ok()?.trim();
-    if text.len() != 64 {
-        return None;
-    }
-    for (i, out) in key.iter_mut().enumerate() {
-        let pair = text.get(2 * i..2 * i + 2)?;
-        *out = u8::from_str_radix(pair, 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut key[..]).ok()?;
     Some(key)
 }
 
@@ -147,10 +141,6 @@ fn describe(raw: &[u8]) -> String {
         }
         Err(_) => format!("{} bytes of binary data", raw.len()),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -127,17 +127,11 @@ where
                 BusEvent::Error(e) => warn!(error = ?e, "CAN error frame"),
                 BusEvent::Link(state) => warn!(?state, "CAN link state changed"),
             },
-            () = sleep_until(clock, deadline), if deadline.is_some() => {
+            () = clock.sleep_until(deadline) => {
                 let now = clock.now();
                 hooks.on_tick(node, now);
                 node.handle_timeout(now);
             }
         }
-    }
-}
-
-async fn sleep_until(clock: &Clock, deadline: Option<Timestamp>) {
-    if let Some(t) = deadline {
-        tokio::time::sleep_until(clock.instant_at(t)).await;
     }
 }

@@ -3,7 +3,7 @@
 //! optionally requiring vehicle authentication before CRM(0xAA).
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -21,7 +21,7 @@ use crate::gbt27930::units::{Current, DeciVolt};
 use crate::gbt27930::{BMS_ADDRESS, CHARGER_ADDRESS, ChargerNumber, RegionCode};
 use crate::j1939::tp::{J1939Message, TpConfig};
 use crate::j1939::{Address, Pgn};
-use crate::time::{Clock, Timestamp};
+use crate::time::{Clock, Timestamp, unix_now};
 
 #[derive(Clone, Debug)]
 pub struct PileSimOptions {
@@ -143,15 +143,6 @@ impl Hooks<Charger> for AuthHooks {
     fn poll_timeout(&self) -> Option<Timestamp> {
         self.auth.poll_timeout()
     }
-}
-
-/// Wall-clock seconds for ticket validity (the monotonic clock drives the
-/// protocol's deadlines).
-pub fn unix_now() -> u32 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
-        .unwrap_or(0)
 }
 
 /// Play the charger side of one session on `bus`.

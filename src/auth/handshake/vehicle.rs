@@ -157,16 +157,7 @@ impl AwaitChallenge {
             }
             AuthMessage::Result { code, .. } => {
                 // No keys exist yet, so no result can be authenticated here.
-                // An "accepted" without proof is an attack: report it. A
-                // rejection is believed, since its worst case (ending the
-                // attempt) is what anyone on the bus could cause anyway.
-                if code == ResultCode::Accepted {
-                    out.error = Some(VehicleAuthError::UnauthenticatedAccept);
-                    out.event = Some(VehicleAuthEvent::FakePile);
-                } else {
-                    out.event = Some(VehicleAuthEvent::Rejected(code));
-                }
-                State::Failed
+                plain_result(code, out)
             }
             other => {
                 out.error = Some(VehicleAuthError::Unexpected {
@@ -213,15 +204,7 @@ impl AwaitResult {
             } => {
                 // A pile in transport mode authenticates its result; a plain
                 // one was injected or comes from a non-conforming pile.
-                // "Accepted" must never be taken on trust; a rejection is
-                // reported as such (see AwaitChallenge).
-                if code == ResultCode::Accepted {
-                    out.error = Some(VehicleAuthError::UnauthenticatedAccept);
-                    out.event = Some(VehicleAuthEvent::FakePile);
-                } else {
-                    out.event = Some(VehicleAuthEvent::Rejected(code));
-                }
-                State::Failed
+                plain_result(code, out)
             }
             other => {
                 out.error = Some(VehicleAuthError::Unexpected {
@@ -232,6 +215,20 @@ impl AwaitResult {
             }
         }
     }
+}
+
+/// An AuthResult without its transport part. An "accepted" without proof is
+/// an attack and is reported as one. A rejection is believed, since its
+/// worst case (ending the attempt) is what anyone on the bus could cause
+/// anyway.
+fn plain_result(code: ResultCode, out: &mut Output) -> State {
+    if code == ResultCode::Accepted {
+        out.error = Some(VehicleAuthError::UnauthenticatedAccept);
+        out.event = Some(VehicleAuthEvent::FakePile);
+    } else {
+        out.event = Some(VehicleAuthEvent::Rejected(code));
+    }
+    State::Failed
 }
 
 /// The vehicle's authentication state machine (Noise initiator).
