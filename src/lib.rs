@@ -4,16 +4,20 @@
 //! - [`can`]: frames, the async bus trait and its backends;
 //! - [`j1939`]: identifier codec and transport protocol (sans-IO);
 //! - [`gbt27930`]: message codecs and the charger and BMS state machines (sans-IO);
+//! - [`cloud`]: cloud messages, the end-to-end envelope and the MQTT link;
+//! - [`store`]: durable state in redb (outbox, voucher wallet, replay cache);
 //! - [`service`]: what running as a service needs (logging so far);
 //! - `sim`: simulators and the demo (feature `sim`).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod can;
+pub mod cloud;
 pub mod gateway;
 pub mod gbt27930;
 pub mod j1939;
 pub mod service;
+pub mod store;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod time;

@@ -6,9 +6,12 @@
 //! `bmsgw demo`.
 
 pub mod bms;
+pub mod broker;
+pub mod cloud;
 pub mod demo;
 pub mod driver;
 pub mod pile;
+pub mod pki;
 mod wallclock;
 
 pub use driver::SimError;

@@ -1,0 +1,1 @@
+//! The reference cloud identity service (being written).
