@@ -48,18 +48,28 @@ enum Command {
         role: SimRole,
     },
     /// Development keys (never for production).
+    #[cfg(feature = "sim")]
     Pki {
         #[command(subcommand)]
         what: PkiCommand,
     },
 }
 
+#[cfg(feature = "sim")]
 #[derive(Subcommand)]
 enum PkiCommand {
-    /// Generate development keys into DIR: pile-root.key (mode 0600).
+    /// Generate a development PKI into DIR: CA, broker, cloud, vehicle and
+    /// owner certificates, X25519 keys, pile root keys, the cloud's registry
+    /// and config files and a mosquitto ACL (secrets mode 0600).
     Dev {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace an existing PKI in DIR.
+        #[arg(long)]
+        force: bool,
+        /// Broker port to write into cloud.toml.
+        #[arg(long, default_value_t = 8883)]
+        broker_port: u16,
     },
 }
 
@@ -244,20 +254,36 @@ async fn dispatch(command: Command) -> Result<(), String> {
         }
         #[cfg(feature = "sim")]
         Command::Sim { role } => sim(role).await,
+        #[cfg(feature = "sim")]
         Command::Pki {
-            what: PkiCommand::Dev { out },
-        } => pki_dev(&out),
+            what:
+                PkiCommand::Dev {
+                    out,
+                    force,
+                    broker_port,
+                },
+        } => pki_dev(out, force, broker_port),
     }
 }
 
-fn pki_dev(out: &std::path::Path) -> Result<(), String> {
-    use bmsgw::auth::{RootKey, SystemRng};
-    std::fs::create_dir_all(out)
-        .map_err(|e| format!("pki dev: cannot create {}: {e}", out.display()))?;
-    let path = out.join("pile-root.key");
-    let key = RootKey::generate(&mut SystemRng);
-    bmsgw::service::keyfile::write_key(&path, key.expose()).map_err(|e| format!("pki dev: {e}"))?;
-    println!("pki dev: wrote {} (mode 0600)", path.display());
+#[cfg(feature = "sim")]
+fn pki_dev(out: PathBuf, force: bool, broker_port: u16) -> Result<(), String> {
+    use bmsgw::sim::pki::{DevPki, DevPkiOptions};
+    let opts = DevPkiOptions {
+        force,
+        broker_port,
+        ..DevPkiOptions::new(out)
+    };
+    let pki = DevPki::generate(&opts).map_err(|e| format!("pki dev: {}", chain(&e)))?;
+    let secrets = pki.secret_files();
+    for path in pki.files() {
+        let note = if secrets.contains(&path) {
+            " (secret, mode 0600)"
+        } else {
+            ""
+        };
+        println!("pki dev: wrote {}{note}", path.display());
+    }
     Ok(())
 }
 
