@@ -201,9 +201,10 @@ pub struct Incoming {
 /// Where the connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkState {
-    /// Opening TCP, TLS and MQTT.
+    /// Opening TCP, TLS and MQTT, and subscribing.
     Connecting,
-    /// CONNACK received; publishes flow.
+    /// CONNACK received and, when the broker had no session, the
+    /// subscriptions acknowledged (SUBACK): requests can be answered.
     Connected,
     /// The last attempt failed (or the connection dropped); waiting
     /// `delay` before attempt number `attempt + 1`.
@@ -1019,7 +1020,9 @@ impl Inner {
             resend = resend.len(),
             "connected"
         );
-        self.set_state(LinkState::Connected);
+        if !resubscribe {
+            self.set_state(LinkState::Connected);
+        }
     }
 
     fn on_suback(&self, book: &mut Book, ack: &SubAck) {
@@ -1030,6 +1033,7 @@ impl Inner {
         }
         if book.phase == (Phase::Up { subscribed: false }) {
             book.phase = Phase::Up { subscribed: true };
+            self.set_state(LinkState::Connected);
         }
     }
 
@@ -1139,16 +1143,24 @@ impl Inner {
                 None => {}
             }
         }
-        match self.incoming_tx.try_send(message) {
-            Ok(()) => bump(&self.counters.incoming),
-            Err(mpsc::error::TrySendError::Full(m)) => {
-                bump(&self.counters.incoming_dropped);
-                warn!(topic = m.topic, "incoming queue full; message dropped");
+        // Count before the receiver can see it, so a reader that got the
+        // message also sees it counted.
+        match self.incoming_tx.try_reserve() {
+            Ok(permit) => {
+                bump(&self.counters.incoming);
+                permit.send(message);
             }
-            Err(mpsc::error::TrySendError::Closed(m)) => {
+            Err(mpsc::error::TrySendError::Full(())) => {
+                bump(&self.counters.incoming_dropped);
+                warn!(
+                    topic = message.topic,
+                    "incoming queue full; message dropped"
+                );
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
                 bump(&self.counters.incoming_dropped);
                 debug!(
-                    topic = m.topic,
+                    topic = message.topic,
                     "no receiver for incoming messages; dropped"
                 );
             }
