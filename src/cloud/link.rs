@@ -56,7 +56,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, Filter, PubAck, PubAckReason, Publish, PublishProperties, SubAck, SubscribeReasonCode,
+    ConnAck, Filter, PubAck, Publish, PublishProperties, SubAck, SubscribeReasonCode,
 };
 use rumqttc::v5::{AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
@@ -66,6 +66,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use super::tls::{TlsError, TlsFiles, client_config};
 
 pub use rumqttc::v5::mqttbytes::QoS;
+pub use rumqttc::v5::mqttbytes::v5::PubAckReason;
 
 /// How long [`Link::shutdown`] waits for the DISCONNECT to be written.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);

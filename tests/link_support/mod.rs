@@ -144,3 +144,12 @@ pub fn correlation(n: u8) -> Vec<u8> {
     c[15] = n;
     c.to_vec()
 }
+
+/// Wait until `cond` holds (checked every 10 ms), or fail the test.
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
