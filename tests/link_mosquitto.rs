@@ -90,7 +90,10 @@ async fn mosquitto_killed_in_the_middle_of_a_request() {
     assert_eq!(second.correlation, Some(correlation(42)));
     assert_eq!(second.payload, b"grant please");
     cloud.reply(&second, b"granted".to_vec()).await.unwrap();
-    cloud.reply(&first, b"granted again".to_vec()).await.unwrap();
+    cloud
+        .reply(&first, b"granted again".to_vec())
+        .await
+        .unwrap();
     let answer = tokio::time::timeout(DEADLINE, request)
         .await
         .unwrap()
