@@ -357,9 +357,9 @@ impl SplitMix64 {
     }
 }
 
-/// A handle to the link. Clones share one connection; when the last clone
-/// is dropped the link stops (without a clean DISCONNECT: call
-/// [`Link::shutdown`] for that).
+/// A handle to the link. Clones share one connection. When the last clone
+/// is dropped the task disconnects and stops in the background;
+/// [`Link::shutdown`] does the same and waits for it.
 #[derive(Clone)]
 pub struct Link {
     inner: Arc<Inner>,
@@ -445,50 +445,12 @@ impl Link {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Incoming, LinkError> {
-        self.inner.check(topic, &payload, Some(&correlation))?;
-        if !valid_topic(response_topic) {
-            return Err(LinkError::InvalidTopic {
-                topic: response_topic.to_owned(),
-            });
-        }
-        let (tx, mut rx) = oneshot::channel();
-        let mut guard = {
-            let mut book = self.inner.lock();
-            if book.phase == Phase::Stopped {
-                return Err(LinkError::Stopped);
-            }
-            if book.requests.contains_key(&correlation) {
-                return Err(LinkError::DuplicateCorrelation {
-                    topic: topic.to_owned(),
-                });
-            }
-            let properties = PublishProperties {
-                response_topic: Some(response_topic.to_owned()),
-                correlation_data: Some(correlation.clone().into()),
-                ..PublishProperties::default()
-            };
-            let id = book.add_op(Op {
-                topic: topic.to_owned(),
-                publish: Publish::new(topic, QoS::AtLeastOnce, payload, Some(properties)),
-                kind: OpKind::Request {
-                    correlation: correlation.clone(),
-                    acked: false,
-                },
-            });
-            book.requests.insert(
-                correlation.clone(),
-                PendingRequest {
-                    op: id,
-                    response_topic: response_topic.to_owned(),
-                    reply: tx,
-                },
-            );
-            self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-            self.inner.enqueue(&mut book, id);
-            RequestGuard {
-                inner: &self.inner,
-                correlation: Some(correlation),
-            }
+        let mut rx =
+            self.inner
+                .submit_request(topic, response_topic, correlation.clone(), payload)?;
+        let mut guard = RequestGuard {
+            inner: &self.inner,
+            correlation: Some(correlation),
         };
         let result = match tokio::time::timeout(timeout, &mut rx).await {
             Ok(Ok(answer)) => answer,
@@ -525,24 +487,7 @@ impl Link {
         payload: Vec<u8>,
         correlation: Option<Vec<u8>>,
     ) -> Result<(), LinkError> {
-        self.inner.check(topic, &payload, correlation.as_deref())?;
-        let properties = correlation.map(|c| PublishProperties {
-            correlation_data: Some(c.into()),
-            ..PublishProperties::default()
-        });
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut book = self.inner.lock();
-            if book.phase == Phase::Stopped {
-                return Err(LinkError::Stopped);
-            }
-            let id = book.add_op(Op {
-                topic: topic.to_owned(),
-                publish: Publish::new(topic, QoS::AtLeastOnce, payload, properties),
-                kind: OpKind::Confirm(Some(tx)),
-            });
-            self.inner.enqueue(&mut book, id);
-        }
+        let rx = self.inner.submit_confirm(topic, payload, correlation)?;
         rx.await.unwrap_or(Err(LinkError::Stopped))
     }
 
@@ -850,6 +795,83 @@ impl Inner {
             });
         }
         Ok(())
+    }
+
+    /// Record a confirmed publish and queue it; the receiver resolves on
+    /// its PUBACK.
+    fn submit_confirm(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        correlation: Option<Vec<u8>>,
+    ) -> Result<oneshot::Receiver<Result<(), LinkError>>, LinkError> {
+        self.check(topic, &payload, correlation.as_deref())?;
+        let properties = correlation.map(|c| PublishProperties {
+            correlation_data: Some(c.into()),
+            ..PublishProperties::default()
+        });
+        let (tx, rx) = oneshot::channel();
+        let mut book = self.lock();
+        if book.phase == Phase::Stopped {
+            return Err(LinkError::Stopped);
+        }
+        let id = book.add_op(Op {
+            topic: topic.to_owned(),
+            publish: Publish::new(topic, QoS::AtLeastOnce, payload, properties),
+            kind: OpKind::Confirm(Some(tx)),
+        });
+        self.enqueue(&mut book, id);
+        Ok(rx)
+    }
+
+    /// Record a request and queue its publish; the receiver gets the answer.
+    fn submit_request(
+        &self,
+        topic: &str,
+        response_topic: &str,
+        correlation: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<Incoming, LinkError>>, LinkError> {
+        self.check(topic, &payload, Some(&correlation))?;
+        if !valid_topic(response_topic) {
+            return Err(LinkError::InvalidTopic {
+                topic: response_topic.to_owned(),
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut book = self.lock();
+        if book.phase == Phase::Stopped {
+            return Err(LinkError::Stopped);
+        }
+        if book.requests.contains_key(&correlation) {
+            return Err(LinkError::DuplicateCorrelation {
+                topic: topic.to_owned(),
+            });
+        }
+        let properties = PublishProperties {
+            response_topic: Some(response_topic.to_owned()),
+            correlation_data: Some(correlation.clone().into()),
+            ..PublishProperties::default()
+        };
+        let id = book.add_op(Op {
+            topic: topic.to_owned(),
+            publish: Publish::new(topic, QoS::AtLeastOnce, payload, Some(properties)),
+            kind: OpKind::Request {
+                correlation: correlation.clone(),
+                acked: false,
+            },
+        });
+        book.requests.insert(
+            correlation,
+            PendingRequest {
+                op: id,
+                response_topic: response_topic.to_owned(),
+                reply: tx,
+            },
+        );
+        bump(&self.counters.requests);
+        self.enqueue(&mut book, id);
+        Ok(rx)
     }
 
     fn set_state(&self, state: LinkState) {
@@ -1461,6 +1483,281 @@ mod tests {
                 Err(LinkError::Config { field: f, .. }) => assert_eq!(f, field),
                 other => panic!("{field}: {other:?}"),
             }
+        }
+    }
+
+    mod book {
+        //! The packet-id and re-send book-keeping, driven by synthetic
+        //! rumqttc events (no broker, no task).
+        use super::*;
+        use rumqttc::v5::Request;
+        use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+
+        struct Rig {
+            inner: Arc<Inner>,
+            eventloop: EventLoop,
+            incoming: mpsc::Receiver<Incoming>,
+        }
+
+        fn rig(subscriptions: &[&str]) -> Rig {
+            let options = MqttOptions::new("test", "localhost", 1);
+            let (client, eventloop) = AsyncClient::new(options, 16);
+            let (incoming_tx, incoming) = mpsc::channel(4);
+            let inner = Arc::new(Inner {
+                client_id: "test".into(),
+                client,
+                subscriptions: subscriptions
+                    .iter()
+                    .map(|f| Filter::new(*f, QoS::AtLeastOnce))
+                    .collect(),
+                max_payload: 64,
+                request_timeout: Duration::from_secs(1),
+                incoming_tx,
+                state: watch::channel(LinkState::Connecting).0,
+                counters: Counters::default(),
+                book: Mutex::new(Book::default()),
+            });
+            Rig {
+                inner,
+                eventloop,
+                incoming,
+            }
+        }
+
+        impl Rig {
+            fn event(&self, e: Event) {
+                self.inner.on_event(e);
+            }
+            fn connack(&self, session_present: bool) {
+                self.event(Event::Incoming(rumqttc::v5::Incoming::ConnAck(ConnAck {
+                    session_present,
+                    code: ConnectReturnCode::Success,
+                    properties: None,
+                })));
+            }
+            fn sent(&self, pkid: u16) {
+                self.event(Event::Outgoing(Outgoing::Publish(pkid)));
+            }
+            fn puback(&self, pkid: u16, reason: PubAckReason) {
+                let mut ack = PubAck::new(pkid, None);
+                ack.reason = reason;
+                self.event(Event::Incoming(rumqttc::v5::Incoming::PubAck(ack)));
+            }
+            fn publish(&self, topic: &str, correlation: Option<&[u8]>, payload: &[u8]) {
+                let props = correlation.map(|c| PublishProperties {
+                    correlation_data: Some(c.to_vec().into()),
+                    ..PublishProperties::default()
+                });
+                self.event(Event::Incoming(rumqttc::v5::Incoming::Publish(
+                    Publish::new(topic, QoS::AtLeastOnce, payload.to_vec(), props),
+                )));
+            }
+            fn drop_connection(&mut self) {
+                let e = ConnectionError::Io(std::io::Error::other("test"));
+                self.inner.on_connection_error(&mut self.eventloop, &e);
+            }
+            /// The payloads of the publishes now in rumqttc's channel
+            /// (drained).
+            fn channel(&mut self) -> Vec<Vec<u8>> {
+                self.eventloop.clean();
+                self.eventloop
+                    .pending
+                    .drain(..)
+                    .filter_map(|r| match r {
+                        Request::Publish(p) => Some(p.payload.to_vec()),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            fn counters(&self) -> LinkCounters {
+                self.inner.counters.snapshot()
+            }
+        }
+
+        fn done<T>(rx: &mut oneshot::Receiver<T>) -> Option<T> {
+            rx.try_recv().ok()
+        }
+
+        #[test]
+        fn each_puback_resolves_its_own_publish_including_after_a_collision() {
+            let mut r = rig(&[]);
+            r.connack(true);
+            let mut a = r.inner.submit_confirm("t/a", b"a".to_vec(), None).unwrap();
+            let mut b = r.inner.submit_confirm("t/b", b"b".to_vec(), None).unwrap();
+            let mut c = r.inner.submit_confirm("t/c", b"c".to_vec(), None).unwrap();
+            assert_eq!(r.channel(), [b"a", b"b", b"c"].map(|p| p.to_vec()));
+            // rumqttc gives a id 1, b id 2, and holds c back: id 1 is in flight.
+            r.sent(1);
+            r.sent(2);
+            r.event(Event::Outgoing(Outgoing::AwaitAck(1)));
+            r.puback(2, PubAckReason::Success);
+            assert!(matches!(done(&mut b), Some(Ok(()))));
+            assert!(done(&mut a).is_none() && done(&mut c).is_none());
+            // The PUBACK of id 1 resolves a; rumqttc then sends c as id 1.
+            r.puback(1, PubAckReason::Success);
+            r.sent(1);
+            assert!(matches!(done(&mut a), Some(Ok(()))));
+            assert!(
+                done(&mut c).is_none(),
+                "c is not acknowledged by a's PUBACK"
+            );
+            r.puback(1, PubAckReason::NoMatchingSubscribers);
+            assert!(matches!(done(&mut c), Some(Ok(()))));
+            // A stray PUBACK changes nothing.
+            r.puback(9, PubAckReason::Success);
+            let k = r.counters();
+            assert_eq!((k.publishes, k.pubacks), (3, 4));
+            assert!(r.inner.lock().ops.is_empty());
+        }
+
+        #[test]
+        fn a_refusing_puback_fails_the_caller() {
+            let mut r = rig(&[]);
+            r.connack(true);
+            let mut a = r.inner.submit_confirm("t/a", vec![], None).unwrap();
+            let mut q = r
+                .inner
+                .submit_request("t/q", "t/r", vec![1], vec![])
+                .unwrap();
+            r.channel();
+            r.sent(1);
+            r.sent(2);
+            r.puback(1, PubAckReason::NotAuthorized);
+            r.puback(2, PubAckReason::QuotaExceeded);
+            assert!(matches!(
+                done(&mut a),
+                Some(Err(LinkError::Refused {
+                    reason: PubAckReason::NotAuthorized,
+                    ..
+                }))
+            ));
+            assert!(matches!(
+                done(&mut q),
+                Some(Err(LinkError::Refused {
+                    reason: PubAckReason::QuotaExceeded,
+                    ..
+                }))
+            ));
+            assert!(r.inner.lock().requests.is_empty());
+        }
+
+        #[test]
+        fn a_reconnect_resends_what_is_unconfirmed_in_order() {
+            let mut r = rig(&[]);
+            r.connack(true);
+            let _q = r
+                .inner
+                .submit_request("t/q", "t/r", vec![1], b"q".to_vec())
+                .unwrap();
+            let mut a = r.inner.submit_confirm("t/a", b"a".to_vec(), None).unwrap();
+            let mut gone = r.inner.submit_confirm("t/g", b"g".to_vec(), None).unwrap();
+            assert_eq!(r.channel().len(), 3);
+            r.sent(1);
+            r.sent(2);
+            r.puback(1, PubAckReason::Success); // the request is with the broker
+            gone.close(); // its caller gave up
+            // rumqttc also had g in its channel when the connection dropped.
+            r.drop_connection();
+            assert!(done(&mut a).is_none());
+            // Publishing while down queues; nothing enters rumqttc's channel.
+            let _b = r.inner.submit_confirm("t/b", b"b".to_vec(), None).unwrap();
+            assert!(r.channel().is_empty());
+
+            // Session kept: the acknowledged request is not sent again.
+            r.connack(true);
+            assert_eq!(r.channel(), [b"a".to_vec(), b"b".to_vec()]);
+            r.drop_connection();
+            // Session lost: the request goes out again, first as before.
+            r.connack(false);
+            assert_eq!(r.channel(), [b"q".to_vec(), b"a".to_vec(), b"b".to_vec()]);
+            // Packet ids start afresh: 1 is now the request.
+            r.sent(1);
+            r.sent(2);
+            r.puback(2, PubAckReason::Success);
+            assert!(matches!(done(&mut a), Some(Ok(()))));
+            let k = r.counters();
+            assert_eq!((k.connects, k.connection_errors), (3, 2));
+        }
+
+        #[test]
+        fn publishes_wait_for_the_suback_after_a_session_loss() {
+            let mut r = rig(&["t/r"]);
+            let _a = r.inner.submit_confirm("t/a", b"a".to_vec(), None).unwrap();
+            r.connack(false);
+            assert_eq!(r.counters().resubscribes, 1);
+            assert!(r.channel().is_empty(), "nothing before the SUBACK");
+            assert_eq!(*r.inner.state.borrow(), LinkState::Connecting);
+            r.event(Event::Incoming(rumqttc::v5::Incoming::SubAck(SubAck {
+                pkid: 1,
+                return_codes: vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+                properties: None,
+            })));
+            assert_eq!(r.channel(), [b"a".to_vec()]);
+            assert_eq!(*r.inner.state.borrow(), LinkState::Connected);
+        }
+
+        #[test]
+        fn answers_are_matched_by_topic_and_correlation_once() {
+            let mut r = rig(&[]);
+            r.connack(true);
+            let mut q = r
+                .inner
+                .submit_request("t/q", "t/r", b"c1".to_vec(), vec![])
+                .unwrap();
+            // Same correlation on another topic: not the answer.
+            r.publish("t/other", Some(b"c1"), b"x");
+            assert!(done(&mut q).is_none());
+            assert_eq!(r.incoming.try_recv().unwrap().topic, "t/other");
+            r.publish("t/r", Some(b"c1"), b"answer");
+            let answer = done(&mut q).unwrap().unwrap();
+            assert_eq!(answer.payload, b"answer");
+            r.publish("t/r", Some(b"c1"), b"again");
+            // Unknown correlation: an ordinary message.
+            r.publish("t/r", Some(b"c2"), b"push");
+            assert_eq!(r.incoming.try_recv().unwrap().payload, b"push");
+            assert!(r.incoming.try_recv().is_err());
+            let k = r.counters();
+            assert_eq!((k.responses, k.duplicate_responses, k.incoming), (1, 1, 2));
+            assert!(
+                r.inner.lock().ops.is_empty(),
+                "the answered request is not re-sent"
+            );
+        }
+
+        #[test]
+        fn bad_incoming_messages_are_dropped_and_counted() {
+            let mut r = rig(&[]);
+            r.connack(true);
+            r.publish("t/big", None, &[0; 65]);
+            let mut bad_topic = Publish::new("t", QoS::AtLeastOnce, vec![], None);
+            bad_topic.topic = vec![0xFF, 0xFE].into();
+            r.event(Event::Incoming(rumqttc::v5::Incoming::Publish(bad_topic)));
+            for n in 0..6u8 {
+                r.publish("t/ok", None, &[n]);
+            }
+            let k = r.counters();
+            // Capacity 4: two of the six are dropped too.
+            assert_eq!((k.incoming, k.incoming_dropped), (4, 4));
+            for n in 0..4u8 {
+                assert_eq!(r.incoming.try_recv().unwrap().payload, [n]);
+            }
+        }
+
+        #[test]
+        fn stopping_fails_every_waiter() {
+            let r = rig(&[]);
+            let mut a = r.inner.submit_confirm("t/a", vec![], None).unwrap();
+            let mut q = r
+                .inner
+                .submit_request("t/q", "t/r", vec![1], vec![])
+                .unwrap();
+            r.inner.stop();
+            assert!(matches!(done(&mut a), Some(Err(LinkError::Stopped))));
+            assert!(matches!(done(&mut q), Some(Err(LinkError::Stopped))));
+            assert!(matches!(
+                r.inner.submit_confirm("t/a", vec![], None),
+                Err(LinkError::Stopped)
+            ));
         }
     }
 
