@@ -363,7 +363,7 @@ impl SplitMix64 {
 #[derive(Clone)]
 pub struct Link {
     inner: Arc<Inner>,
-    _stop_on_drop: Arc<watch::Sender<bool>>,
+    stop: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Link {
@@ -425,7 +425,7 @@ impl Link {
         Ok((
             Link {
                 inner,
-                _stop_on_drop: Arc::new(stop_tx),
+                stop: Arc::new(stop_tx),
             },
             incoming_rx,
         ))
@@ -529,7 +529,7 @@ impl Link {
     /// and sends no will), fail whatever is still waiting with
     /// [`LinkError::Stopped`], and wait until the task has ended.
     pub async fn shutdown(&self) {
-        self._stop_on_drop.send_replace(true);
+        self.stop.send_replace(true);
         let mut state = self.inner.state.subscribe();
         // The task's exit guard sets Stopped even if it ends abnormally.
         let _ = state.wait_for(|s| *s == LinkState::Stopped).await;
@@ -1103,13 +1103,18 @@ impl Inner {
     }
 
     fn on_publish(&self, book: &mut Book, publish: Publish) {
-        let Ok(topic) = String::from_utf8(publish.topic.to_vec()) else {
-            bump(&self.counters.incoming_dropped);
-            warn!(
-                pkid = publish.pkid,
-                "dropped a message whose topic is not UTF-8"
-            );
-            return;
+        // Empty: a topic alias we never allowed and rumqttc could not
+        // resolve.
+        let topic = match String::from_utf8(publish.topic.to_vec()) {
+            Ok(topic) if !topic.is_empty() => topic,
+            _ => {
+                bump(&self.counters.incoming_dropped);
+                warn!(
+                    pkid = publish.pkid,
+                    "dropped a message whose topic is empty or not UTF-8"
+                );
+                return;
+            }
         };
         if publish.payload.len() > self.max_payload {
             bump(&self.counters.incoming_dropped);
@@ -1732,12 +1737,13 @@ mod tests {
             let mut bad_topic = Publish::new("t", QoS::AtLeastOnce, vec![], None);
             bad_topic.topic = vec![0xFF, 0xFE].into();
             r.event(Event::Incoming(rumqttc::v5::Incoming::Publish(bad_topic)));
+            r.publish("", None, b"no topic");
             for n in 0..6u8 {
                 r.publish("t/ok", None, &[n]);
             }
             let k = r.counters();
             // Capacity 4: two of the six are dropped too.
-            assert_eq!((k.incoming, k.incoming_dropped), (4, 4));
+            assert_eq!((k.incoming, k.incoming_dropped), (4, 5));
             for n in 0..4u8 {
                 assert_eq!(r.incoming.try_recv().unwrap().payload, [n]);
             }
