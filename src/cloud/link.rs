@@ -59,7 +59,7 @@ use rumqttc::v5::mqttbytes::v5::{
     ConnAck, Filter, PubAck, Publish, PublishProperties, SubAck, SubscribeReasonCode,
 };
 use rumqttc::v5::{AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions};
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rumqttc::{NetworkOptions, Outgoing, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument, debug, error, info, warn};
 
@@ -395,6 +395,11 @@ impl Link {
                 u32::try_from(config.max_payload + PACKET_OVERHEAD).unwrap_or(u32::MAX),
             ))
             .set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
+        // Requests and answers are small and latency-bound: without
+        // TCP_NODELAY, Nagle's algorithm and delayed ACKs add ~40 ms per leg.
+        let mut network = NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
         let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_capacity);
         let (state_tx, _) = watch::channel(LinkState::Connecting);
