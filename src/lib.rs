@@ -17,7 +17,7 @@ pub mod gateway;
 pub mod gbt27930;
 pub mod j1939;
 pub mod service;
-pub mod store;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod store;
 pub mod time;

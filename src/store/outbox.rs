@@ -504,3 +504,276 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, std::path::PathBuf, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        let store = Store::open(&path).expect("opens");
+        (dir, path, store)
+    }
+
+    fn ids(entries: &[OutboxEntry]) -> Vec<u64> {
+        entries.iter().map(|e| e.id).collect()
+    }
+
+    /// Stored size of an entry with this topic and payload.
+    fn size(topic: &str, payload: &[u8]) -> u64 {
+        (ENTRY_HEADER + topic.len() + payload.len()) as u64
+    }
+
+    #[test]
+    fn entries_come_back_in_push_order_and_survive_reopen() {
+        let (_dir, path, store) = open();
+        let outbox = store.outbox(OutboxPolicy::default());
+        let a = outbox
+            .push_record("bmsgw/v1/veh-a/events", b"record a")
+            .expect("a");
+        let b = outbox
+            .push(EntryKind::Event, "bmsgw/v1/veh-a/events", b"event b")
+            .expect("b")
+            .id()
+            .expect("stored");
+        let c = outbox.push_record("bmsgw/v1/veh-a/events", b"").expect("c");
+        assert!(a < b && b < c, "{a} {b} {c}");
+        drop((outbox, store));
+
+        let outbox = Store::open(&path)
+            .expect("reopens")
+            .outbox(OutboxPolicy::default());
+        let pending = outbox.pending(10).expect("pending");
+        assert_eq!(ids(&pending), vec![a, b, c]);
+        assert_eq!(pending[0].kind, EntryKind::Record);
+        assert_eq!(pending[0].topic, "bmsgw/v1/veh-a/events");
+        assert_eq!(pending[0].payload, b"record a");
+        assert_eq!(pending[1].kind, EntryKind::Event);
+        assert_eq!(pending[1].payload, b"event b");
+        assert!(pending[2].payload.is_empty());
+        assert!(pending[0].enqueued_at > 1_700_000_000);
+        assert_eq!(ids(&outbox.pending(2).expect("pending")), vec![a, b]);
+
+        assert!(outbox.remove(b).expect("remove"));
+        assert!(!outbox.remove(b).expect("already gone"));
+        let stats = outbox.stats().expect("stats");
+        assert_eq!((stats.records, stats.events), (2, 0));
+        assert_eq!(
+            stats.bytes,
+            size("bmsgw/v1/veh-a/events", b"record a") + size("bmsgw/v1/veh-a/events", b"")
+        );
+        drop(outbox);
+
+        let outbox = Store::open(&path)
+            .expect("reopens")
+            .outbox(OutboxPolicy::default());
+        assert_eq!(ids(&outbox.pending(10).expect("pending")), vec![a, c]);
+        assert!(outbox.remove(c).expect("remove"));
+        assert!(outbox.remove(a).expect("remove"));
+        assert!(outbox.pending(10).expect("pending").is_empty());
+        assert_eq!(outbox.stats().expect("stats").bytes, 0);
+        // Ids are never reused, even once the outbox is empty.
+        assert!(outbox.push_record("t", b"d").expect("d") > c);
+    }
+
+    #[test]
+    fn full_of_events_drops_the_oldest_and_counts_them() {
+        let (_dir, path, store) = open();
+        let policy = OutboxPolicy {
+            max_records: 10,
+            max_events: 3,
+            max_bytes: 1 << 20,
+        };
+        let outbox = store.outbox(policy);
+        let mut events = Vec::new();
+        for i in 0..5u8 {
+            let pushed = outbox.push(EntryKind::Event, "e", &[i]).expect("event");
+            let expected_drops = u64::from(i >= 3);
+            match pushed {
+                Pushed::Queued { id, dropped_events } => {
+                    assert_eq!(dropped_events, expected_drops, "push {i}");
+                    events.push(id);
+                }
+                Pushed::Dropped => panic!("event {i} fits"),
+            }
+        }
+        let pending = outbox.pending(10).expect("pending");
+        assert_eq!(ids(&pending), events[2..].to_vec(), "the two oldest went");
+        assert_eq!(pending[0].payload, [2]);
+        let stats = outbox.stats().expect("stats");
+        assert_eq!((stats.events, stats.dropped_events), (3, 2));
+        drop((outbox, store));
+        // The count is persisted, in the outbox stats and as a counter.
+        let store = Store::open(&path).expect("reopens");
+        assert_eq!(
+            store.outbox(policy).stats().expect("stats").dropped_events,
+            2
+        );
+        assert_eq!(store.counter(DROPPED_EVENTS_COUNTER).expect("counter"), 2);
+    }
+
+    #[test]
+    fn records_are_never_dropped_and_the_cap_refuses_new_ones() {
+        let (_dir, _path, store) = open();
+        let policy = OutboxPolicy {
+            max_records: 3,
+            max_events: 100,
+            max_bytes: 1 << 20,
+        };
+        let outbox = store.outbox(policy);
+        let records: Vec<u64> = (0..3u8)
+            .map(|i| outbox.push_record("r", &[i]).expect("record"))
+            .collect();
+        let event = outbox.push(EntryKind::Event, "e", b"x").expect("event");
+        let err = outbox
+            .push_record("r", b"one too many")
+            .expect_err("at the cap");
+        match &err {
+            StoreError::OutboxFull {
+                limit, policy: p, ..
+            } => {
+                assert_eq!(*limit, OutboxLimit::Records);
+                assert_eq!(*p, policy);
+            }
+            other => panic!("expected OutboxFull, got {other}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("at most 3 session records"), "{text}");
+        assert!(text.contains("session records are never dropped"), "{text}");
+        // Nothing was dropped or changed by the refusal.
+        let mut expected = records.clone();
+        expected.push(event.id().expect("stored"));
+        assert_eq!(ids(&outbox.pending(10).expect("pending")), expected);
+        assert_eq!(outbox.stats().expect("stats").dropped_events, 0);
+        // After a PUBACK there is room again.
+        assert!(outbox.remove(records[0]).expect("remove"));
+        outbox.push_record("r", b"now fits").expect("room again");
+    }
+
+    #[test]
+    fn byte_budget_drops_events_for_records_but_never_records() {
+        let (_dir, _path, store) = open();
+        let unit = size("t", &[0; 90]); // 100 bytes
+        let policy = OutboxPolicy {
+            max_records: 100,
+            max_events: 100,
+            max_bytes: 4 * unit,
+        };
+        let outbox = store.outbox(policy);
+        let r1 = outbox.push_record("t", &[1; 90]).expect("r1");
+        let e1 = outbox.push(EntryKind::Event, "t", &[2; 90]).expect("e1");
+        let e2 = outbox.push(EntryKind::Event, "t", &[3; 90]).expect("e2");
+        let e3 = outbox.push(EntryKind::Event, "t", &[4; 90]).expect("e3");
+        assert!(matches!(
+            e3,
+            Pushed::Queued {
+                dropped_events: 0,
+                ..
+            }
+        ));
+        assert_eq!(outbox.stats().expect("stats").bytes, 4 * unit);
+
+        // A record takes the room of the oldest event.
+        let r2 = outbox.push_record("t", &[5; 90]).expect("r2");
+        let left = ids(&outbox.pending(10).expect("pending"));
+        assert_eq!(
+            left,
+            vec![r1, e2.id().expect("e2"), e3.id().expect("e3"), r2],
+            "e1 ({e1:?}) dropped"
+        );
+        // An event larger than the room beside the records is dropped itself,
+        // and no older event is dropped for it.
+        let big = outbox.push(EntryKind::Event, "t", &[6; 290]).expect("big");
+        assert_eq!(big, Pushed::Dropped);
+        assert_eq!(ids(&outbox.pending(10).expect("pending")), left);
+        // Larger than the whole budget: dropped too.
+        assert_eq!(
+            outbox
+                .push(EntryKind::Event, "t", &[7; 1000])
+                .expect("huge"),
+            Pushed::Dropped
+        );
+        let stats = outbox.stats().expect("stats");
+        assert_eq!(stats.dropped_events, 3);
+        assert_eq!((stats.records, stats.events, stats.bytes), (2, 2, 4 * unit));
+
+        // Records then fill the budget, dropping every event, and then are
+        // refused rather than dropped.
+        let r3 = outbox.push_record("t", &[8; 90]).expect("r3");
+        let r4 = outbox.push_record("t", &[9; 90]).expect("r4");
+        assert_eq!(
+            ids(&outbox.pending(10).expect("pending")),
+            vec![r1, r2, r3, r4]
+        );
+        let err = outbox.push_record("t", &[10; 90]).expect_err("no room");
+        assert!(
+            matches!(
+                err,
+                StoreError::OutboxFull {
+                    limit: OutboxLimit::Bytes,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // With records filling the budget, every new event is dropped.
+        assert_eq!(
+            outbox.push(EntryKind::Event, "t", b"x").expect("event"),
+            Pushed::Dropped
+        );
+        let stats = outbox.stats().expect("stats");
+        assert_eq!(
+            (stats.records, stats.events, stats.dropped_events),
+            (4, 0, 6)
+        );
+    }
+
+    #[test]
+    fn a_topic_longer_than_mqtt_allows_is_refused() {
+        let (_dir, _path, store) = open();
+        let outbox = store.outbox(OutboxPolicy::default());
+        let err = outbox
+            .push_record(&"t".repeat(70_000), b"")
+            .expect_err("too long");
+        assert!(
+            matches!(err, StoreError::TopicTooLong { len: 70_000, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_entry_is_reported_and_can_be_cleared() {
+        let (_dir, _path, store) = open();
+        let outbox = store.outbox(OutboxPolicy::default());
+        let good = outbox.push_record("t", b"good").expect("push");
+        store
+            .write("test", OUTBOX_RECORDS, |txn| {
+                let mut t = store.table(txn, OUTBOX_RECORDS)?;
+                // Topic length says 500, but the entry ends after 2 bytes.
+                t.insert(
+                    &u64::MAX.to_be_bytes()[..],
+                    &[0, 0, 0, 0, 0, 0, 0, 0, 1, 244, 1, 2][..],
+                )
+                .map_err(store.db_err("test", OUTBOX_RECORDS))?;
+                t.insert(&[1, 2, 3][..], &[0; 12][..])
+                    .map_err(store.db_err("test", OUTBOX_RECORDS))?;
+                Ok(())
+            })
+            .expect("writes");
+        let err = outbox.pending(10).expect_err("damaged");
+        assert!(
+            matches!(
+                err,
+                StoreError::Corrupt {
+                    table: "outbox_records",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(outbox.remove_damaged().expect("cleared"), 2);
+        assert_eq!(ids(&outbox.pending(10).expect("pending")), vec![good]);
+        assert_eq!(store.counter("outbox.damaged").expect("counter"), 2);
+    }
+}
