@@ -443,3 +443,342 @@ impl VoucherWallet for DurableWallet {
         self.seal_and_insert(&voucher)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::RootKey;
+    use crate::auth::rng::StreamRng;
+
+    const NOW: u32 = 1_760_000_000;
+    const KEY: [u8; 32] = [0x42; 32];
+
+    fn voucher(charger: u32, not_after: u32, rng: &mut StreamRng) -> Credential {
+        Credential::issue(
+            &RootKey::from_bytes([1; 32]),
+            1,
+            charger,
+            [9; 16],
+            NOW - 100,
+            not_after,
+            7_000,
+            true,
+            rng,
+        )
+    }
+
+    fn open(path: &std::path::Path) -> DurableWallet {
+        Store::open(path)
+            .expect("opens")
+            .wallet(Zeroizing::new(KEY))
+            .expect("wallet")
+    }
+
+    fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        (dir, path)
+    }
+
+    /// Rewrite the stored value of `id` with `f`.
+    fn tamper(path: &std::path::Path, id: [u8; 12], f: impl FnOnce(&mut Vec<u8>)) {
+        let store = Store::open(path).expect("opens");
+        store
+            .write("test", WALLET, |txn| {
+                let mut table = store.table(txn, WALLET)?;
+                let mut value = table
+                    .get(&id[..])
+                    .map_err(store.db_err("test", WALLET))?
+                    .map(|v| v.value().to_vec())
+                    .expect("entry exists");
+                f(&mut value);
+                table
+                    .insert(&id[..], value.as_slice())
+                    .map_err(store.db_err("test", WALLET))?;
+                Ok(())
+            })
+            .expect("writes");
+    }
+
+    fn take_error_text(wallet: &mut DurableWallet, charger: u32) -> String {
+        let err = wallet.take_for(charger, NOW).expect_err("refused");
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn a_voucher_is_spent_before_it_is_returned_and_stays_spent_after_restart() {
+        let (_dir, path) = setup();
+        let mut rng = StreamRng::new(1);
+        let late = voucher(7, NOW + 7200, &mut rng);
+        let soon = voucher(7, NOW + 600, &mut rng);
+        let other = voucher(8, NOW + 600, &mut rng);
+        let expired = voucher(7, NOW - 1, &mut rng);
+        let mut wallet = open(&path);
+        for v in [&late, &soon, &other, &expired] {
+            wallet.add(v.clone()).expect("added");
+        }
+        assert_eq!(wallet.remaining_for(7, NOW), 2);
+        assert_eq!(wallet.unspent_count().expect("count"), 4);
+
+        let first = wallet.take_for(7, NOW).expect("ok").expect("a voucher");
+        assert_eq!(first.ticket_id(), soon.ticket_id());
+        assert_eq!(first.ticket, soon.ticket);
+        assert_eq!(first.session_key.expose(), soon.session_key.expose());
+        assert_eq!(
+            (
+                first.not_before,
+                first.not_after,
+                first.energy_cap_wh,
+                first.voucher
+            ),
+            (soon.not_before, soon.not_after, soon.energy_cap_wh, true)
+        );
+        // "Crash" right after take_for returned: the spend was committed.
+        drop(wallet);
+        let mut wallet = open(&path);
+        assert_eq!(wallet.remaining_for(7, NOW), 1);
+        let second = wallet.take_for(7, NOW).expect("ok").expect("a voucher");
+        assert_eq!(second.ticket_id(), late.ticket_id());
+        assert!(wallet.take_for(7, NOW).expect("ok").is_none());
+        drop(wallet);
+
+        // A spent voucher is never accepted or returned again.
+        let mut wallet = open(&path);
+        for v in [&soon, &late] {
+            let err = wallet.add(v.clone()).expect_err("seen before");
+            assert!(
+                matches!(err, WalletError::Duplicate { ticket_id } if ticket_id == v.ticket_id())
+            );
+        }
+        assert!(wallet.take_for(7, NOW).expect("ok").is_none());
+        assert_eq!(wallet.remaining_for(8, NOW), 1);
+        assert_eq!(wallet.unspent_count().expect("count"), 2);
+    }
+
+    #[test]
+    fn duplicates_and_online_tickets_are_refused() {
+        let (_dir, path) = setup();
+        let mut rng = StreamRng::new(2);
+        let v = voucher(7, NOW + 600, &mut rng);
+        let mut wallet = open(&path);
+        wallet.add(v.clone()).expect("added");
+        assert!(matches!(
+            wallet.add(v.clone()),
+            Err(WalletError::Duplicate { .. })
+        ));
+        let mut online = voucher(7, NOW + 600, &mut rng);
+        online.voucher = false;
+        assert!(matches!(
+            wallet.add(online),
+            Err(WalletError::NotAVoucher { .. })
+        ));
+        assert_eq!(wallet.unspent_count().expect("count"), 1);
+    }
+
+    #[test]
+    fn revoked_vouchers_are_spent_even_before_they_arrive() {
+        let (_dir, path) = setup();
+        let mut rng = StreamRng::new(3);
+        let a = voucher(7, NOW + 600, &mut rng);
+        let b = voucher(7, NOW + 700, &mut rng);
+        let later = voucher(7, NOW + 800, &mut rng);
+        let mut wallet = open(&path);
+        wallet.add(a.clone()).expect("a");
+        wallet.add(b.clone()).expect("b");
+        let revoked = wallet
+            .revoke(&[a.ticket_id(), later.ticket_id()])
+            .expect("revoke");
+        assert_eq!(revoked, 1, "one unspent voucher revoked");
+        assert_eq!(wallet.revoke(&[a.ticket_id()]).expect("again"), 0);
+        drop(wallet);
+        let mut wallet = open(&path);
+        assert!(matches!(
+            wallet.add(later),
+            Err(WalletError::Duplicate { .. })
+        ));
+        let got = wallet.take_for(7, NOW).expect("ok").expect("b is left");
+        assert_eq!(got.ticket_id(), b.ticket_id());
+        assert!(wallet.take_for(7, NOW).expect("ok").is_none());
+    }
+
+    #[test]
+    fn the_file_holds_no_session_key_in_the_clear() {
+        let (_dir, path) = setup();
+        let v = voucher(7, NOW + 600, &mut StreamRng::new(4));
+        open(&path).add(v.clone()).expect("added");
+        let bytes = std::fs::read(&path).expect("read");
+        let key = v.session_key.expose();
+        assert!(!bytes.windows(key.len()).any(|w| w == key));
+        assert!(!bytes.windows(v.ticket.len()).any(|w| w == v.ticket));
+    }
+
+    #[test]
+    fn a_tampered_ciphertext_is_refused_by_ticket_id_and_set_aside() {
+        let (_dir, path) = setup();
+        let mut rng = StreamRng::new(5);
+        let victim = voucher(7, NOW + 600, &mut rng);
+        let spare = voucher(7, NOW + 900, &mut rng);
+        let mut wallet = open(&path);
+        wallet.add(victim.clone()).expect("added");
+        wallet.add(spare.clone()).expect("added");
+        drop(wallet);
+        tamper(&path, victim.ticket_id(), |v| {
+            if let Some(last) = v.last_mut() {
+                *last ^= 1;
+            }
+        });
+        let mut wallet = open(&path);
+        let text = take_error_text(&mut wallet, 7);
+        assert!(text.contains(&hex::encode(victim.ticket_id())), "{text}");
+        assert!(text.contains("tampered"), "{text}");
+        // Set aside: the next call moves on to the good voucher.
+        assert_eq!(wallet.unspent_count().expect("count"), 1);
+        let got = wallet.take_for(7, NOW).expect("ok").expect("spare");
+        assert_eq!(got.ticket_id(), spare.ticket_id());
+        assert!(wallet.take_for(7, NOW).expect("ok").is_none());
+    }
+
+    #[test]
+    fn stretched_validity_or_a_moved_entry_fails_authentication() {
+        let (_dir, path) = setup();
+        let mut rng = StreamRng::new(6);
+        let v = voucher(7, NOW + 600, &mut rng);
+        let w = voucher(7, NOW + 600, &mut rng);
+        let mut wallet = open(&path);
+        wallet.add(v.clone()).expect("added");
+        wallet.add(w.clone()).expect("added");
+        drop(wallet);
+        // Stretch v's not_after (bytes 9..13 of the header) by a year.
+        tamper(&path, v.ticket_id(), |value| {
+            value[9..13].copy_from_slice(&(NOW + 365 * 86_400).to_be_bytes());
+        });
+        let mut wallet = open(&path);
+        // w now expires sooner, so it is picked first and opens fine.
+        let got = wallet.take_for(7, NOW).expect("ok").expect("w");
+        assert_eq!(got.ticket_id(), w.ticket_id());
+        let text = take_error_text(&mut wallet, 7);
+        assert!(text.contains(&hex::encode(v.ticket_id())), "{text}");
+        drop(wallet);
+
+        // An entry copied under another ticket id does not open either.
+        let (_dir2, path2) = setup();
+        let mut rng = StreamRng::new(7);
+        let a = voucher(7, NOW + 600, &mut rng);
+        let b = voucher(7, NOW + 600, &mut rng);
+        let mut wallet = open(&path2);
+        wallet.add(a.clone()).expect("a");
+        wallet.add(b.clone()).expect("b");
+        drop(wallet);
+        let store = Store::open(&path2).expect("opens");
+        store
+            .write("test", WALLET, |txn| {
+                let mut t = store.table(txn, WALLET)?;
+                let a_value = t
+                    .get(&a.ticket_id()[..])
+                    .map_err(store.db_err("test", WALLET))?
+                    .map(|v| v.value().to_vec())
+                    .expect("a");
+                t.insert(&b.ticket_id()[..], a_value.as_slice())
+                    .map_err(store.db_err("test", WALLET))?;
+                t.remove(&a.ticket_id()[..])
+                    .map_err(store.db_err("test", WALLET))?;
+                Ok(())
+            })
+            .expect("writes");
+        let mut wallet = store.wallet(Zeroizing::new(KEY)).expect("wallet");
+        let text = take_error_text(&mut wallet, 7);
+        assert!(text.contains(&hex::encode(b.ticket_id())), "{text}");
+        assert!(wallet.take_for(7, NOW).expect("ok").is_none());
+    }
+
+    #[test]
+    fn garbage_entries_never_panic_and_never_yield_a_credential() {
+        let (_dir, path) = setup();
+        let store = Store::open(&path).expect("opens");
+        let mut wallet = store.wallet(Zeroizing::new(KEY)).expect("wallet");
+        let values: [&[u8]; 5] = [
+            &[],
+            &[TAG_UNSPENT, 0, 0, 0, 7],
+            &[
+                TAG_UNSPENT,
+                0,
+                0,
+                0,
+                7,
+                0,
+                0,
+                0,
+                0,
+                255,
+                255,
+                255,
+                255,
+                0,
+                0,
+                0,
+                0,
+                1,
+                2,
+                3,
+            ],
+            &[9, 9, 9],
+            &[TAG_SPENT],
+        ];
+        store
+            .write("test", WALLET, |txn| {
+                let mut t = store.table(txn, WALLET)?;
+                for (i, v) in values.iter().enumerate() {
+                    t.insert(&[i as u8; 12][..], *v)
+                        .map_err(store.db_err("test", WALLET))?;
+                }
+                t.insert(&[0xEE; 5][..], &[TAG_SPENT, 0, 0, 0, 0][..])
+                    .map_err(store.db_err("test", WALLET))?;
+                Ok(())
+            })
+            .expect("writes");
+        assert_eq!(
+            wallet.remaining_for(7, NOW),
+            1,
+            "only the header is read here"
+        );
+        assert!(wallet.take_for(7, NOW).is_err());
+        assert!(wallet.take_for(7, NOW).expect("all set aside").is_none());
+        assert_eq!(wallet.unspent_count().expect("count"), 0);
+    }
+
+    #[test]
+    fn a_wrong_wallet_key_is_refused() {
+        let (_dir, path) = setup();
+        let v = voucher(7, NOW + 600, &mut StreamRng::new(8));
+        open(&path).add(v.clone()).expect("added");
+        let store = Store::open(&path).expect("opens");
+        let err = store
+            .wallet(Zeroizing::new([0x43; 32]))
+            .expect_err("wrong key");
+        assert!(matches!(err, StoreError::WalletKeyMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("state.redb"), "{err}");
+        // Nothing was set aside by the attempt.
+        let mut wallet = store.wallet(Zeroizing::new(KEY)).expect("right key");
+        assert_eq!(
+            wallet.take_for(7, NOW).expect("ok").map(|c| c.ticket_id()),
+            Some(v.ticket_id())
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let (_dir, path) = setup();
+        let shown = format!("{:?}", open(&path));
+        assert!(
+            shown.contains("redacted") && !shown.contains("42, 42"),
+            "{shown}"
+        );
+    }
+}
