@@ -416,26 +416,7 @@ impl Outbox {
     }
 
     fn decode(&self, kind: EntryKind, key: &[u8], value: &[u8]) -> Result<OutboxEntry, StoreError> {
-        let corrupt = |what| self.store.corrupt(kind.table(), key, what);
-        let id = u64_value(key).ok_or_else(|| corrupt("key is not an 8-byte id"))?;
-        let mut r = Reader::new(value);
-        let enqueued_at = r
-            .u64()
-            .ok_or_else(|| corrupt("entry is shorter than its header"))?;
-        let topic_len = r
-            .u16()
-            .ok_or_else(|| corrupt("entry is shorter than its header"))?;
-        let topic = r
-            .bytes(usize::from(topic_len))
-            .ok_or_else(|| corrupt("entry is shorter than its topic"))?;
-        let topic = std::str::from_utf8(topic).map_err(|_| corrupt("topic is not UTF-8"))?;
-        Ok(OutboxEntry {
-            id,
-            kind,
-            topic: topic.to_owned(),
-            payload: r.rest().to_vec(),
-            enqueued_at,
-        })
+        decode(kind, key, value).map_err(|what| self.store.corrupt(kind.table(), key, what))
     }
 
     /// Drop the oldest event; `false` if there is none.
@@ -485,6 +466,25 @@ impl Outbox {
     }
 }
 
+/// Parse a stored entry; the error says what is wrong with it.
+fn decode(kind: EntryKind, key: &[u8], value: &[u8]) -> Result<OutboxEntry, &'static str> {
+    let id = u64_value(key).ok_or("key is not an 8-byte id")?;
+    let mut r = Reader::new(value);
+    let enqueued_at = r.u64().ok_or("entry is shorter than its header")?;
+    let topic_len = r.u16().ok_or("entry is shorter than its header")?;
+    let topic = r
+        .bytes(usize::from(topic_len))
+        .ok_or("entry is shorter than its topic")?;
+    let topic = std::str::from_utf8(topic).map_err(|_| "topic is not UTF-8")?;
+    Ok(OutboxEntry {
+        id,
+        kind,
+        topic: topic.to_owned(),
+        payload: r.rest().to_vec(),
+        enqueued_at,
+    })
+}
+
 /// A u64 value of `table`, 0 when absent.
 fn read_u64(
     store: &Store,
@@ -508,6 +508,17 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            key in proptest::collection::vec(any::<u8>(), 0..12),
+            value in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let _ = decode(EntryKind::Event, &key, &value);
+        }
+    }
 
     fn open() -> (tempfile::TempDir, std::path::PathBuf, Store) {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -133,6 +133,51 @@ fn voucher_aad(ticket_id: &[u8; 12], header: &[u8; HEADER_LEN]) -> Vec<u8> {
     [AAD_VOUCHER, ticket_id, header].concat()
 }
 
+fn cipher(key: &[u8; 32]) -> ChaCha20Poly1305 {
+    ChaCha20Poly1305::new(Key::from_slice(key))
+}
+
+/// Open an unspent entry; `None` if it fails authentication or parsing.
+fn open_entry(key: &[u8; 32], ticket_id: &[u8; 12], value: &[u8]) -> Option<Credential> {
+    let (header, rest) = value.split_first_chunk::<HEADER_LEN>()?;
+    let Entry::Unspent {
+        charger_number,
+        not_before,
+        not_after,
+        energy_cap_wh,
+    } = Entry::parse(header)?
+    else {
+        return None;
+    };
+    let mut r = Reader::new(rest);
+    let nonce = r.array::<12>()?;
+    let mut buf = Zeroizing::new(r.rest().to_vec());
+    if buf.len() != SEALED_LEN {
+        return None;
+    }
+    cipher(key)
+        .decrypt_in_place(
+            Nonce::from_slice(&nonce),
+            &voucher_aad(ticket_id, header),
+            &mut *buf,
+        )
+        .ok()?;
+    let mut plain = Reader::new(&buf);
+    let ticket = plain.array::<TICKET_LEN>()?;
+    let session_key = Zeroizing::new(plain.array::<32>()?);
+    plain.end()?;
+    let credential = Credential {
+        ticket,
+        session_key: SessionKey::from_bytes(*session_key),
+        charger_number,
+        not_before,
+        not_after,
+        energy_cap_wh,
+        voucher: true,
+    };
+    (credential.ticket_id() == *ticket_id).then_some(credential)
+}
+
 /// A voucher that would not open, or whose entry does not parse.
 struct Damaged {
     key: Vec<u8>,
@@ -141,7 +186,7 @@ struct Damaged {
 
 impl DurableWallet {
     fn cipher(&self) -> ChaCha20Poly1305 {
-        ChaCha20Poly1305::new(Key::from_slice(self.key.as_slice()))
+        cipher(&self.key)
     }
 
     /// Record the key check on first use; compare it afterwards.
@@ -181,47 +226,6 @@ impl DurableWallet {
                 }
             }
         })
-    }
-
-    /// Open an unspent entry; `None` if it fails authentication or parsing.
-    fn open_entry(&self, ticket_id: &[u8; 12], value: &[u8]) -> Option<Credential> {
-        let (header, rest) = value.split_first_chunk::<HEADER_LEN>()?;
-        let Entry::Unspent {
-            charger_number,
-            not_before,
-            not_after,
-            energy_cap_wh,
-        } = Entry::parse(header)?
-        else {
-            return None;
-        };
-        let mut r = Reader::new(rest);
-        let nonce = r.array::<12>()?;
-        let mut buf = Zeroizing::new(r.rest().to_vec());
-        if buf.len() != SEALED_LEN {
-            return None;
-        }
-        self.cipher()
-            .decrypt_in_place(
-                Nonce::from_slice(&nonce),
-                &voucher_aad(ticket_id, header),
-                &mut *buf,
-            )
-            .ok()?;
-        let mut plain = Reader::new(&buf);
-        let ticket = plain.array::<TICKET_LEN>()?;
-        let session_key = Zeroizing::new(plain.array::<32>()?);
-        plain.end()?;
-        let credential = Credential {
-            ticket,
-            session_key: SessionKey::from_bytes(*session_key),
-            charger_number,
-            not_before,
-            not_after,
-            energy_cap_wh,
-            voucher: true,
-        };
-        (credential.ticket_id() == *ticket_id).then_some(credential)
     }
 
     /// Revoke vouchers (a `Revocation` from the cloud): each becomes spent.
@@ -292,7 +296,7 @@ impl DurableWallet {
                 }
             }
             let opened = best.map(|(not_after, id, value)| {
-                let credential = self.open_entry(&id, &value);
+                let credential = open_entry(&self.key, &id, &value);
                 (not_after, id, credential)
             });
             if let Some((not_after, id, None)) = &opened {
@@ -447,6 +451,18 @@ impl VoucherWallet for DurableWallet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_entries_never_panic_or_open(
+            value in proptest::collection::vec(any::<u8>(), 0..200),
+            id: [u8; 12],
+        ) {
+            let _ = Entry::parse(&value);
+            prop_assert!(open_entry(&KEY, &id, &value).is_none());
+        }
+    }
     use crate::auth::RootKey;
     use crate::auth::rng::StreamRng;
 
