@@ -47,6 +47,16 @@ enum Command {
         #[command(subcommand)]
         role: SimRole,
     },
+    /// Test helper for tests/outbox_kill.rs: push session records into the
+    /// outbox of STORE until killed, printing each commit.
+    #[command(hide = true)]
+    StoreWriter {
+        #[arg(long, value_name = "PATH")]
+        store: PathBuf,
+        /// Sequence number of the first record.
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+    },
     /// Development keys (never for production).
     Pki {
         #[command(subcommand)]
@@ -247,6 +257,10 @@ async fn dispatch(command: Command) -> Result<(), String> {
         Command::Pki {
             what: PkiCommand::Dev { out },
         } => pki_dev(&out),
+        Command::StoreWriter { store, start } => {
+            bmsgw::store::writer::run(&store, start, &mut std::io::stdout().lock())
+                .map_err(|e| format!("store-writer: {}", chain(&e)))
+        }
     }
 }
 
