@@ -68,7 +68,7 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
         /// Broker port to write into cloud.toml.
-        #[arg(long, default_value_t = 8883)]
+        #[arg(long, default_value_t = bmsgw::sim::pki::DEFAULT_BROKER_PORT)]
         broker_port: u16,
     },
 }
