@@ -58,18 +58,28 @@ enum Command {
         start: u64,
     },
     /// Development keys (never for production).
+    #[cfg(feature = "sim")]
     Pki {
         #[command(subcommand)]
         what: PkiCommand,
     },
 }
 
+#[cfg(feature = "sim")]
 #[derive(Subcommand)]
 enum PkiCommand {
-    /// Generate development keys into DIR: pile-root.key (mode 0600).
+    /// Generate a development PKI into DIR: CA, broker, cloud, vehicle and
+    /// owner certificates, X25519 keys, pile root keys, the cloud's registry
+    /// and config files and a mosquitto ACL (secrets mode 0600).
     Dev {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace an existing PKI in DIR.
+        #[arg(long)]
+        force: bool,
+        /// Broker port to write into cloud.toml.
+        #[arg(long, default_value_t = bmsgw::sim::pki::DEFAULT_BROKER_PORT)]
+        broker_port: u16,
     },
 }
 
@@ -254,9 +264,15 @@ async fn dispatch(command: Command) -> Result<(), String> {
         }
         #[cfg(feature = "sim")]
         Command::Sim { role } => sim(role).await,
+        #[cfg(feature = "sim")]
         Command::Pki {
-            what: PkiCommand::Dev { out },
-        } => pki_dev(&out),
+            what:
+                PkiCommand::Dev {
+                    out,
+                    force,
+                    broker_port,
+                },
+        } => pki_dev(out, force, broker_port),
         Command::StoreWriter { store, start } => {
             bmsgw::store::writer::run(&store, start, &mut std::io::stdout().lock())
                 .map_err(|e| format!("store-writer: {}", chain(&e)))
@@ -264,14 +280,24 @@ async fn dispatch(command: Command) -> Result<(), String> {
     }
 }
 
-fn pki_dev(out: &std::path::Path) -> Result<(), String> {
-    use bmsgw::auth::{RootKey, SystemRng};
-    std::fs::create_dir_all(out)
-        .map_err(|e| format!("pki dev: cannot create {}: {e}", out.display()))?;
-    let path = out.join("pile-root.key");
-    let key = RootKey::generate(&mut SystemRng);
-    bmsgw::service::keyfile::write_key(&path, key.expose()).map_err(|e| format!("pki dev: {e}"))?;
-    println!("pki dev: wrote {} (mode 0600)", path.display());
+#[cfg(feature = "sim")]
+fn pki_dev(out: PathBuf, force: bool, broker_port: u16) -> Result<(), String> {
+    use bmsgw::sim::pki::{DevPki, DevPkiOptions};
+    let opts = DevPkiOptions {
+        force,
+        broker_port,
+        ..DevPkiOptions::new(out)
+    };
+    let pki = DevPki::generate(&opts).map_err(|e| format!("pki dev: {}", chain(&e)))?;
+    let secrets = pki.secret_files();
+    for path in pki.files() {
+        let note = if secrets.contains(&path) {
+            " (secret, mode 0600)"
+        } else {
+            ""
+        };
+        println!("pki dev: wrote {}{note}", path.display());
+    }
     Ok(())
 }
 
@@ -458,6 +484,7 @@ async fn ctrl_c() {
 }
 
 /// `10s`, `500ms`, `2m`, or bare seconds (`1.5`).
+#[cfg(feature = "sim")]
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
@@ -479,6 +506,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A J1939 address: decimal or 0x-prefixed hex.
+#[cfg(feature = "sim")]
 fn parse_u8(s: &str) -> Result<u8, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u8::from_str_radix(hex, 16),
@@ -488,6 +516,7 @@ fn parse_u8(s: &str) -> Result<u8, String> {
 }
 
 /// Three ASCII characters, or six hex digits for three raw bytes.
+#[cfg(feature = "sim")]
 fn parse_region(s: &str) -> Result<[u8; 3], String> {
     let b = s.as_bytes();
     if b.len() == 6 && b.iter().all(u8::is_ascii_hexdigit) {
