@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+#[cfg(feature = "sim")]
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
