@@ -471,6 +471,9 @@ pub trait Payload: Sized {
     /// The CBOR bytes. Zeroizing, because some payloads hold session keys.
     fn encode(&self) -> Zeroizing<Vec<u8>>;
     fn decode(bytes: &[u8]) -> Result<Self, MessageError>;
+    /// The bounds `decode` enforces, for a sender to check before sending
+    /// what the receiver would refuse.
+    fn check(&self) -> Result<(), MessageError>;
 }
 
 /// Declares a topic's top-level enum: each variant wraps one message struct
@@ -494,6 +497,12 @@ macro_rules! topic_payload {
 
             fn encode(&self) -> Zeroizing<Vec<u8>> {
                 encode_cbor(self)
+            }
+
+            fn check(&self) -> Result<(), MessageError> {
+                match self {
+                    $( $name::$variant(m) => m.check($tag), )+
+                }
             }
 
             fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
