@@ -1003,4 +1003,178 @@ pub(crate) mod tests {
             Err(ExchangeError::Decode(MessageError::TextTooLong { .. }))
         ));
     }
+
+    /// The inputs of the §6.7 vectors: `xx..yy` byte runs.
+    fn seq(start: u8, len: u8) -> Vec<u8> {
+        (0..len).map(|i| start.wrapping_add(i)).collect()
+    }
+
+    fn key32(start: u8) -> [u8; 32] {
+        seq(start, 32).try_into().expect("32 bytes")
+    }
+
+    /// docs/protocol.md §6.7, in its order: the two public keys, the request
+    /// (CBOR, envelope) and the grant (CBOR, envelope).
+    fn vector_run() -> [String; 6] {
+        use crate::auth::rng::ScriptedRng;
+        use crate::cloud::envelope::SecretKey;
+        use zeroize::Zeroizing;
+
+        let vehicle = KeyPair::from_secret(SecretKey::from_bytes(Zeroizing::new(key32(0xc0))));
+        let cloud = KeyPair::from_secret(SecretKey::from_bytes(Zeroizing::new(key32(0xe0))));
+        let keys = VehicleKeys {
+            vehicle_id: vid("veh-a"),
+            own: vehicle.clone(),
+            cloud: *cloud.public(),
+        };
+        // request_id, nonce, then the envelope's ephemeral key seed.
+        let mut rng = ScriptedRng::new(&[&seq(0x00, 16), &seq(0x10, 16), &seq(0x20, 32)]);
+        let params = ExchangeParams {
+            charger_number: 123_456,
+            region_code: *b"110",
+            want_vouchers: 0,
+        };
+        let (mut ex, req) = IdentityExchange::start(params, &keys, 1_760_000_000, &mut rng);
+        let request_cbor = envelope::open(
+            cloud.secret(),
+            vehicle.public(),
+            &req.topic,
+            &req.correlation,
+            &req.payload,
+        )
+        .expect("the cloud opens the request");
+
+        // The §4.7 ticket: its session key, then its ticket id.
+        let mut rng = ScriptedRng::new(&[&seq(0x20, 32), &seq(0xa0, 12)]);
+        let credential = Credential::issue(
+            &RootKey::from_bytes(key32(0x00)),
+            7,
+            123_456,
+            seq(0xc0, 16).try_into().expect("16 bytes"),
+            1_760_000_000,
+            1_760_003_600,
+            30_000,
+            false,
+            &mut rng,
+        );
+        let grant = Response::Grant(IdentityGrant::new(
+            vid("veh-a"),
+            req_nonce(),
+            &credential,
+            None,
+        ));
+        let grant_cbor = grant.encode();
+        let mut rng = ScriptedRng::new(&[&seq(0x80, 32)]);
+        let grant_wire = envelope::seal(
+            vehicle.public(),
+            &cloud,
+            &req.response_topic,
+            &req.correlation,
+            &grant_cbor,
+            &mut rng,
+        )
+        .expect("sealed");
+        // The vectors are a valid exchange.
+        let Ok(ExchangeEvent::Granted(g)) = ex.on_response(
+            &req.response_topic,
+            &req.correlation,
+            &grant_wire,
+            1_760_000_100,
+        ) else {
+            panic!("the vector grant is accepted");
+        };
+        assert_eq!(g.credential.session_key.expose(), &key32(0x20));
+        [
+            vehicle.public().to_hex(),
+            cloud.public().to_hex(),
+            hex::encode(&request_cbor[..]),
+            hex::encode(&req.payload),
+            hex::encode(&grant_cbor[..]),
+            hex::encode(&grant_wire),
+        ]
+    }
+
+    fn req_nonce() -> Id16 {
+        seq(0x10, 16).try_into().expect("16 bytes")
+    }
+
+    /// §6.7: vehicle and cloud public keys, the request (CBOR, sealed), the
+    /// grant (CBOR, sealed).
+    const VECTORS: [&str; 6] = [
+        "dc2cca31e8e43bbd91dff7e475cca3347eb478107d5bd765aba4ae4a30c35d44",
+        "736845d54e87de09d6bb114aa7042c50a4a015bd9901d1a0026f5956533a1519",
+        concat!(
+            "a86474797065706964656e746974795f726571756573746a76656869636c655f",
+            "6964657665682d616e636861726765725f6e756d6265721a0001e2406b726567",
+            "696f6e5f636f6465433131306a726571756573745f6964500001020304050607",
+            "08090a0b0c0d0e0f656e6f6e636550101112131415161718191a1b1c1d1e1f64",
+            "74696d651a68e778006d77616e745f766f75636865727300",
+        ),
+        concat!(
+            "01693658254630f73ad8da78fb331bf976cd42f90e0e9c9e83f40c51072a6f74",
+            "172d923b03917a585047d3fe04d519f80af78d466ae4b5730d55358c5feb1b07",
+            "4d6f23b239ae43113aabee9d80d97cbf82727a873721fa10bf22e2d07e7cd70e",
+            "64b1343e3cd8231101e543413d3fb16c3d678e747b59e4fe11ecd5e47f514feb",
+            "4a247086d87e656a82be61d27f9bbe772614b6eab460bed0f724b82c64465ceb",
+            "f7ead6772daf8241a46f583c2b47669d1e916cd71d9b8df485dfe7b24c20c3c4",
+            "86fdb263563b13dca0",
+        ),
+        concat!(
+            "a96474797065656772616e746a76656869636c655f6964657665682d616d7265",
+            "71756573745f6e6f6e636550101112131415161718191a1b1c1d1e1f66746963",
+            "6b657458650100070040e20100a0a1a2a3a4a5a6a7a8a9aaabc48ebde2448070",
+            "e257c7f20caa0fc7c93f68b21e3d6d02c7799dc368308d1f8e73df03cb9b7cd1",
+            "01f6b342adea3a39b859f5a85c61cdd490c9c48b7f5386ea73fd0c5b38caf560",
+            "1381cfbe1b69e460ef7d6b73657373696f6e5f6b657958202021222324252627",
+            "28292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f6e63686172676572",
+            "5f6e756d6265721a0001e2406a6e6f745f6265666f72651a68e77800696e6f74",
+            "5f61667465721a68e786106d656e657267795f6361705f7768197530",
+        ),
+        concat!(
+            "017af03df159e2d75751c1a88eb5a9e87988f138dce7596ebda3ad7f0bb04a87",
+            "346371677c2508fee323b8f9a27ec683d6d26572a14c87440b15fd6521dd8052",
+            "8127fa406b0c447d353cb0502f3391ad1bf1c415050df0801f46f733609172f0",
+            "43e9a54be7b3a374296704981f0e1c617d6eec785fa22cc1902e37d3f0476cf7",
+            "ba4243fa910ff9d8fbe71ecc986d6065bce0921d9a2b66efabf334d09e2952ee",
+            "67a38f0248f2db82629b05659e250c359df1032977aacd8ab3e6b3bda9244858",
+            "c936e5657f6b9fedc2e8f5f3959708887173d0834ea84e12f7fca90499f5987a",
+            "e508fb841abcbcb40c09a469e6d02f292d6c059dc6b209aa9697b53ccf5d3e3f",
+            "d4d640565971246ae386ffdbb88e6d7a6ce1bb963adf7f981f3b1c819737a6b9",
+            "da8f2acae5a95ceb1ac1905cd5163ab7e5da100e86c51598caeaa72367c2e6b5",
+            "aa401d65c59bfe05bf2e7415b9",
+        ),
+    ];
+
+    #[test]
+    fn golden_vectors() {
+        assert_eq!(vector_run(), VECTORS.map(String::from));
+        // The grant carries exactly the ticket of §4.7.
+        assert!(VECTORS[4].contains(concat!(
+            "0100070040e20100a0a1a2a3a4a5a6a7a8a9aaabc48ebde2448070e257c7f20c",
+            "aa0fc7c93f68b21e3d6d02c7799dc368308d1f8e73df03cb9b7cd101f6b342ad",
+        )));
+    }
+
+    /// docs/protocol.md §6.7 prints the same vectors.
+    #[test]
+    fn golden_vectors_are_the_ones_in_the_spec() {
+        let spec = include_str!("../../docs/protocol.md");
+        let section = spec
+            .split_once("### 6.7 Test vectors")
+            .expect("protocol.md has section 6.7")
+            .1;
+        // Code blocks, their lines joined.
+        let blocks: Vec<String> = section
+            .split("```")
+            .skip(1)
+            .step_by(2)
+            .map(|b| b.lines().map(str::trim).collect())
+            .collect();
+        for vector in VECTORS {
+            assert!(
+                blocks.iter().any(|b| b == vector),
+                "{vector} is not in §6.7"
+            );
+        }
+    }
 }
