@@ -12,6 +12,7 @@
 pub mod config;
 pub mod owner;
 pub mod registry;
+pub mod run;
 pub mod service;
 
 pub use config::{CloudConfig, CloudSettings, ConfigError};
