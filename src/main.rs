@@ -87,6 +87,16 @@ enum PkiCommand {
 #[cfg(feature = "sim")]
 #[derive(Subcommand)]
 enum SimRole {
+    /// Run the reference cloud identity service on the broker that its
+    /// config names, until Ctrl-C (or SIGTERM).
+    Cloud {
+        /// cloud.toml (`bmsgw pki dev` writes one).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Override [broker] client_id (each instance needs its own).
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
+    },
     /// Play the BMS: charge from --soc-start to --soc-end over --duration, then stop.
     Bms {
         #[arg(long, value_name = "IFACE")]
@@ -406,6 +416,18 @@ async fn sim(role: SimRole) -> Result<(), String> {
             );
             Ok(())
         }
+        SimRole::Cloud { config, client_id } => {
+            use bmsgw::sim::cloud::{CloudConfig, run::CloudMonitor, run::run};
+            let mut config =
+                CloudConfig::load(&config).map_err(|e| format!("sim cloud: {}", chain(&e)))?;
+            if let Some(id) = client_id {
+                config.broker.client_id = id;
+            }
+            run(&config, CloudMonitor::default(), terminate())
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("sim cloud: {}", chain(&e)))
+        }
         SimRole::Vehicle {
             can,
             credential,
@@ -481,6 +503,21 @@ async fn ctrl_c() {
     // If the handler cannot be installed, run without one.
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// Ctrl-C or SIGTERM, whichever comes first (services stop on either).
+#[cfg(feature = "sim")]
+async fn terminate() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                () = ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => ctrl_c().await,
     }
 }
 

@@ -12,15 +12,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{CloudConfig, CloudService, ConfigError, Output, RejectReason, ReplyKind};
 use crate::auth::SystemRng;
 use crate::cloud::envelope::KeyError;
-use crate::cloud::link::{Link, LinkConfig, LinkError, QoS};
+use crate::cloud::link::{Link, LinkConfig, LinkError, LinkState, QoS};
+use crate::cloud::messages::Id16;
 use crate::cloud::tls::TlsFiles;
-use crate::cloud::topics;
+use crate::cloud::topics::{self, VehicleId};
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +59,40 @@ pub struct CloudMonitor {
     records: Arc<AtomicU64>,
     rejected: Arc<AtomicU64>,
     publish_failures: Arc<AtomicU64>,
+    /// The link's state, once the link has started.
+    link_state: Arc<std::sync::OnceLock<watch::Receiver<LinkState>>>,
+    /// Requests held for the owner: (vehicle, request id). The owner's app
+    /// learns the request id from the OEM backend; the simulator shows it here.
+    held: Arc<std::sync::Mutex<Vec<(VehicleId, Id16)>>>,
 }
 
 impl CloudMonitor {
+    /// Wait until the instance is connected and subscribed (for tests and
+    /// the demo, so no request is published before anyone listens).
+    pub async fn connected(&self, within: Duration) -> bool {
+        let give_up = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(rx) = self.link_state.get() {
+                let mut rx = rx.clone();
+                return tokio::time::timeout_at(
+                    give_up,
+                    rx.wait_for(|s| *s == LinkState::Connected),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Requests held for owner approval so far, oldest first.
+    pub fn held_requests(&self) -> Vec<(VehicleId, Id16)> {
+        self.held.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
     pub fn stats(&self) -> CloudStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CloudStats {
@@ -120,6 +152,7 @@ pub async fn run(
     );
     let mut service = CloudService::new(registry, keys, config.settings.clone());
     let (link, incoming) = Link::start(link_config(config))?;
+    let _ = monitor.link_state.set(link.state_watch());
     serve(&mut service, &link, incoming, &monitor, shutdown).await;
     link.shutdown().await;
     let stats = monitor.stats();
@@ -195,8 +228,14 @@ fn act(output: Output, link: &Link, monitor: &CloudMonitor) {
                     bump(&monitor.granted);
                     info!(%vehicle, charger = charger_number, vouchers, "grant issued");
                 }
-                ReplyKind::Pending { deadline, .. } => {
+                ReplyKind::Pending {
+                    deadline,
+                    request_id,
+                } => {
                     bump(&monitor.pending);
+                    if let Ok(mut held) = monitor.held.lock() {
+                        held.push((vehicle.clone(), *request_id));
+                    }
                     info!(%vehicle, deadline, "grant held for owner approval");
                 }
                 ReplyKind::Denied(reason) => {
