@@ -447,14 +447,9 @@ impl Link {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Incoming, LinkError> {
-        let (tx, mut rx) = oneshot::channel();
-        self.inner.submit_request(
-            topic,
-            response_topic,
-            correlation.clone(),
-            payload,
-            Reply::Once(tx),
-        )?;
+        let mut rx =
+            self.inner
+                .submit_request(topic, response_topic, correlation.clone(), payload)?;
         let mut guard = RequestGuard {
             inner: &self.inner,
             correlation: Some(correlation),
@@ -499,7 +494,7 @@ impl Link {
         payload: Vec<u8>,
     ) -> Result<Responses, LinkError> {
         let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
-        self.inner.submit_request(
+        self.inner.submit_request_with(
             topic,
             response_topic,
             correlation.clone(),
@@ -921,7 +916,20 @@ impl Inner {
     }
 
     /// Record a request and queue its publish; the receiver gets the answer.
+    /// Submit a request whose first answer ends it.
     fn submit_request(
+        &self,
+        topic: &str,
+        response_topic: &str,
+        correlation: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<Incoming, LinkError>>, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit_request_with(topic, response_topic, correlation, payload, Reply::Once(tx))?;
+        Ok(rx)
+    }
+
+    fn submit_request_with(
         &self,
         topic: &str,
         response_topic: &str,
