@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+#[cfg(feature = "sim")]
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,16 @@ enum Command {
         #[command(subcommand)]
         role: SimRole,
     },
+    /// Test helper for tests/outbox_kill.rs: push session records into the
+    /// outbox of STORE until killed, printing each commit.
+    #[command(hide = true)]
+    StoreWriter {
+        #[arg(long, value_name = "PATH")]
+        store: PathBuf,
+        /// Sequence number of the first record.
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+    },
     /// Development keys (never for production).
     #[cfg(feature = "sim")]
     Pki {
@@ -68,7 +79,7 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
         /// Broker port to write into cloud.toml.
-        #[arg(long, default_value_t = 8883)]
+        #[arg(long, default_value_t = bmsgw::sim::pki::DEFAULT_BROKER_PORT)]
         broker_port: u16,
     },
 }
@@ -76,6 +87,16 @@ enum PkiCommand {
 #[cfg(feature = "sim")]
 #[derive(Subcommand)]
 enum SimRole {
+    /// Run the reference cloud identity service on the broker that its
+    /// config names, until Ctrl-C (or SIGTERM).
+    Cloud {
+        /// cloud.toml (`bmsgw pki dev` writes one).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Override [broker] client_id (each instance needs its own).
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
+    },
     /// Play the BMS: charge from --soc-start to --soc-end over --duration, then stop.
     Bms {
         #[arg(long, value_name = "IFACE")]
@@ -263,6 +284,10 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     broker_port,
                 },
         } => pki_dev(out, force, broker_port),
+        Command::StoreWriter { store, start } => {
+            bmsgw::store::writer::run(&store, start, &mut std::io::stdout().lock())
+                .map_err(|e| format!("store-writer: {}", chain(&e)))
+        }
     }
 }
 
@@ -391,6 +416,18 @@ async fn sim(role: SimRole) -> Result<(), String> {
             );
             Ok(())
         }
+        SimRole::Cloud { config, client_id } => {
+            use bmsgw::sim::cloud::{CloudConfig, run::CloudMonitor, run::run};
+            let mut config =
+                CloudConfig::load(&config).map_err(|e| format!("sim cloud: {}", chain(&e)))?;
+            if let Some(id) = client_id {
+                config.broker.client_id = id;
+            }
+            run(&config, CloudMonitor::default(), terminate())
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("sim cloud: {}", chain(&e)))
+        }
         SimRole::Vehicle {
             can,
             credential,
@@ -469,7 +506,23 @@ async fn ctrl_c() {
     }
 }
 
+/// Ctrl-C or SIGTERM, whichever comes first (services stop on either).
+#[cfg(feature = "sim")]
+async fn terminate() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                () = ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => ctrl_c().await,
+    }
+}
+
 /// `10s`, `500ms`, `2m`, or bare seconds (`1.5`).
+#[cfg(feature = "sim")]
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
@@ -491,6 +544,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A J1939 address: decimal or 0x-prefixed hex.
+#[cfg(feature = "sim")]
 fn parse_u8(s: &str) -> Result<u8, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u8::from_str_radix(hex, 16),
@@ -500,6 +554,7 @@ fn parse_u8(s: &str) -> Result<u8, String> {
 }
 
 /// Three ASCII characters, or six hex digits for three raw bytes.
+#[cfg(feature = "sim")]
 fn parse_region(s: &str) -> Result<[u8; 3], String> {
     let b = s.as_bytes();
     if b.len() == 6 && b.iter().all(u8::is_ascii_hexdigit) {

@@ -73,6 +73,8 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 /// Requests and publishes rumqttc's channel holds before the link queues
 /// them itself.
 const REQUEST_CHANNEL: usize = 64;
+/// Answers a [`Responses`] buffers; more are dropped and counted.
+const STREAM_CAPACITY: usize = 8;
 /// Upper limit of QoS 1 publishes in flight (the broker's Receive Maximum
 /// may lower it). rumqttc allocates a slot for each.
 const MAX_INFLIGHT: u16 = 64;
@@ -483,6 +485,35 @@ impl Link {
         result
     }
 
+    /// Like [`Link::request`], but every answer with this correlation data
+    /// is handed over until the returned [`Responses`] is dropped: for
+    /// exchanges with more than one answer (PendingApproval, then the
+    /// grant), and so that a forged first answer cannot hide the genuine
+    /// one. The request is re-published after a reconnect until the first
+    /// answer arrives. The caller applies its own deadline.
+    pub async fn request_stream(
+        &self,
+        topic: &str,
+        response_topic: &str,
+        correlation: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<Responses, LinkError> {
+        let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+        self.inner.submit_request_with(
+            topic,
+            response_topic,
+            correlation.clone(),
+            payload,
+            Reply::Stream(tx),
+        )?;
+        Ok(Responses {
+            link: self.clone(),
+            correlation,
+            answers: rx,
+            answered: false,
+        })
+    }
+
     /// Publish at QoS 1 and resolve once the broker's PUBACK for this
     /// publish arrives (across reconnects), with an error if the broker
     /// refuses it, or when the link stops first.
@@ -538,6 +569,43 @@ impl Link {
         let mut state = self.inner.state.subscribe();
         // The task's exit guard sets Stopped even if it ends abnormally.
         let _ = state.wait_for(|s| *s == LinkState::Stopped).await;
+    }
+}
+
+/// The answers to one [`Link::request_stream`]. Dropping it ends the
+/// request: later answers count as duplicates (or late, if none came).
+pub struct Responses {
+    link: Link,
+    correlation: Vec<u8>,
+    answers: mpsc::Receiver<Result<Incoming, LinkError>>,
+    answered: bool,
+}
+
+impl Responses {
+    /// The next answer; `None` once the link has stopped.
+    pub async fn next(&mut self) -> Option<Incoming> {
+        match self.answers.recv().await {
+            Some(Ok(answer)) => {
+                self.answered = true;
+                Some(answer)
+            }
+            Some(Err(_)) | None => None,
+        }
+    }
+}
+
+impl Drop for Responses {
+    fn drop(&mut self) {
+        let how = if self.answered {
+            Finished::Answered
+        } else {
+            Finished::Abandoned
+        };
+        RequestGuard {
+            inner: &self.link.inner,
+            correlation: Some(std::mem::take(&mut self.correlation)),
+        }
+        .finish(how);
     }
 }
 
@@ -645,7 +713,30 @@ enum OpKind {
 struct PendingRequest {
     op: OpId,
     response_topic: String,
-    reply: oneshot::Sender<Result<Incoming, LinkError>>,
+    reply: Reply,
+}
+
+/// Where a request's answers go.
+enum Reply {
+    /// [`Link::request`]: the first answer ends the request.
+    Once(oneshot::Sender<Result<Incoming, LinkError>>),
+    /// [`Link::request_stream`]: every answer, until the caller is done.
+    Stream(mpsc::Sender<Result<Incoming, LinkError>>),
+}
+
+impl Reply {
+    /// Tell the waiter; `false` if a stream's buffer was full.
+    fn send(self, answer: Result<Incoming, LinkError>) -> bool {
+        match self {
+            Reply::Once(tx) => {
+                let _ = tx.send(answer);
+                true
+            }
+            Reply::Stream(tx) => {
+                !matches!(tx.try_send(answer), Err(mpsc::error::TrySendError::Full(_)))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -750,7 +841,7 @@ impl Book {
             OpKind::Confirm(None) => {}
             OpKind::Request { correlation, .. } => {
                 if let Some(pending) = self.requests.remove(&correlation) {
-                    let _ = pending.reply.send(Err(error()));
+                    pending.reply.send(Err(error()));
                     self.finished
                         .insert(correlation, pending.response_topic, Finished::Abandoned);
                 }
@@ -830,6 +921,7 @@ impl Inner {
     }
 
     /// Record a request and queue its publish; the receiver gets the answer.
+    /// Submit a request whose first answer ends it.
     fn submit_request(
         &self,
         topic: &str,
@@ -837,13 +929,25 @@ impl Inner {
         correlation: Vec<u8>,
         payload: Vec<u8>,
     ) -> Result<oneshot::Receiver<Result<Incoming, LinkError>>, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit_request_with(topic, response_topic, correlation, payload, Reply::Once(tx))?;
+        Ok(rx)
+    }
+
+    fn submit_request_with(
+        &self,
+        topic: &str,
+        response_topic: &str,
+        correlation: Vec<u8>,
+        payload: Vec<u8>,
+        reply: Reply,
+    ) -> Result<(), LinkError> {
         self.check(topic, &payload, Some(&correlation))?;
         if !valid_topic(response_topic) {
             return Err(LinkError::InvalidTopic {
                 topic: response_topic.to_owned(),
             });
         }
-        let (tx, rx) = oneshot::channel();
         let mut book = self.lock();
         if book.phase == Phase::Stopped {
             return Err(LinkError::Stopped);
@@ -871,12 +975,12 @@ impl Inner {
             PendingRequest {
                 op: id,
                 response_topic: response_topic.to_owned(),
-                reply: tx,
+                reply,
             },
         );
         bump(&self.counters.requests);
         self.enqueue(&mut book, id);
-        Ok(rx)
+        Ok(())
     }
 
     fn set_state(&self, state: LinkState) {
@@ -1147,7 +1251,26 @@ impl Inner {
                 .get(correlation)
                 .is_some_and(|p| p.response_topic == message.topic);
             if matches {
-                if let Some(pending) = book.requests.remove(correlation) {
+                let streamed = book
+                    .requests
+                    .get(correlation)
+                    .is_some_and(|p| matches!(p.reply, Reply::Stream(_)));
+                if streamed {
+                    // The stream stays open for further answers; the
+                    // request is answered, so it is not re-published.
+                    let Some(Reply::Stream(tx)) = book.requests.get(correlation).map(|p| &p.reply)
+                    else {
+                        return;
+                    };
+                    let tx = tx.clone();
+                    if let Some(op) = book.requests.get(correlation).map(|p| p.op) {
+                        book.ops.remove(&op);
+                    }
+                    bump(&self.counters.responses);
+                    if !Reply::Stream(tx).send(Ok(message)) {
+                        bump(&self.counters.incoming_dropped);
+                    }
+                } else if let Some(pending) = book.requests.remove(correlation) {
                     book.ops.remove(&pending.op);
                     book.finished.insert(
                         correlation.clone(),
@@ -1155,7 +1278,7 @@ impl Inner {
                         Finished::Answered,
                     );
                     bump(&self.counters.responses);
-                    let _ = pending.reply.send(Ok(message));
+                    pending.reply.send(Ok(message));
                 }
                 return;
             }
@@ -1236,7 +1359,7 @@ impl Inner {
             book.fail_op(id, || LinkError::Stopped);
         }
         for (_, pending) in book.requests.drain() {
-            let _ = pending.reply.send(Err(LinkError::Stopped));
+            pending.reply.send(Err(LinkError::Stopped));
         }
         book.wire = Wire::default();
     }

@@ -6,11 +6,15 @@
 //! - [`topics`]: the topic tree `bmsgw/v1/{vehicle_id}/…` (pure);
 //! - [`exchange`]: the vehicle's identity request and the checks on its answer (sans-IO);
 //! - [`tls`]: the rustls client configuration (TLS 1.3, mutual TLS);
-//! - [`link`]: the MQTT v5 link (rumqttc).
+//! - [`link`]: the MQTT v5 link (rumqttc);
+//! - [`client`]: the vehicle's identity client (an exchange over the link);
+//! - [`outbox`]: session records through the durable outbox to the events topic.
 
+pub mod client;
 pub mod envelope;
 pub mod exchange;
 pub mod link;
 pub mod messages;
+pub mod outbox;
 pub mod tls;
 pub mod topics;

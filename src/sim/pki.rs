@@ -898,7 +898,12 @@ mod tests {
             let text = std::fs::read_to_string(&public).unwrap();
             assert!(text.ends_with('\n') && text.len() == 65, "{text:?}");
             assert_eq!(text.trim(), hex::encode(x25519_public(&secret)));
-            assert!(publics.insert(text), "two identical keys");
+            assert!(publics.insert(text.clone()), "two identical keys");
+            // The envelope's HPKE implementation derives the same key.
+            use hpke::{Deserializable, Kem, Serializable};
+            type X = hpke::kem::X25519HkdfSha256;
+            let sk = <X as Kem>::PrivateKey::from_bytes(&secret[..]).unwrap();
+            assert_eq!(hex::encode(X::sk_to_pk(&sk).to_bytes()), text.trim());
         }
         // RFC 7748 §6.1 test vector: Alice's key pair.
         let alice: [u8; 32] =

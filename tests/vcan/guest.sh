@@ -207,12 +207,12 @@ step_decode_capture() {
 step_auth_keys() {
     local pki=$OUT/pki
     "$BMSGW_BIN" pki dev --out "$pki" || return 1
-    "$BMSGW_BIN" sim ticket --root-key-file "$pki/pile-root.key" --key-offset 3 \
+    "$BMSGW_BIN" sim ticket --root-key-file "$pki/pile-1-root.key" --key-offset 3 \
         --charger-number 12345678 --valid-for 10m --out "$pki/vehicle.credential" || return 1
-    "$BMSGW_BIN" sim ticket --root-key-file "$pki/pile-root.key" --key-offset 3 \
+    "$BMSGW_BIN" sim ticket --root-key-file "$pki/pile-1-root.key" --key-offset 3 \
         --charger-number 12345678 --start-ago 2h --valid-for 1h --out "$pki/expired.credential" || return 1
     stat -c '%a %n' "$pki"/*
-    [ "$(stat -c %a "$pki/pile-root.key")" = 600 ] || { echo "root key is not 0600" >"$REASON_FILE"; return 1; }
+    [ "$(stat -c %a "$pki/pile-1-root.key")" = 600 ] || { echo "root key is not 0600" >"$REASON_FILE"; return 1; }
 }
 
 # Starts candump on vcan0 into $1 and waits until it records; sets DUMP_PID.
@@ -240,7 +240,7 @@ step_auth_session() {
     local pki=$OUT/pki cap=$OUT/auth-session.log
     start_capture "$cap" || return 1
     "$BMSGW_BIN" --log-level info sim pile --can vcan0 --charger-number 12345678 \
-        --require-auth --root-key-file "$pki/pile-root.key" --key-offset 3 >"$OUT/auth-pile.out" 2>&1 &
+        --require-auth --root-key-file "$pki/pile-1-root.key" --key-offset 3 >"$OUT/auth-pile.out" 2>&1 &
     local pile=$!
     "$BMSGW_BIN" --log-level info sim bms --can vcan0 --soc-start 60 --soc-end 62 \
         --duration 2s --wait 30s >"$OUT/auth-bms.out" 2>&1 &
@@ -274,7 +274,7 @@ step_auth_session() {
 step_auth_refused_without_gateway() {
     local pki=$OUT/pki
     "$BMSGW_BIN" sim pile --can vcan0 --charger-number 12345678 \
-        --require-auth --root-key-file "$pki/pile-root.key" --key-offset 3 >"$OUT/noauth-pile.out" 2>&1 &
+        --require-auth --root-key-file "$pki/pile-1-root.key" --key-offset 3 >"$OUT/noauth-pile.out" 2>&1 &
     local pile=$!
     "$BMSGW_BIN" sim bms --can vcan0 --wait 30s >"$OUT/noauth-bms.out" 2>&1 &
     local bms=$!
@@ -291,7 +291,7 @@ step_auth_refused_without_gateway() {
 step_auth_expired_and_loose_key() {
     local pki=$OUT/pki
     "$BMSGW_BIN" sim pile --can vcan0 --charger-number 12345678 \
-        --require-auth --root-key-file "$pki/pile-root.key" --key-offset 3 >"$OUT/expired-pile.out" 2>&1 &
+        --require-auth --root-key-file "$pki/pile-1-root.key" --key-offset 3 >"$OUT/expired-pile.out" 2>&1 &
     local pile=$!
     "$BMSGW_BIN" sim bms --can vcan0 --wait 30s >"$OUT/expired-bms.out" 2>&1 &
     local bms=$!
@@ -304,7 +304,7 @@ step_auth_expired_and_loose_key() {
         echo "expired credential not refused as Expired (exit $rc_v)" >"$REASON_FILE"
         return 1
     }
-    cp "$pki/pile-root.key" "$OUT/loose.key" && chmod 644 "$OUT/loose.key"
+    cp "$pki/pile-1-root.key" "$OUT/loose.key" && chmod 644 "$OUT/loose.key"
     local out rc=0
     out=$("$BMSGW_BIN" sim pile --can vcan0 --require-auth --root-key-file "$OUT/loose.key" --key-offset 3 2>&1) || rc=$?
     echo "$out"
