@@ -20,7 +20,6 @@ use bmsgw::sim::pki::{DevPki, DevPkiOptions};
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
 
-#[allow(dead_code)]
 #[path = "../tests/support/mod.rs"]
 mod support;
 
