@@ -1251,21 +1251,14 @@ impl Inner {
                 .get(correlation)
                 .is_some_and(|p| p.response_topic == message.topic);
             if matches {
-                let streamed = book
-                    .requests
-                    .get(correlation)
-                    .is_some_and(|p| matches!(p.reply, Reply::Stream(_)));
-                if streamed {
-                    // The stream stays open for further answers; the
-                    // request is answered, so it is not re-published.
-                    let Some(Reply::Stream(tx)) = book.requests.get(correlation).map(|p| &p.reply)
-                    else {
-                        return;
-                    };
-                    let tx = tx.clone();
-                    if let Some(op) = book.requests.get(correlation).map(|p| p.op) {
-                        book.ops.remove(&op);
-                    }
+                // A stream stays open for further answers; the request is
+                // answered, so it is not re-published.
+                let stream = book.requests.get(correlation).and_then(|p| match &p.reply {
+                    Reply::Stream(tx) => Some((p.op, tx.clone())),
+                    Reply::Once(_) => None,
+                });
+                if let Some((op, tx)) = stream {
+                    book.ops.remove(&op);
                     bump(&self.counters.responses);
                     if !Reply::Stream(tx).send(Ok(message)) {
                         bump(&self.counters.incoming_dropped);
