@@ -79,10 +79,16 @@ impl Clock {
     /// Sleep until `deadline`; with no deadline, never wake. For a
     /// `select!` branch next to the bus and a shutdown signal.
     pub async fn sleep_until(&self, deadline: Option<Timestamp>) {
-        match deadline {
-            Some(t) => tokio::time::sleep_until(self.instant_at(t)).await,
-            None => std::future::pending().await,
-        }
+        sleep_until(deadline.map(|t| self.instant_at(t))).await;
+    }
+}
+
+/// Sleep until `at`; with none, never wake (a `select!` branch for an
+/// optional timer).
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -371,7 +371,6 @@ async fn grant_for_another_vehicle_and_replayed_grant_are_refused() {
     // the link dropped it as an answer to a finished request.
     let c = veh_a.link().counters();
     assert_eq!(c.late_responses + c.duplicate_responses, late_before + 1);
-    let _ = veh_b;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,8 +529,6 @@ async fn broker_killed_mid_request_then_restarted_the_request_is_retried_and_ans
     // The broker delivers the answer once more: it is ignored.
     let (replayer, mut seen_resp) =
         intruder(&pki, port, &[link_support::resp_topic("veh-a")]).await;
-    let mut again = client.clone();
-    let _ = &mut again;
     let before = client.link().counters();
     let second = tokio::spawn({
         let client = client.clone();

@@ -17,6 +17,7 @@ use super::exchange::{Grant, OutgoingEvent};
 use super::link::{Link, LinkError};
 use super::messages::{DenyReason, SessionRecord};
 use crate::auth::Rng;
+use crate::time::unix_now;
 
 /// How a fetch ended without a grant.
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +53,6 @@ pub struct FetchReport {
 pub struct IdentityClient {
     link: Link,
     keys: VehicleKeys,
-}
-
-/// Seconds since the Unix epoch (the clock tickets are judged by).
-fn unix_now() -> u32 {
-    crate::time::unix_now()
 }
 
 impl IdentityClient {

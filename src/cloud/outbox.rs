@@ -119,7 +119,7 @@ impl OutboxPublisher {
                 tokio::select! {
                     () = &mut shutdown => return Ok(self.stats),
                     () = self.wake.notified() => {}
-                    () = sleep_until(next_hold) => {}
+                    () = crate::time::sleep_until(next_hold) => {}
                 }
                 continue;
             }
@@ -208,11 +208,4 @@ fn decode(entry: &OutboxEntry) -> Result<SessionRecord, String> {
 /// "Never again in this run": the entry stays in the store for an operator.
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }

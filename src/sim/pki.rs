@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use curve25519_dalek::montgomery::MontgomeryPoint;
+use crate::auth::SystemRng;
+use crate::cloud::envelope::{self, KeyError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
@@ -80,6 +81,8 @@ pub enum PkiError {
     },
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("cannot make the {what} certificate: {source}")]
     Cert {
         what: String,
@@ -673,20 +676,13 @@ fn random_key() -> Result<Zeroizing<[u8; 32]>, PkiError> {
     Ok(key)
 }
 
-/// A fresh X25519 key pair: the secret to `secret` (0600), the public key as
-/// hex to `public`. Returns the public key.
+/// A fresh X25519 key pair (the envelope's key type): the secret to
+/// `secret` (0600), the public key as hex to `public`. Returns the public key.
 fn x25519_pair(secret: &Path, public: &Path) -> Result<[u8; 32], PkiError> {
-    let key = random_key()?;
-    let public_key = x25519_public(&key);
-    write_secret(secret, &key)?;
-    write_text(public, &format!("{}\n", hex::encode(public_key)))?;
-    Ok(public_key)
-}
-
-/// The X25519 public key of a secret key (RFC 7748: clamped scalar times
-/// the base point), as HPKE's DHKEM(X25519) derives it.
-pub fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
-    MontgomeryPoint::mul_base_clamped(*secret).to_bytes()
+    let pair = envelope::KeyPair::generate(&mut SystemRng);
+    pair.secret().write(secret)?;
+    pair.public().write(public)?;
+    Ok(*pair.public().as_bytes())
 }
 
 trait Secret {
@@ -883,6 +879,10 @@ mod tests {
         ));
     }
 
+    fn x25519_public(secret: &[u8; 32]) -> crate::cloud::envelope::PublicKey {
+        crate::cloud::envelope::SecretKey::from_bytes(Zeroizing::new(*secret)).public_key()
+    }
+
     #[test]
     fn x25519_public_files_match_their_secrets() {
         let (_tmp, pki) = generate();
@@ -897,7 +897,7 @@ mod tests {
             let secret = keyfile::load_key(&secret).unwrap();
             let text = std::fs::read_to_string(&public).unwrap();
             assert!(text.ends_with('\n') && text.len() == 65, "{text:?}");
-            assert_eq!(text.trim(), hex::encode(x25519_public(&secret)));
+            assert_eq!(text.trim(), hex::encode(x25519_public(&secret).as_bytes()));
             assert!(publics.insert(text.clone()), "two identical keys");
             // The envelope's HPKE implementation derives the same key.
             use hpke::{Deserializable, Kem, Serializable};
@@ -912,7 +912,7 @@ mod tests {
                 .try_into()
                 .unwrap();
         assert_eq!(
-            hex::encode(x25519_public(&alice)),
+            hex::encode(x25519_public(&alice).as_bytes()),
             "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
         );
     }

@@ -189,18 +189,11 @@ async fn serve(
                     &mut rng,
                 )
             }
-            () = sleep_until(deadline) => service.on_tick(now_unix_ms(), &mut rng),
+            () = crate::time::sleep_until(deadline) => service.on_tick(now_unix_ms(), &mut rng),
         };
         for output in outputs {
             act(output, link, monitor);
         }
-    }
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
