@@ -111,10 +111,10 @@ enum SimRole {
         #[arg(long, default_value_t = 100.0)]
         current: f32,
         /// Time in the charging phase from start to end SOC (e.g. 10s, 500ms, 2m).
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = bmsgw::time::parse_duration)]
         duration: Duration,
         /// How long to wait for a charger to appear.
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = bmsgw::time::parse_duration)]
         wait: Duration,
         /// Our J1939 source address.
         #[arg(long, default_value = "0xF4", value_parser = parse_u8)]
@@ -140,7 +140,7 @@ enum SimRole {
         #[arg(long, default_value_t = 750.0)]
         max_voltage: f32,
         /// Stop by itself after this long in the charging phase (e.g. 30s).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = bmsgw::time::parse_duration)]
         duration: Option<Duration>,
         /// Our J1939 source address.
         #[arg(long, default_value = "0x56", value_parser = parse_u8)]
@@ -161,7 +161,7 @@ enum SimRole {
         #[arg(long, value_name = "N")]
         previous_key_offset: Option<u16>,
         /// Clock skew tolerated on ticket validity.
-        #[arg(long, default_value = "300s", value_parser = parse_duration)]
+        #[arg(long, default_value = "300s", value_parser = bmsgw::time::parse_duration)]
         skew: Duration,
     },
     /// Play the vehicle side of authentication with a credential from a file
@@ -176,7 +176,7 @@ enum SimRole {
         #[arg(long, default_value = "0xF5", value_parser = parse_u8)]
         address: u8,
         /// How long to wait for a pile's CRM(0x00).
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = bmsgw::time::parse_duration)]
         wait: Duration,
     },
     /// Issue a credential (ticket + session key) for a pile, as the cloud
@@ -189,10 +189,10 @@ enum SimRole {
         #[arg(long, value_name = "N")]
         charger_number: u32,
         /// Validity from its start.
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        #[arg(long, default_value = "10m", value_parser = bmsgw::time::parse_duration)]
         valid_for: Duration,
         /// Start the validity this long before now (to test expiry).
-        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        #[arg(long, default_value = "0s", value_parser = bmsgw::time::parse_duration)]
         start_ago: Duration,
         /// Issue a voucher (offline credential) rather than an online ticket.
         #[arg(long)]
@@ -519,28 +519,6 @@ async fn terminate() {
         }
         Err(_) => ctrl_c().await,
     }
-}
-
-/// `10s`, `500ms`, `2m`, or bare seconds (`1.5`).
-#[cfg(feature = "sim")]
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration; expected e.g. 10s, 500ms or 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("'{s}': unknown unit '{unit}'; use ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is not a non-negative duration"))
 }
 
 /// A J1939 address: decimal or 0x-prefixed hex.

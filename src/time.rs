@@ -102,6 +102,28 @@ pub fn unix_now() -> u32 {
         .unwrap_or(0)
 }
 
+/// A duration as people write it in configs and flags: `10s`, `500ms`,
+/// `2m`, `1h`, or bare seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration; expected e.g. 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}'; use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is not a non-negative duration"))
+}
+
 impl Default for Clock {
     fn default() -> Self {
         Self::new()
@@ -120,6 +142,16 @@ mod tests {
         let b = Timestamp::from_millis(7);
         assert_eq!(b.saturating_since(a), Duration::from_millis(2));
         assert_eq!(a.saturating_since(b), Duration::ZERO);
+    }
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration(" 1.5 "), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
     }
 
     #[test]
