@@ -19,7 +19,7 @@ use crate::can::{BusError, BusEvent, CanBus, CanFrame};
 use crate::gbt27930::{Message, MessageKind, Recognition};
 use crate::j1939::tp::{J1939Message, TpConfig, TpEvent, Transport};
 use crate::j1939::{Address, J1939Id, Pgn, Priority};
-use crate::time::Clock;
+use crate::time::{Clock, Timestamp};
 
 /// The vehicle side's default J1939 address, next to the BMS's 0xF4.
 pub const DEFAULT_VEHICLE_ADDRESS: u8 = 0xF5;
@@ -70,51 +70,123 @@ pub enum VehicleAuthError {
     Bus(#[from] BusError),
 }
 
-/// Authenticate to the pile on `bus` with `credential`.
-pub async fn authenticate<B: CanBus>(
-    bus: &mut B,
-    credential: Credential,
-    opts: VehicleAuthOptions,
-    shutdown: impl Future<Output = ()>,
-) -> Result<Authenticated, VehicleAuthError> {
-    let clock = Clock::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut tp = Transport::new(TpConfig::gbt27930(), opts.address);
-    let expected = credential.charger_number;
-    let mut auth = VehicleAuth::new(credential, opts.config, Box::new(SystemRng));
-    let mut pile: Option<Address> = None;
-    let give_up = clock.now() + opts.wait_for_pile;
-    loop {
-        // Move output along until nothing moves: the state machine's
-        // messages into the transport, frames onto the bus, received
-        // messages back into the state machine.
+/// How one attempt with the pile ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Accepted(Authenticated),
+    Rejected(ResultCode),
+    FakePile,
+    Timeout(&'static str),
+}
+
+impl AuthOutcome {
+    fn into_result(self) -> Result<Authenticated, VehicleAuthError> {
+        match self {
+            AuthOutcome::Accepted(a) => Ok(a),
+            AuthOutcome::Rejected(code) => Err(VehicleAuthError::Rejected(code)),
+            AuthOutcome::FakePile => Err(VehicleAuthError::FakePile),
+            AuthOutcome::Timeout(what) => Err(VehicleAuthError::Timeout(what)),
+        }
+    }
+}
+
+/// The vehicle side of pile authentication as a sans-IO node: the
+/// [`VehicleAuth`] handshake on its own J1939 transport at our address.
+///
+/// It sees every frame of the pile's bus ([`AuthNode::handle_frame`]) but
+/// takes only the transport traffic addressed to it, so it can sit beside a
+/// bridge or a passive monitor on the same bus. The shell calls
+/// [`AuthNode::start`] once it knows the pile's address (from CRM(0x00)).
+pub struct AuthNode {
+    tp: Transport,
+    auth: VehicleAuth,
+    address: Address,
+    charger_number: u32,
+    pile: Option<Address>,
+    outcome: Option<AuthOutcome>,
+}
+
+impl AuthNode {
+    pub fn new(credential: Credential, address: Address, config: VehicleAuthConfig) -> Self {
+        AuthNode {
+            tp: Transport::new(TpConfig::gbt27930(), address),
+            charger_number: credential.charger_number,
+            auth: VehicleAuth::new(credential, config, Box::new(SystemRng)),
+            address,
+            pile: None,
+            outcome: None,
+        }
+    }
+
+    /// The charger number the credential is for.
+    pub fn charger_number(&self) -> u32 {
+        self.charger_number
+    }
+
+    /// Send AuthRequest to the pile at `pile`.
+    pub fn start(&mut self, pile: Address, now: Timestamp) {
+        if self.pile.is_some() {
+            return;
+        }
+        info!(charger = self.charger_number, pile = %pile, "sending AuthRequest");
+        self.pile = Some(pile);
+        self.auth.start(now);
+        self.process(now);
+    }
+
+    pub fn handle_frame(&mut self, frame: &CanFrame, now: Timestamp) {
+        self.tp.handle_frame(frame, now);
+        self.process(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.tp.handle_timeout(now);
+        self.auth.handle_timeout(now);
+        self.process(now);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<CanFrame> {
+        self.tp.poll_transmit()
+    }
+
+    /// The outcome, once; `None` while the handshake runs.
+    pub fn poll_outcome(&mut self) -> Option<AuthOutcome> {
+        self.outcome.take()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        [self.auth.poll_timeout(), self.tp.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Move messages between the handshake and the transport until neither
+    /// has more to say.
+    fn process(&mut self, now: Timestamp) {
         loop {
             let mut moved = false;
-            if let Some(dst) = pile {
-                while let Some(data) = auth.poll_transmit() {
+            if let Some(dst) = self.pile {
+                while let Some(data) = self.auth.poll_transmit() {
                     moved = true;
                     let msg = J1939Message {
                         priority: auth_priority(),
                         pgn: auth_pgn(),
-                        source: opts.address,
+                        source: self.address,
                         destination: dst,
                         data,
                     };
-                    tp.send(msg, clock.now())
-                        .map_err(|e| VehicleAuthError::Transport(e.to_string()))?;
+                    if let Err(e) = self.tp.send(msg, now) {
+                        // The handshake's own deadline ends the attempt.
+                        warn!(error = %e, "cannot send an authentication message");
+                    }
                 }
             }
-            while let Some(frame) = tp.poll_transmit() {
-                moved = true;
-                if let Err(e) = bus.send(&frame).await {
-                    warn!(error = %e, "send failed");
-                }
-            }
-            while let Some(ev) = tp.poll_event() {
+            while let Some(ev) = self.tp.poll_event() {
                 moved = true;
                 match ev {
-                    TpEvent::Received(m) if m.pgn == auth_pgn() && Some(m.source) == pile => {
-                        auth.handle_message(&m.data, clock.now());
+                    TpEvent::Received(m) if m.pgn == auth_pgn() && Some(m.source) == self.pile => {
+                        self.auth.handle_message(&m.data, now);
                     }
                     TpEvent::SendAborted { reason, .. }
                     | TpEvent::ReceiveAborted { reason, .. } => {
@@ -123,71 +195,91 @@ pub async fn authenticate<B: CanBus>(
                     _ => {}
                 }
             }
-            if let Some(ev) = auth.poll_event() {
-                return match ev {
+            while let Some(ev) = self.auth.poll_event() {
+                moved = true;
+                let outcome = match ev {
                     VehicleAuthEvent::Accepted => {
-                        let pile_address = pile.unwrap_or(Address::NULL);
-                        info!(charger = expected, pile = %pile_address, "pile accepted the credential");
-                        // Let the last frames (our EndOfMsgAck) go out.
-                        while let Some(frame) = tp.poll_transmit() {
-                            let _ = bus.send(&frame).await;
-                        }
-                        Ok(Authenticated {
-                            charger_number: expected,
+                        let pile_address = self.pile.unwrap_or(Address::NULL);
+                        info!(charger = self.charger_number, pile = %pile_address, "pile accepted the credential");
+                        AuthOutcome::Accepted(Authenticated {
+                            charger_number: self.charger_number,
                             pile_address,
                         })
                     }
-                    VehicleAuthEvent::Rejected(code) => Err(VehicleAuthError::Rejected(code)),
-                    VehicleAuthEvent::FakePile => Err(VehicleAuthError::FakePile),
-                    VehicleAuthEvent::Timeout { waiting_for } => {
-                        Err(VehicleAuthError::Timeout(waiting_for))
-                    }
+                    VehicleAuthEvent::Rejected(code) => AuthOutcome::Rejected(code),
+                    VehicleAuthEvent::FakePile => AuthOutcome::FakePile,
+                    VehicleAuthEvent::Timeout { waiting_for } => AuthOutcome::Timeout(waiting_for),
                 };
+                self.outcome.get_or_insert(outcome);
             }
             if !moved {
                 break;
             }
         }
-        let deadline = [
-            auth.poll_timeout(),
-            tp.poll_timeout(),
-            pile.is_none().then_some(give_up),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+    }
+}
+
+/// Authenticate to the pile on `bus` with `credential`: an [`AuthNode`]
+/// that waits for the pile's CRM(0x00), on a bus of its own.
+pub async fn authenticate<B: CanBus>(
+    bus: &mut B,
+    credential: Credential,
+    opts: VehicleAuthOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Authenticated, VehicleAuthError> {
+    let clock = Clock::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let expected = credential.charger_number;
+    let mut node = AuthNode::new(credential, opts.address, opts.config);
+    let mut pile_known = false;
+    let give_up = clock.now() + opts.wait_for_pile;
+    loop {
+        while let Some(frame) = node.poll_transmit() {
+            if let Err(e) = bus.send(&frame).await {
+                warn!(error = %e, "send failed");
+            }
+        }
+        if let Some(outcome) = node.poll_outcome() {
+            // Let the last frames (our EndOfMsgAck) go out.
+            while let Some(frame) = node.poll_transmit() {
+                let _ = bus.send(&frame).await;
+            }
+            return outcome.into_result();
+        }
+        let deadline = [node.poll_timeout(), (!pile_known).then_some(give_up)]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
             biased;
             () = &mut shutdown => return Err(VehicleAuthError::Shutdown),
             ev = bus.recv() => {
                 if let BusEvent::Frame(frame) = ev? {
                     let now = clock.now();
-                    if pile.is_none()
+                    if !pile_known
                         && let Some((charger, address)) = crm00(&frame) {
                             if charger != expected {
                                 return Err(VehicleAuthError::WrongPile { expected, found: charger });
                             }
-                            info!(charger, pile = %address, "pile found; sending AuthRequest");
-                            pile = Some(address);
-                            auth.start(now);
+                            pile_known = true;
+                            node.start(address, now);
                         }
-                    tp.handle_frame(&frame, now);
+                    node.handle_frame(&frame, now);
                 }
             }
             () = clock.sleep_until(deadline) => {
                 let now = clock.now();
-                if pile.is_none() && now >= give_up {
+                if !pile_known && now >= give_up {
                     return Err(VehicleAuthError::NoPile(opts.wait_for_pile));
                 }
-                tp.handle_timeout(now);
-                auth.handle_timeout(now);
+                node.handle_timeout(now);
             }
         }
     }
 }
 
 /// The pile's charger number and address, if `frame` is a CRM(0x00).
-fn crm00(frame: &CanFrame) -> Option<(u32, Address)> {
+pub fn crm00(frame: &CanFrame) -> Option<(u32, Address)> {
     let id = J1939Id::from_can_id(frame.id()).ok()?;
     if id.pgn != MessageKind::Crm.pgn() {
         return None;
