@@ -42,14 +42,17 @@ pub(super) const WALLET: Table = Table("wallet");
 pub(super) const REPLAY: Table = Table("replay");
 /// Named u64 counters.
 pub(super) const COUNTERS: Table = Table("counters");
+/// Sessions that spent a credential and have not ended yet, by record id.
+pub(super) const OPEN_SESSIONS: Table = Table("open_sessions");
 
-const ALL_TABLES: [Table; 6] = [
+const ALL_TABLES: [Table; 7] = [
     META,
     OUTBOX_RECORDS,
     OUTBOX_EVENTS,
     WALLET,
     REPLAY,
     COUNTERS,
+    OPEN_SESSIONS,
 ];
 
 pub(super) const META_SCHEMA_VERSION: &[u8] = b"schema_version";

@@ -38,6 +38,7 @@ mod codec;
 mod counters;
 mod db;
 mod error;
+pub mod journal;
 pub mod outbox;
 pub mod replay;
 pub mod wallet;

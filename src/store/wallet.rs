@@ -272,6 +272,28 @@ impl DurableWallet {
         Ok(n)
     }
 
+    /// Unspent vouchers valid at `unix_now`, counted per pile (charger
+    /// number), in charger order: what `bmsgw status` shows.
+    pub fn remaining_by_pile(&self, unix_now: u32) -> Result<Vec<(u32, usize)>, StoreError> {
+        let store = &self.store;
+        let txn = store.read("wallet count", WALLET)?;
+        let table = store.read_table(&txn, WALLET)?;
+        let mut counts = std::collections::BTreeMap::<u32, usize>::new();
+        for entry in table.iter().map_err(store.db_err("wallet count", WALLET))? {
+            let (_, v) = entry.map_err(store.db_err("wallet count", WALLET))?;
+            if let Some(
+                e @ Entry::Unspent {
+                    charger_number, ..
+                },
+            ) = Entry::parse(v.value())
+                && e.usable(charger_number, unix_now).is_some()
+            {
+                *counts.entry(charger_number).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
+
     fn take(&self, charger_number: u32, unix_now: u32) -> Result<Option<Credential>, StoreError> {
         let store = &self.store;
         store.write("wallet take", WALLET, |txn| {
