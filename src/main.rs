@@ -23,14 +23,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the BMS and pile simulators against each other and print the
-    /// decoded timeline (in-process bus at 250 kbit/s unless --can is given).
+    /// The whole system in one process: dev PKI, embedded broker, cloud
+    /// service, BMS and pile simulators and the gateway daemon in bridge
+    /// mode, through scenarios (a) online, (b) owner approval, (c) broker
+    /// down, (d) attacks; exits 0 only if every scenario went as expected.
     #[cfg(feature = "sim")]
     Demo {
-        /// Use this SocketCAN interface instead of the in-process bus.
+        /// SocketCAN interface of the BMS side (alone: single-bus mode on it)
+        /// instead of the in-process buses.
         #[arg(long, value_name = "IF")]
         can: Option<String>,
-        /// Print every message, not only those whose content changed.
+        /// SocketCAN interface of the pile side (bridge mode; needs --can).
+        #[arg(long, value_name = "IF", requires = "can")]
+        can_pile: Option<String>,
+        /// Also print every GB/T message the BMS exchanges.
         #[arg(long)]
         all: bool,
     },
@@ -261,11 +267,11 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 .map_err(|e| format!("decode {}: {}", log.display(), chain(&e)))
         }
         #[cfg(feature = "sim")]
-        Command::Demo { can, all } => {
+        Command::Demo { can, can_pile, all } => {
             let opts = bmsgw::sim::demo::DemoOptions {
                 can,
+                can_pile,
                 all_messages: all,
-                ..Default::default()
             };
             let mut out = std::io::stdout();
             bmsgw::sim::demo::run(opts, &mut out, ctrl_c())

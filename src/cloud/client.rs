@@ -77,6 +77,19 @@ impl IdentityClient {
         timeout: Duration,
         rng: &mut dyn Rng,
     ) -> Result<(Grant, FetchReport), (FetchError, FetchReport)> {
+        self.fetch_with(params, timeout, rng, |_| {}).await
+    }
+
+    /// [`fetch`](Self::fetch), calling `on_pending` with the approval
+    /// deadline when the cloud holds the grant for the owner (so the
+    /// gateway can show "awaiting approval" while it waits).
+    pub async fn fetch_with(
+        &self,
+        params: ExchangeParams,
+        timeout: Duration,
+        rng: &mut dyn Rng,
+        mut on_pending: impl FnMut(u32) + Send,
+    ) -> Result<(Grant, FetchReport), (FetchError, FetchReport)> {
         let (mut exchange, request) = IdentityExchange::start(params, &self.keys, unix_now(), rng);
         let mut report = FetchReport::default();
         let mut answers = match self
@@ -125,6 +138,7 @@ impl IdentityClient {
                 Ok(ExchangeEvent::PendingApproval { deadline }) => {
                     info!(vehicle = %self.keys.vehicle_id, deadline, "awaiting owner approval");
                     report.pending_until = Some(deadline);
+                    on_pending(deadline);
                     give_up = instant_at_unix(deadline) + timeout;
                 }
                 Ok(ExchangeEvent::Denied { reason, detail }) => {

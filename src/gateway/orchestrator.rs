@@ -1,0 +1,459 @@
+//! The session orchestrator, sans-IO: what the gateway does at each step of
+//! a charging session.
+//!
+//! It listens to the [`SessionObserver`](super::observer::SessionObserver)
+//! and to the results of the shell's work (a credential fetched, the pile's
+//! answer) and says what to do next:
+//!
+//! 1. On the pile's first CRM(0x00) the charger number is known: fetch a
+//!    credential (the shell asks the cloud and falls back to a voucher).
+//! 2. With a credential: journal a draft record (a voucher is already spent,
+//!    so a crash must not lose the session), then authenticate to the pile.
+//! 3. The pile accepted: open the gate (in bridge mode CRM(0xAA) may reach
+//!    the BMS now).
+//! 4. The session ended: the final record for the outbox.
+//!
+//! A session that never got a credential leaves no record: nothing was
+//! spent and the pile never charged on our behalf. Results that arrive for
+//! a session that has already ended are dropped (and a credential that came
+//! too late is reported, since a voucher may have been spent for it).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::observer::{EndResult, ObserverEvent, SessionEnd};
+use super::vehicle_auth::AuthOutcome;
+use crate::auth::Credential;
+use crate::cloud::exchange::ExchangeParams;
+use crate::cloud::messages::{CredentialKind, Id16, SessionRecord, SessionResult, UsedCredential};
+use crate::cloud::topics::VehicleId;
+use crate::gbt27930::session::Phase;
+use crate::j1939::Address;
+use crate::time::Timestamp;
+
+/// How the shell's credential task ended.
+#[derive(Debug)]
+pub enum CredentialResult {
+    /// An online ticket from the cloud.
+    Online {
+        credential: Credential,
+        /// Request to grant.
+        elapsed: Duration,
+        /// Answers refused on the way (forged, replayed).
+        refused: u32,
+    },
+    /// A voucher from the wallet, already spent durably.
+    Voucher { credential: Credential, why: String },
+    /// The cloud said no (denied, owner declined or did not approve in
+    /// time); no voucher is used then, since that would bypass the decision.
+    Denied(String),
+    /// Neither the cloud nor the wallet had a credential.
+    Unavailable(String),
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Ask for a credential for `session` (cloud first, voucher fallback).
+    FetchCredential { session: u64, params: ExchangeParams },
+    /// Journal `draft`: the record to report if the session never ends.
+    Journal { draft: SessionRecord },
+    /// Run the handshake with the pile at `pile`.
+    StartAuth {
+        credential: Credential,
+        pile: Address,
+    },
+    /// The pile is authenticated: let recognition through.
+    OpenGate,
+    /// A new session: hold recognition until the pile proves itself.
+    CloseGate,
+    /// Queue the final record (and clear its draft).
+    Record { record: SessionRecord },
+}
+
+/// What happened, for the log, `bmsgw status` and the demo's timeline.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Notice {
+    SessionStarted {
+        session: u64,
+    },
+    ChargeRequest {
+        charger_number: u32,
+        region_code: [u8; 3],
+    },
+    Credential {
+        kind: CredentialKind,
+        elapsed: Duration,
+        refused: u32,
+        detail: String,
+    },
+    NoCredential {
+        reason: String,
+    },
+    /// The cloud holds the grant until the owner approves (by `deadline`,
+    /// Unix seconds).
+    AwaitingApproval {
+        deadline: u32,
+    },
+    PileAuthenticated {
+        since_request: Duration,
+    },
+    PileRefused {
+        reason: String,
+    },
+    /// CRM(0xAA): the pile recognised the vehicle and charging can start.
+    Recognized {
+        since_request: Option<Duration>,
+    },
+    Phase(Phase),
+    SessionEnded {
+        result: String,
+        energy_wh: Option<u32>,
+        recorded: bool,
+    },
+}
+
+/// The orchestrator's view of the session in progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionView {
+    pub session: u64,
+    pub phase: Phase,
+    pub charger_number: Option<u32>,
+    pub credential: Option<CredentialKind>,
+    pub pile_authenticated: bool,
+    pub started_at: u32,
+    pub request_to_recognized: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct Session {
+    view: SessionView,
+    pile: Option<Address>,
+    requested_at: Option<Timestamp>,
+    record_id: Option<Id16>,
+    ticket_id: Option<[u8; 12]>,
+    /// The pile refused or could not be authenticated.
+    auth_failure: Option<String>,
+}
+
+/// The orchestrator; see the module docs.
+#[derive(Debug)]
+pub struct Orchestrator {
+    vehicle_id: VehicleId,
+    want_vouchers: u16,
+    next_session: u64,
+    session: Option<Session>,
+    /// How the last session ended, and its energy.
+    last: Option<(String, Option<u32>)>,
+    actions: VecDeque<Action>,
+    notices: VecDeque<Notice>,
+}
+
+impl Orchestrator {
+    pub fn new(vehicle_id: VehicleId, want_vouchers: u16) -> Self {
+        Orchestrator {
+            vehicle_id,
+            want_vouchers,
+            next_session: 1,
+            session: None,
+            last: None,
+            actions: VecDeque::new(),
+            notices: VecDeque::new(),
+        }
+    }
+
+    /// The session in progress, if any.
+    pub fn current(&self) -> Option<&SessionView> {
+        self.session.as_ref().map(|s| &s.view)
+    }
+
+    /// The id the next session will get.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session
+    }
+
+    /// How the last finished session ended ("completed" or "failed: …").
+    pub fn last_result(&self) -> Option<&str> {
+        self.last.as_ref().map(|(r, _)| r.as_str())
+    }
+
+    /// The energy the pile reported for the last finished session.
+    pub fn last_energy_wh(&self) -> Option<u32> {
+        self.last.as_ref().and_then(|(_, e)| *e)
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn poll_notice(&mut self) -> Option<Notice> {
+        self.notices.pop_front()
+    }
+
+    /// An event from the session observer. `unix` is the wall clock (for
+    /// the record), `now` the monotonic one.
+    pub fn on_observer(
+        &mut self,
+        event: ObserverEvent,
+        now: Timestamp,
+        unix: u32,
+        rng: &mut dyn crate::auth::Rng,
+    ) {
+        match event {
+            ObserverEvent::Started => self.start(unix),
+            ObserverEvent::ChargeRequest {
+                charger_number,
+                region_code,
+                pile,
+            } => {
+                if self.session.is_none() {
+                    self.start(unix);
+                }
+                let Some(s) = self.session.as_mut() else {
+                    return;
+                };
+                if s.requested_at.is_some() {
+                    return;
+                }
+                s.requested_at = Some(now);
+                s.pile = Some(pile);
+                s.view.charger_number = Some(charger_number);
+                // The record id is drawn now so the draft and the final
+                // record carry the same one (the cloud deduplicates on it).
+                let mut id = [0u8; 16];
+                rng.fill(&mut id);
+                s.record_id = Some(id);
+                info!(charger = charger_number, pile = %pile, "charge request; fetching a credential");
+                self.notices.push_back(Notice::ChargeRequest {
+                    charger_number,
+                    region_code,
+                });
+                self.actions.push_back(Action::FetchCredential {
+                    session: s.view.session,
+                    params: ExchangeParams {
+                        charger_number,
+                        region_code,
+                        want_vouchers: self.want_vouchers,
+                    },
+                });
+            }
+            ObserverEvent::BmsIdentified => {}
+            ObserverEvent::Recognized => {
+                if let Some(s) = self.session.as_mut() {
+                    let since = s.requested_at.map(|t| now.saturating_since(t));
+                    if s.view.request_to_recognized.is_none() {
+                        s.view.request_to_recognized = since;
+                        self.notices.push_back(Notice::Recognized {
+                            since_request: since,
+                        });
+                    }
+                }
+            }
+            ObserverEvent::PhaseChanged(phase) => {
+                if let Some(s) = self.session.as_mut() {
+                    s.view.phase = phase;
+                }
+                self.notices.push_back(Notice::Phase(phase));
+            }
+            ObserverEvent::Ended(end) => self.end(end, unix),
+        }
+    }
+
+    /// The shell's credential task for `session` finished.
+    pub fn on_credential(&mut self, session: u64, result: CredentialResult, unix: u32) {
+        let Some(s) = self
+            .session
+            .as_mut()
+            .filter(|s| s.view.session == session && s.view.credential.is_none())
+        else {
+            if let CredentialResult::Voucher { credential, .. } = &result {
+                warn!(
+                    session,
+                    ticket = %hex::encode(credential.ticket_id()),
+                    "a voucher arrived after its session ended; it stays spent"
+                );
+            }
+            return;
+        };
+        let (credential, kind, elapsed, refused, detail) = match result {
+            CredentialResult::Online {
+                credential,
+                elapsed,
+                refused,
+            } => (
+                credential,
+                CredentialKind::Online,
+                elapsed,
+                refused,
+                "grant from the cloud".to_string(),
+            ),
+            CredentialResult::Voucher { credential, why } => {
+                (credential, CredentialKind::Voucher, Duration::ZERO, 0, why)
+            }
+            CredentialResult::Denied(reason) | CredentialResult::Unavailable(reason) => {
+                warn!(%reason, "no credential for this session");
+                s.auth_failure = Some(reason.clone());
+                self.notices.push_back(Notice::NoCredential { reason });
+                return;
+            }
+        };
+        s.view.credential = Some(kind);
+        s.ticket_id = Some(credential.ticket_id());
+        let Some(pile) = s.pile else {
+            return;
+        };
+        self.notices.push_back(Notice::Credential {
+            kind,
+            elapsed,
+            refused,
+            detail,
+        });
+        let draft = self.record(
+            SessionResult::Failed {
+                reason: "interrupted: the gateway stopped during the session".into(),
+            },
+            0,
+            unix,
+        );
+        if let Some(draft) = draft {
+            self.actions.push_back(Action::Journal { draft });
+        }
+        self.actions.push_back(Action::StartAuth { credential, pile });
+    }
+
+    /// The handshake with the pile ended.
+    pub fn on_auth(&mut self, outcome: AuthOutcome, now: Timestamp) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let reason = match outcome {
+            AuthOutcome::Accepted(_) => {
+                s.view.pile_authenticated = true;
+                let since = s
+                    .requested_at
+                    .map_or(Duration::ZERO, |t| now.saturating_since(t));
+                self.notices.push_back(Notice::PileAuthenticated {
+                    since_request: since,
+                });
+                self.actions.push_back(Action::OpenGate);
+                return;
+            }
+            AuthOutcome::Rejected(code) => format!("the pile refused the credential: {code}"),
+            AuthOutcome::FakePile => {
+                "the pile failed to prove it holds the pile's key (fake pile?)".into()
+            }
+            AuthOutcome::Timeout(what) => {
+                format!("the pile did not answer in time (waiting for {what})")
+            }
+        };
+        warn!(%reason, "pile authentication failed");
+        s.auth_failure = Some(reason.clone());
+        self.notices.push_back(Notice::PileRefused { reason });
+    }
+
+    /// The gateway is stopping: end the session in progress as interrupted.
+    pub fn on_shutdown(&mut self, unix: u32) {
+        if self.session.is_some() {
+            self.end(
+                SessionEnd {
+                    result: EndResult::StoppedBeforeCharging("the gateway stopped".into()),
+                    energy_wh: None,
+                    charging_minutes: None,
+                    final_soc_percent: None,
+                    phase_reached: self.current().map_or(Phase::Idle, |v| v.phase),
+                },
+                unix,
+            );
+        }
+    }
+
+    fn start(&mut self, unix: u32) {
+        if self.session.is_some() {
+            return;
+        }
+        let session = self.next_session;
+        self.next_session += 1;
+        self.session = Some(Session {
+            view: SessionView {
+                session,
+                phase: Phase::Handshake,
+                charger_number: None,
+                credential: None,
+                pile_authenticated: false,
+                started_at: unix,
+                request_to_recognized: None,
+            },
+            pile: None,
+            requested_at: None,
+            record_id: None,
+            ticket_id: None,
+            auth_failure: None,
+        });
+        self.notices.push_back(Notice::SessionStarted { session });
+        self.actions.push_back(Action::CloseGate);
+    }
+
+    fn end(&mut self, end: SessionEnd, unix: u32) {
+        let Some(s) = self.session.as_ref() else {
+            return;
+        };
+        let result = match (&end.result, &s.auth_failure) {
+            (EndResult::Completed, _) => SessionResult::Completed,
+            // The pile's refusal explains the end better than the timeout
+            // it caused.
+            (_, Some(why)) => SessionResult::Failed { reason: why.clone() },
+            (other, None) => SessionResult::Failed {
+                reason: end_reason(other),
+            },
+        };
+        let text = match &result {
+            SessionResult::Completed => "completed".to_string(),
+            SessionResult::Failed { reason } => format!("failed: {reason}"),
+        };
+        let record = self.record(result, end.energy_wh.unwrap_or(0), unix);
+        let recorded = record.is_some();
+        info!(result = %text, energy_wh = end.energy_wh, recorded, "session ended");
+        if let Some(record) = record {
+            self.actions.push_back(Action::Record { record });
+        }
+        self.last = Some((text.clone(), end.energy_wh));
+        self.notices.push_back(Notice::SessionEnded {
+            result: text,
+            energy_wh: end.energy_wh,
+            recorded,
+        });
+        self.session = None;
+        self.actions.push_back(Action::CloseGate);
+    }
+
+    /// The record of the current session, if it used a credential.
+    fn record(&self, result: SessionResult, energy_wh: u32, unix: u32) -> Option<SessionRecord> {
+        let s = self.session.as_ref()?;
+        Some(SessionRecord {
+            record_id: s.record_id?,
+            vehicle_id: self.vehicle_id.clone(),
+            charger_number: s.view.charger_number?,
+            credential: UsedCredential {
+                kind: s.view.credential?,
+                ticket_id: s.ticket_id?,
+            },
+            energy_wh,
+            started_at: s.view.started_at,
+            stopped_at: unix,
+            result,
+        })
+    }
+}
+
+fn end_reason(result: &EndResult) -> String {
+    match result {
+        EndResult::Completed => "completed".into(),
+        EndResult::BmsError(e) => format!("BMS reported an error: {e}"),
+        EndResult::ChargerError(e) => format!("charger reported an error: {e}"),
+        EndResult::Silence(d) => format!("no GB/T traffic for {d:?} (cable pulled?)"),
+        EndResult::PileRestarted => "the pile restarted the session".into(),
+        EndResult::StoppedBeforeCharging(why) => format!("stopped before charging: {why}"),
+    }
+}

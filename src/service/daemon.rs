@@ -1,0 +1,1135 @@
+//! `bmsgw run`: the daemon. It wires the parts together and owns every
+//! task; the decisions are made by the sans-IO cores it drives
+//! ([`Bridge`], [`SessionObserver`], [`Orchestrator`], [`AuthNode`]).
+//!
+//! Tasks:
+//! - the **CAN loop** owns the bus(es) and every core, and is the only task
+//!   that touches CAN. It never awaits the cloud or the store: both are
+//!   other tasks it talks to through channels, so a slow broker or a slow
+//!   SD card never delays a frame. It also pings the systemd watchdog, and
+//!   only while the daemon is healthy;
+//! - a **credential task** per session (cloud first, voucher fallback);
+//! - the **store writer**, which journals drafts and queues records in
+//!   order;
+//! - the **outbox publisher** and the **push handler** on the cloud link;
+//! - the **control socket**.
+//!
+//! Start-up order: keys, store (with recovery of sessions a crash left
+//! open), CAN, control socket, then READY to systemd. The cloud link starts
+//! last and connects on its own schedule; the daemon does not wait for it.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use zeroize::Zeroizing;
+
+use super::config::{CanInterfaces, Config};
+use super::control::{ControlHandler, ControlServer, ImportReport};
+use super::status::{
+    CanLinkStatus, CloudStatus, ErrorEntry, OutboxStatus, SessionStatus, Status, VoucherCount,
+};
+use super::systemd::Systemd;
+use crate::auth::{Rng, SystemRng, VoucherWallet};
+use crate::can::{BusError, BusEvent, CanBus, SocketCanBus, SocketCanOptions};
+use crate::cloud::client::{FetchError, IdentityClient};
+use crate::cloud::envelope::{KeyPair, PublicKey};
+use crate::cloud::exchange::{ExchangeParams, PushEvent, VehicleKeys, open_push};
+use crate::cloud::link::{Incoming, Link, LinkState};
+use crate::cloud::messages::{CredentialKind, Event, Payload, SessionRecord};
+use crate::cloud::outbox::OutboxPublisher;
+use crate::cloud::ticket_file::TicketFile;
+use crate::cloud::topics;
+use crate::gateway::bridge::{Bridge, Side};
+use crate::gateway::firewall::{FirewallConfig, RateLimit};
+use crate::gateway::observer::{ObserverConfig, SessionObserver};
+use crate::gateway::orchestrator::{Action, CredentialResult, Notice, Orchestrator, SessionView};
+use crate::gateway::vehicle_auth::{AuthNode, AuthOutcome};
+use crate::j1939::Pgn;
+use crate::j1939::monitor::{Monitor, MonitorEvent};
+use crate::store::{DurableWallet, Outbox, OutboxPolicy, Store, StoreError};
+use crate::time::{Clock, Timestamp, unix_now};
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("vehicle key {path}: {source}")]
+    VehicleKey {
+        path: std::path::PathBuf,
+        #[source]
+        source: crate::cloud::envelope::KeyError,
+    },
+    #[error("cloud public key {path}: {source}")]
+    CloudKey {
+        path: std::path::PathBuf,
+        #[source]
+        source: crate::cloud::envelope::KeyError,
+    },
+    #[error("wallet key {path}: {source}")]
+    WalletKey {
+        path: std::path::PathBuf,
+        #[source]
+        source: super::keyfile::KeyFileError,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("CAN: {0}")]
+    Can(#[from] BusError),
+    #[error("control socket: {0}")]
+    Control(#[from] super::control::ControlError),
+    #[error("cloud link: {0}")]
+    Link(#[from] crate::cloud::link::LinkError),
+    #[error("firewall config: PGN {0:#x} is not a valid PGN")]
+    Pgn(u32),
+    #[error("a task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the store stopped taking writes ({0}); exiting so that systemd restarts the daemon")]
+    Unhealthy(String),
+}
+
+/// The bus(es) the daemon runs on.
+pub enum Buses<B> {
+    /// One bus shared with the BMS and the pile.
+    Single(B),
+    /// The BMS's bus and the pile's bus, with the firewall between.
+    Bridge { bms: B, pile: B },
+}
+
+/// Extra outputs for an embedding program (the demo): every [`Notice`] as
+/// it happens, stamped with the daemon's monotonic time.
+#[derive(Clone, Default)]
+pub struct Observe {
+    pub notices: Option<mpsc::UnboundedSender<(Timestamp, Notice)>>,
+}
+
+/// Run the daemon on SocketCAN as `config` says, until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+    let opts = SocketCanOptions {
+        error_frames: true,
+        ..SocketCanOptions::default()
+    };
+    let buses = match &config.can.interfaces {
+        CanInterfaces::SingleBus { interface } => {
+            Buses::Single(SocketCanBus::open(interface, opts)?)
+        }
+        CanInterfaces::Bridge { bms, pile } => Buses::Bridge {
+            bms: SocketCanBus::open(bms, opts.clone())?,
+            pile: SocketCanBus::open(pile, opts)?,
+        },
+    };
+    run_on(&config, buses, Observe::default(), shutdown).await
+}
+
+/// Run the daemon on the given buses (SocketCAN, or the in-process bus of
+/// the demo and the tests).
+pub async fn run_on<B: CanBus + 'static>(
+    config: &Config,
+    buses: Buses<B>,
+    observe: Observe,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
+    let keys = load_keys(config)?;
+    let (store, wallet, outbox) = open_store(config, &keys).await?;
+    let systemd = Systemd::from_env();
+
+    let (mode, can_names) = match &config.can.interfaces {
+        CanInterfaces::SingleBus { interface } => {
+            ("single-bus", vec![("bus".to_string(), interface.clone())])
+        }
+        CanInterfaces::Bridge { bms, pile } => (
+            "bridge",
+            vec![("bms".to_string(), bms.clone()), ("pile".to_string(), pile.clone())],
+        ),
+    };
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        mode,
+        keys: keys.clone(),
+        store: store.clone(),
+        wallet: Arc::new(Mutex::new(wallet)),
+        outbox: outbox.clone(),
+        link: watch::channel(None).0,
+        cloud_enabled: config.cloud.enabled,
+        cloud: CloudCounters::default(),
+        snapshot: Mutex::new(Snapshot {
+            can: can_names
+                .iter()
+                .map(|(role, interface)| CanLinkStatus {
+                    role: role.clone(),
+                    interface: interface.clone(),
+                    up: true,
+                    ..CanLinkStatus::default()
+                })
+                .collect(),
+            ..Snapshot::default()
+        }),
+        errors: Mutex::new(VecDeque::new()),
+        healthy: AtomicBool::new(true),
+        unhealthy_reason: Mutex::new(None),
+    });
+
+    let control = ControlServer::bind(&config.control.socket, config.control.group.as_deref())?;
+    info!(socket = %config.control.socket.display(), "control socket listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let handler = shared.clone();
+        let stop = stopped();
+        tasks.spawn(async move {
+            if let Err(e) = control.run(handler, stop).await {
+                error!(error = %e, "control socket failed");
+            }
+        });
+    }
+
+    // The store writer: drafts and records, in the order the CAN loop sent
+    // them.
+    let wake = Arc::new(Notify::new());
+    let (jobs_tx, jobs_rx) = mpsc::unbounded_channel::<StoreJob>();
+    let writer = tokio::spawn(store_writer(shared.clone(), jobs_rx, wake.clone()));
+
+    systemd.ready(&format!("{mode}: CAN and store up; cloud connecting"));
+    info!(mode, vehicle = %keys.vehicle_id, "bmsgw running");
+
+    // The cloud link: started after READY, connects on its own schedule.
+    let client = if config.cloud.enabled {
+        let (link, incoming) = Link::start(config.link_config())?;
+        let _ = shared.link.send(Some(link.clone()));
+        let client = IdentityClient::new(link, keys.clone());
+        let mut publisher = OutboxPublisher::new(outbox.clone(), client.clone(), wake.clone());
+        let stop = stopped();
+        tasks.spawn(async move {
+            if let Err(e) = publisher.run(stop).await {
+                error!(error = %e, "outbox publisher failed");
+            }
+        });
+        let s = shared.clone();
+        let stop = stopped();
+        tasks.spawn(push_handler(s, incoming, stop));
+        Some(client)
+    } else {
+        info!("cloud link disabled in the config: vouchers and imported tickets only");
+        None
+    };
+
+    let ctx = LoopCtx {
+        config,
+        shared: shared.clone(),
+        client: client.clone(),
+        jobs: jobs_tx,
+        observe,
+        systemd: &systemd,
+    };
+    let result = can_loop(ctx, buses, shutdown).await;
+
+    systemd.stopping();
+    info!("stopping: flushing the store");
+    // The CAN loop dropped its job sender; the writer ends after the last
+    // job (the final record of an interrupted session).
+    let _ = writer.await;
+    let _ = stop_tx.send(true);
+    if let Some(client) = &client {
+        client.link().shutdown().await;
+    }
+    while tasks.join_next().await.is_some() {}
+    drop(shared);
+    drop(store);
+    info!("stopped");
+    result
+}
+
+fn load_keys(config: &Config) -> Result<VehicleKeys, DaemonError> {
+    let own = KeyPair::load(&config.vehicle.hpke_key).map_err(|source| DaemonError::VehicleKey {
+        path: config.vehicle.hpke_key.clone(),
+        source,
+    })?;
+    let cloud = PublicKey::load(&config.vehicle.cloud_public_key).map_err(|source| {
+        DaemonError::CloudKey {
+            path: config.vehicle.cloud_public_key.clone(),
+            source,
+        }
+    })?;
+    Ok(VehicleKeys {
+        vehicle_id: config.vehicle.id.clone(),
+        own,
+        cloud,
+    })
+}
+
+/// Open the store, the wallet (creating its key on first start) and the
+/// outbox, and queue the records of sessions a crash left open.
+async fn open_store(
+    config: &Config,
+    keys: &VehicleKeys,
+) -> Result<(Store, DurableWallet, Outbox), DaemonError> {
+    let path = config.store.path.clone();
+    let key_path = config.store.wallet_key.clone();
+    let vehicle = keys.vehicle_id.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = Store::open(&path)?;
+        let key = load_or_create_wallet_key(&key_path)?;
+        let wallet = store.wallet(key)?;
+        let outbox = store.outbox(OutboxPolicy::default());
+        let recovered = store.journal_recover(&outbox)?;
+        if recovered > 0 {
+            warn!(
+                recovered,
+                vehicle = %vehicle,
+                "sessions interrupted by a crash were queued as failed records"
+            );
+        }
+        Ok((store, wallet, outbox))
+    })
+    .await?
+}
+
+fn load_or_create_wallet_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, DaemonError> {
+    let err = |source| DaemonError::WalletKey {
+        path: path.to_owned(),
+        source,
+    };
+    if !path.exists() {
+        let mut key = Zeroizing::new([0u8; 32]);
+        SystemRng.fill(&mut key[..]);
+        super::keyfile::write_key(path, &key).map_err(err)?;
+        warn!(path = %path.display(), "created a new wallet key (first start)");
+    }
+    super::keyfile::load_key(path).map_err(err)
+}
+
+// ---------------------------------------------------------------------------
+// Shared state and the control socket
+
+#[derive(Default)]
+struct CloudCounters {
+    grants: AtomicU64,
+    denials: AtomicU64,
+    timeouts: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// What the CAN loop publishes for `status`.
+#[derive(Default, Clone)]
+struct Snapshot {
+    can: Vec<CanLinkStatus>,
+    session: Option<SessionStatus>,
+    last_session: Option<SessionStatus>,
+    firewall: Option<crate::gateway::firewall::FirewallCounters>,
+    awaiting_approval: bool,
+}
+
+struct Shared {
+    started: Instant,
+    mode: &'static str,
+    keys: VehicleKeys,
+    store: Store,
+    wallet: Arc<Mutex<DurableWallet>>,
+    outbox: Outbox,
+    link: watch::Sender<Option<Link>>,
+    cloud_enabled: bool,
+    cloud: CloudCounters,
+    snapshot: Mutex<Snapshot>,
+    errors: Mutex<VecDeque<ErrorEntry>>,
+    healthy: AtomicBool,
+    unhealthy_reason: Mutex<Option<String>>,
+}
+
+/// How many errors `status` keeps.
+const LAST_ERRORS: usize = 16;
+
+impl Shared {
+    fn error(&self, message: impl Into<String>) {
+        let message = message.into();
+        if let Ok(mut errors) = self.errors.lock() {
+            if errors.len() == LAST_ERRORS {
+                errors.pop_front();
+            }
+            errors.push_back(ErrorEntry {
+                at: unix_now(),
+                message,
+            });
+        }
+    }
+
+    fn unhealthy(&self, why: String) {
+        error!(%why, "unhealthy: the watchdog will no longer be pinged");
+        self.error(why.clone());
+        if let Ok(mut r) = self.unhealthy_reason.lock() {
+            r.get_or_insert(why);
+        }
+        self.healthy.store(false, Ordering::SeqCst);
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        self.snapshot.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn link(&self) -> Option<Link> {
+        self.link.borrow().clone()
+    }
+
+    /// Vouchers and revocations, from MQTT or from a ticket file: the
+    /// envelope is checked the same way for both.
+    async fn apply_push(&self, topic: &str, payload: &[u8]) -> Result<ImportReport, String> {
+        let event = open_push(&self.keys, topic, payload).map_err(|e| e.to_string())?;
+        let wallet = self.wallet.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut wallet = wallet.lock().map_err(|_| "wallet lock poisoned".to_string())?;
+            match event {
+                PushEvent::Vouchers { vouchers, .. } => {
+                    let mut report = ImportReport {
+                        vouchers: 0,
+                        charger_numbers: Vec::new(),
+                        revoked: 0,
+                    };
+                    let mut duplicates = 0;
+                    for v in vouchers {
+                        let charger = v.charger_number;
+                        match wallet.add(v) {
+                            Ok(()) => {
+                                report.vouchers += 1;
+                                if !report.charger_numbers.contains(&charger) {
+                                    report.charger_numbers.push(charger);
+                                }
+                            }
+                            Err(crate::auth::WalletError::Duplicate { .. }) => duplicates += 1,
+                            Err(e) => return Err(format!("wallet: {e}")),
+                        }
+                    }
+                    if report.vouchers == 0 && duplicates > 0 {
+                        return Err(format!(
+                            "all {duplicates} voucher(s) are already in the wallet (imported before?)"
+                        ));
+                    }
+                    Ok(report)
+                }
+                PushEvent::Revocation(r) => {
+                    let revoked = wallet
+                        .revoke(&r.ticket_ids)
+                        .map_err(|e| format!("wallet: {e}"))?;
+                    Ok(ImportReport {
+                        vouchers: 0,
+                        charger_numbers: Vec::new(),
+                        revoked,
+                    })
+                }
+            }
+        })
+        .await
+        .map_err(|e| format!("wallet task: {e}"))?
+    }
+}
+
+impl ControlHandler for Shared {
+    async fn status(&self) -> Status {
+        let snap = self.snapshot();
+        let wallet = self.wallet.clone();
+        let outbox = self.outbox.clone();
+        let store = self.store.clone();
+        let (vouchers, outbox_stats) = tokio::task::spawn_blocking(move || {
+            let vouchers = wallet
+                .lock()
+                .ok()
+                .and_then(|w| w.remaining_by_pile(unix_now()).ok())
+                .unwrap_or_default();
+            let _ = &store;
+            (vouchers, outbox.stats().ok())
+        })
+        .await
+        .unwrap_or_default();
+        let link = self.link();
+        let counters = link.as_ref().map(|l| l.counters());
+        let state = match (&link, self.cloud_enabled) {
+            (_, false) => "disabled".to_string(),
+            (None, true) => "starting".to_string(),
+            (Some(l), true) => link_state_name(l.state()).to_string(),
+        };
+        let mut session = snap.session.clone();
+        if let Some(s) = session.as_mut() {
+            s.awaiting_approval = snap.awaiting_approval;
+        }
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            mode: self.mode.to_string(),
+            uptime_s: self.started.elapsed().as_secs(),
+            can: snap.can.clone(),
+            cloud: CloudStatus {
+                enabled: self.cloud_enabled,
+                state,
+                connects: counters.map_or(0, |c| c.connects),
+                refused_answers: self.cloud.refused.load(Ordering::Relaxed),
+                grants: self.cloud.grants.load(Ordering::Relaxed),
+                denials: self.cloud.denials.load(Ordering::Relaxed),
+                timeouts: self.cloud.timeouts.load(Ordering::Relaxed),
+            },
+            session,
+            last_session: snap.last_session.clone(),
+            vouchers: vouchers
+                .into_iter()
+                .map(|(charger_number, remaining)| VoucherCount {
+                    charger_number,
+                    remaining,
+                })
+                .collect(),
+            outbox: outbox_stats.map_or_else(OutboxStatus::default, |s| OutboxStatus {
+                records: s.records,
+                events: s.events,
+                bytes: s.bytes,
+                dropped_events: s.dropped_events,
+            }),
+            firewall: snap
+                .firewall
+                .as_ref()
+                .and_then(|f| serde_json::to_value(f).ok()),
+            last_errors: self
+                .errors
+                .lock()
+                .map(|e| e.iter().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    async fn import_ticket(&self, ticket: TicketFile) -> Result<ImportReport, String> {
+        let payload = ticket.payload_bytes();
+        let result = self.apply_push(&ticket.topic, &payload).await;
+        match &result {
+            Ok(r) => info!(
+                vouchers = r.vouchers,
+                revoked = r.revoked,
+                "ticket file imported through the control socket"
+            ),
+            Err(e) => {
+                warn!(error = %e, "ticket file refused");
+                self.error(format!("ticket import refused: {e}"));
+            }
+        }
+        result
+    }
+}
+
+fn link_state_name(state: LinkState) -> &'static str {
+    match state {
+        LinkState::Connecting => "connecting",
+        LinkState::Connected => "connected",
+        LinkState::Backoff => "backoff",
+        LinkState::Stopped => "stopped",
+    }
+}
+
+/// Pushes from the cloud on the vehicle's `vouchers` topic.
+async fn push_handler(
+    shared: Arc<Shared>,
+    mut incoming: mpsc::Receiver<Incoming>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let vouchers_topic = topics::vouchers(&shared.keys.vehicle_id);
+    loop {
+        let msg = tokio::select! {
+            () = &mut shutdown => return,
+            msg = incoming.recv() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+        };
+        if msg.topic != vouchers_topic {
+            debug!(topic = %msg.topic, "ignoring a message on an unexpected topic");
+            continue;
+        }
+        match shared.apply_push(&msg.topic, &msg.payload).await {
+            Ok(r) => info!(vouchers = r.vouchers, revoked = r.revoked, "push from the cloud applied"),
+            Err(e) => {
+                warn!(error = %e, "push refused");
+                shared.error(format!("push refused: {e}"));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The store writer
+
+enum StoreJob {
+    Journal(SessionRecord),
+    Record(SessionRecord),
+}
+
+async fn store_writer(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<StoreJob>, wake: Arc<Notify>) {
+    while let Some(job) = jobs.recv().await {
+        let store = shared.store.clone();
+        let outbox = shared.outbox.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<&'static str, StoreError> {
+            match job {
+                StoreJob::Journal(draft) => {
+                    let (topic, payload) = encode(&draft);
+                    store.journal_open(&draft.record_id, &topic, &payload)?;
+                    Ok("draft journaled")
+                }
+                StoreJob::Record(record) => {
+                    let (topic, payload) = encode(&record);
+                    outbox.push_record(&topic, &payload)?;
+                    store.journal_close(&record.record_id)?;
+                    Ok("record queued")
+                }
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(what)) => {
+                debug!(what, "store");
+                wake.notify_one();
+            }
+            Ok(Err(e)) => shared.unhealthy(format!("store write failed: {e}")),
+            Err(e) => shared.unhealthy(format!("store task failed: {e}")),
+        }
+    }
+}
+
+fn encode(record: &SessionRecord) -> (String, Zeroizing<Vec<u8>>) {
+    let topic = topics::events(&record.vehicle_id);
+    (topic, Event::SessionRecord(record.clone()).encode())
+}
+
+// ---------------------------------------------------------------------------
+// Credentials
+
+enum LoopMsg {
+    Credential { session: u64, result: CredentialResult },
+    Pending { session: u64, deadline: u32 },
+}
+
+/// Cloud first; a voucher when the cloud is down or does not answer in
+/// time.
+async fn obtain_credential(
+    session: u64,
+    client: Option<IdentityClient>,
+    shared: Arc<Shared>,
+    params: ExchangeParams,
+    timeout: Duration,
+    tx: mpsc::UnboundedSender<LoopMsg>,
+) {
+    let charger = params.charger_number;
+    let started = Instant::now();
+    let why = match client {
+        Some(client) if client.link().state() == LinkState::Connected => {
+            let pending_tx = tx.clone();
+            let fetched = client
+                .fetch_with(params, timeout, &mut SystemRng, move |deadline| {
+                    let _ = pending_tx.send(LoopMsg::Pending { session, deadline });
+                })
+                .await;
+            match fetched {
+                Ok((grant, report)) => {
+                    shared.cloud.grants.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .cloud
+                        .refused
+                        .fetch_add(u64::from(report.refused), Ordering::Relaxed);
+                    let stored = store_vouchers(&shared, grant.vouchers).await;
+                    debug!(stored, "vouchers from the grant stored");
+                    let _ = tx.send(LoopMsg::Credential {
+                        session,
+                        result: CredentialResult::Online {
+                            credential: grant.credential,
+                            elapsed: started.elapsed(),
+                            refused: report.refused,
+                        },
+                    });
+                    return;
+                }
+                Err((FetchError::Denied { reason, detail }, _)) => {
+                    shared.cloud.denials.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(LoopMsg::Credential {
+                        session,
+                        result: CredentialResult::Denied(format!(
+                            "the cloud denied the grant ({reason}): {detail}"
+                        )),
+                    });
+                    return;
+                }
+                Err((FetchError::ApprovalTimeout { .. }, _)) => {
+                    shared.cloud.denials.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(LoopMsg::Credential {
+                        session,
+                        result: CredentialResult::Denied(
+                            "the owner did not approve in time".into(),
+                        ),
+                    });
+                    return;
+                }
+                Err((e, report)) => {
+                    shared.cloud.timeouts.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .cloud
+                        .refused
+                        .fetch_add(u64::from(report.refused), Ordering::Relaxed);
+                    format!("cloud: {e}")
+                }
+            }
+        }
+        Some(client) => format!(
+            "cloud link is {}",
+            link_state_name(client.link().state())
+        ),
+        None => "cloud link disabled".to_string(),
+    };
+    let wallet = shared.wallet.clone();
+    let taken = tokio::task::spawn_blocking(move || {
+        wallet
+            .lock()
+            .map_err(|_| "wallet lock poisoned".to_string())
+            .and_then(|mut w| w.take_for(charger, unix_now()).map_err(|e| e.to_string()))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let result = match taken {
+        Ok(Some(credential)) => CredentialResult::Voucher {
+            credential,
+            why: format!("voucher ({why})"),
+        },
+        Ok(None) => CredentialResult::Unavailable(format!(
+            "{why}, and no voucher for charger {charger}"
+        )),
+        Err(e) => {
+            shared.error(format!("wallet: {e}"));
+            CredentialResult::Unavailable(format!("{why}, and the wallet failed: {e}"))
+        }
+    };
+    let _ = tx.send(LoopMsg::Credential { session, result });
+}
+
+async fn store_vouchers(shared: &Shared, vouchers: Vec<crate::auth::Credential>) -> usize {
+    if vouchers.is_empty() {
+        return 0;
+    }
+    let wallet = shared.wallet.clone();
+    tokio::task::spawn_blocking(move || {
+        let Ok(mut w) = wallet.lock() else { return 0 };
+        vouchers
+            .into_iter()
+            .filter(|v| match w.add(v.clone()) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "voucher from the grant not stored");
+                    false
+                }
+            })
+            .count()
+    })
+    .await
+    .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
+// The CAN loop
+
+struct LoopCtx<'a> {
+    config: &'a Config,
+    shared: Arc<Shared>,
+    client: Option<IdentityClient>,
+    jobs: mpsc::UnboundedSender<StoreJob>,
+    observe: Observe,
+    systemd: &'a Systemd,
+}
+
+/// Frames in and out per bus, for `status`.
+#[derive(Default, Clone, Copy)]
+struct BusCounters {
+    frames_in: u64,
+    frames_out: u64,
+    errors: u64,
+    up: bool,
+}
+
+async fn recv_opt<B: CanBus>(bus: &mut Option<B>) -> Result<BusEvent, BusError> {
+    match bus {
+        Some(b) => b.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn can_loop<B: CanBus>(
+    ctx: LoopCtx<'_>,
+    buses: Buses<B>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let config = ctx.config;
+    let shared = ctx.shared.clone();
+    let clock = Clock::new();
+    let can = &config.can;
+    let (mut bms_bus, mut pile_bus) = match buses {
+        Buses::Single(bus) => (None, bus),
+        Buses::Bridge { bms, pile } => (Some(bms), pile),
+    };
+    let mut bridge = if bms_bus.is_some() {
+        let fw = &config.firewall;
+        let pgns = |list: &[u32]| -> Result<_, DaemonError> {
+            list.iter()
+                .map(|&p| Pgn::new(p).map_err(|_| DaemonError::Pgn(p)))
+                .collect()
+        };
+        Some(Bridge::new(FirewallConfig {
+            bms: can.bms_address,
+            pile: can.pile_address,
+            gateway: can.address,
+            bms_to_pile: pgns(&fw.bms_to_pile)?,
+            pile_to_bms: pgns(&fw.pile_to_bms)?,
+            rate: RateLimit {
+                per_second: fw.rate_per_second,
+                burst: fw.burst,
+            },
+            blank_vin: fw.blank_vin,
+            gate_recognition: config.session.require_pile_auth,
+        }))
+    } else {
+        None
+    };
+    // Single-bus: watch the BMS and the pile without taking part.
+    let mut monitor = bridge.is_none().then(|| Monitor::new(16));
+    let mut observer = SessionObserver::new(ObserverConfig {
+        bms: can.bms_address,
+        pile: can.pile_address,
+        silence: config.session.bus_silence,
+    });
+    let mut orch = Orchestrator::new(config.vehicle.id.clone(), config.cloud.want_vouchers);
+    let mut auth: Option<AuthNode> = None;
+    let auth_config = crate::auth::VehicleAuthConfig {
+        challenge_timeout: config.session.auth_timeout,
+        result_timeout: config.session.auth_timeout,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<LoopMsg>();
+    let mut counters = [BusCounters { up: true, ..Default::default() }; 2]; // [pile/bus, bms]
+    let mut span = tracing::Span::none();
+    let mut watchdog = ctx
+        .systemd
+        .watchdog_interval()
+        .map(|every| tokio::time::interval(every.max(Duration::from_millis(100))));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut stopping = false;
+    let mut rng = SystemRng;
+
+    loop {
+        // Move everything along until nothing moves.
+        loop {
+            let now = clock.now();
+            let mut moved = false;
+            if let Some(b) = bridge.as_mut() {
+                while let Some((side, frame)) = b.poll_transmit() {
+                    moved = true;
+                    let (bus_ok, i) = match side {
+                        Side::Pile => (pile_bus.send(&frame).await, 0),
+                        Side::Bms => match bms_bus.as_mut() {
+                            Some(bus) => (bus.send(&frame).await, 1),
+                            None => (Ok(()), 1),
+                        },
+                    };
+                    match bus_ok {
+                        Ok(()) => counters[i].frames_out += 1,
+                        Err(e) => {
+                            counters[i].errors += 1;
+                            debug!(error = %e, "send failed");
+                        }
+                    }
+                }
+                while let Some((_, msg)) = b.poll_message() {
+                    moved = true;
+                    observer.handle_message(&msg, now);
+                }
+            }
+            if let Some(m) = monitor.as_mut() {
+                while let Some(ev) = m.poll_event() {
+                    moved = true;
+                    if let MonitorEvent::Message(msg) = ev {
+                        observer.handle_message(&msg, now);
+                    }
+                }
+            }
+            if let Some(a) = auth.as_mut() {
+                while let Some(frame) = a.poll_transmit() {
+                    moved = true;
+                    match pile_bus.send(&frame).await {
+                        Ok(()) => counters[0].frames_out += 1,
+                        Err(e) => {
+                            counters[0].errors += 1;
+                            debug!(error = %e, "send failed");
+                        }
+                    }
+                }
+                if let Some(outcome) = a.poll_outcome() {
+                    moved = true;
+                    let _g = span.enter();
+                    orch.on_auth(outcome, now);
+                }
+            }
+            while let Some(ev) = observer.poll_event() {
+                moved = true;
+                if matches!(ev, crate::gateway::observer::ObserverEvent::Started)
+                    || (orch.current().is_none()
+                        && matches!(
+                            ev,
+                            crate::gateway::observer::ObserverEvent::ChargeRequest { .. }
+                        ))
+                {
+                    span = info_span!("session", id = orch.next_session_id());
+                }
+                let _g = span.enter();
+                orch.on_observer(ev, now, unix_now(), &mut rng);
+            }
+            while let Some(action) = orch.poll_action() {
+                moved = true;
+                let _g = span.enter();
+                match action {
+                    Action::FetchCredential { session, params } => {
+                        let task = obtain_credential(
+                            session,
+                            ctx.client.clone(),
+                            shared.clone(),
+                            params,
+                            config.cloud.request_timeout,
+                            tx.clone(),
+                        );
+                        tokio::spawn(task.instrument(span.clone()));
+                    }
+                    Action::Journal { draft } => {
+                        let _ = ctx.jobs.send(StoreJob::Journal(draft));
+                    }
+                    Action::StartAuth { credential, pile } => {
+                        let mut node = AuthNode::new(credential, can.address, auth_config);
+                        node.start(pile, now);
+                        auth = Some(node);
+                    }
+                    Action::OpenGate => {
+                        if let Some(b) = bridge.as_mut() {
+                            b.set_pile_authenticated(true, now);
+                        }
+                    }
+                    Action::CloseGate => {
+                        if let Some(b) = bridge.as_mut() {
+                            b.set_pile_authenticated(false, now);
+                        }
+                        auth = None;
+                    }
+                    Action::Record { record } => {
+                        let _ = ctx.jobs.send(StoreJob::Record(record));
+                    }
+                }
+            }
+            while let Some(notice) = orch.poll_notice() {
+                moved = true;
+                on_notice(&shared, &notice);
+                if let Some(sink) = &ctx.observe.notices {
+                    let _ = sink.send((now, notice));
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        publish_snapshot(&shared, &orch, bridge.as_ref(), &counters);
+        if stopping {
+            return match shared.unhealthy_reason.lock().ok().and_then(|r| r.clone()) {
+                Some(why) if !shared.healthy.load(Ordering::SeqCst) => {
+                    Err(DaemonError::Unhealthy(why))
+                }
+                _ => Ok(()),
+            };
+        }
+
+        let deadline = [
+            bridge.as_ref().and_then(Bridge::poll_timeout),
+            monitor.as_ref().and_then(Monitor::poll_timeout),
+            observer.poll_timeout(),
+            auth.as_ref().and_then(AuthNode::poll_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                info!("shutdown requested");
+                let _g = span.enter();
+                orch.on_shutdown(unix_now());
+                stopping = true;
+            }
+            ev = pile_bus.recv() => {
+                let now = clock.now();
+                match ev? {
+                    BusEvent::Frame(frame) => {
+                        counters[0].frames_in += 1;
+                        if let Some(b) = bridge.as_mut() {
+                            b.handle_frame(Side::Pile, &frame, now);
+                        }
+                        if let Some(m) = monitor.as_mut() {
+                            m.handle_frame(&frame, now);
+                        }
+                        if let Some(a) = auth.as_mut() {
+                            a.handle_frame(&frame, now);
+                        }
+                    }
+                    BusEvent::Error(e) => {
+                        counters[0].errors += 1;
+                        debug!(error = ?e, "CAN error frame (pile side)");
+                    }
+                    BusEvent::Link(state) => {
+                        counters[0].up = state == crate::can::LinkState::Up;
+                        warn!(?state, "CAN link (pile side)");
+                        shared.error(format!("CAN {} link {state:?}", if bridge.is_some() { "pile" } else { "bus" }));
+                    }
+                }
+            }
+            ev = recv_opt(&mut bms_bus) => {
+                let now = clock.now();
+                match ev? {
+                    BusEvent::Frame(frame) => {
+                        counters[1].frames_in += 1;
+                        if let Some(b) = bridge.as_mut() {
+                            b.handle_frame(Side::Bms, &frame, now);
+                        }
+                    }
+                    BusEvent::Error(e) => {
+                        counters[1].errors += 1;
+                        debug!(error = ?e, "CAN error frame (BMS side)");
+                    }
+                    BusEvent::Link(state) => {
+                        counters[1].up = state == crate::can::LinkState::Up;
+                        warn!(?state, "CAN link (BMS side)");
+                        shared.error(format!("CAN bms link {state:?}"));
+                    }
+                }
+            }
+            Some(msg) = rx.recv() => {
+                let _g = span.enter();
+                match msg {
+                    LoopMsg::Credential { session, result } => {
+                        orch.on_credential(session, result, unix_now());
+                    }
+                    LoopMsg::Pending { session, deadline } => {
+                        if orch.current().is_some_and(|s| s.session == session) {
+                            info!(deadline, "awaiting owner approval");
+                            if let Ok(mut snap) = shared.snapshot.lock() {
+                                snap.awaiting_approval = true;
+                            }
+                            if let Some(sink) = &ctx.observe.notices {
+                                let _ = sink.send((clock.now(), Notice::AwaitingApproval { deadline }));
+                            }
+                        }
+                    }
+                }
+            }
+            () = clock.sleep_until(deadline) => {
+                let now = clock.now();
+                if let Some(b) = bridge.as_mut() {
+                    b.handle_timeout(now);
+                }
+                if let Some(m) = monitor.as_mut() {
+                    m.handle_timeout(now);
+                }
+                observer.handle_timeout(now);
+                if let Some(a) = auth.as_mut() {
+                    a.handle_timeout(now);
+                }
+            }
+            _ = tick(&mut watchdog) => {
+                if shared.healthy.load(Ordering::SeqCst) {
+                    ctx.systemd.ping();
+                }
+            }
+        }
+    }
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn on_notice(shared: &Shared, notice: &Notice) {
+    match notice {
+        Notice::NoCredential { reason } => shared.error(format!("no credential: {reason}")),
+        Notice::PileRefused { reason } => shared.error(format!("pile authentication: {reason}")),
+        Notice::SessionEnded { .. } => {
+            if let Ok(mut snap) = shared.snapshot.lock() {
+                snap.awaiting_approval = false;
+            }
+        }
+        Notice::Credential { .. } => {
+            if let Ok(mut snap) = shared.snapshot.lock() {
+                snap.awaiting_approval = false;
+            }
+        }
+        _ => {}
+    }
+}
+
+fn session_status(v: &SessionView) -> SessionStatus {
+    SessionStatus {
+        id: v.session.to_string(),
+        phase: v.phase.to_string(),
+        charger_number: v.charger_number,
+        credential: v.credential.map(|k| match k {
+            CredentialKind::Online => "online".to_string(),
+            CredentialKind::Voucher => "voucher".to_string(),
+        }),
+        pile_authenticated: v.pile_authenticated,
+        awaiting_approval: false,
+        started_at: v.started_at,
+        ended_at: None,
+        result: None,
+        energy_wh: None,
+        request_to_recognized_ms: v
+            .request_to_recognized
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    }
+}
+
+fn publish_snapshot(
+    shared: &Shared,
+    orch: &Orchestrator,
+    bridge: Option<&Bridge>,
+    counters: &[BusCounters; 2],
+) {
+    let Ok(mut snap) = shared.snapshot.lock() else {
+        return;
+    };
+    let current = orch.current().map(session_status);
+    if let (Some(prev), None) = (&snap.session, &current) {
+        let mut last = prev.clone();
+        last.ended_at = Some(unix_now());
+        last.result = orch.last_result().map(str::to_owned);
+        last.energy_wh = orch.last_energy_wh();
+        snap.last_session = Some(last);
+    }
+    snap.session = current;
+    // `status` lists the BMS side first in bridge mode; the loop counts
+    // the pile side (or the single bus) at index 0.
+    let order = if bridge.is_some() {
+        [counters[1], counters[0]]
+    } else {
+        [counters[0], counters[1]]
+    };
+    for (status, c) in snap.can.iter_mut().zip(order) {
+        status.frames_in = c.frames_in;
+        status.frames_out = c.frames_out;
+        status.errors = c.errors;
+        status.up = c.up;
+    }
+    snap.firewall = bridge.map(|b| b.counters().clone());
+}
