@@ -15,14 +15,21 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "warn")]
-    log_level: String,
+    /// Default: `warn`, or `[log] level` of the config for `run`.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway daemon (under systemd: `Type=notify`).
+    Run {
+        /// The config file; `BMSGW__SECTION__KEY` variables override it.
+        #[arg(long, value_name = "F", default_value = bmsgw::service::config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// The whole system in one process: dev PKI, embedded broker, cloud
     /// service, BMS and pile simulators and the gateway daemon in bridge
     /// mode, through scenarios (a) online, (b) owner approval, (c) broker
@@ -213,7 +220,20 @@ enum SimRole {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    bmsgw::service::logging::init(&cli.log_level);
+    // `run` reads its level from the config; a bad config is reported
+    // below, with the default level.
+    let config_level = match &cli.command {
+        Command::Run { config } => bmsgw::service::config::Config::load(config)
+            .ok()
+            .map(|c| c.log.level),
+        _ => None,
+    };
+    let level = cli
+        .log_level
+        .clone()
+        .or(config_level)
+        .unwrap_or_else(|| "warn".to_string());
+    bmsgw::service::logging::init(&level);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -250,6 +270,13 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 async fn dispatch(command: Command) -> Result<(), String> {
     match command {
+        Command::Run { config } => {
+            let config = bmsgw::service::config::Config::load(&config)
+                .map_err(|e| format!("run: {}", chain(&e)))?;
+            bmsgw::service::daemon::run(config, terminate())
+                .await
+                .map_err(|e| format!("run: {}", chain(&e)))
+        }
         Command::Decode { log, changes } => {
             let opts = bmsgw::gbt27930::timeline::TimelineOptions {
                 changes_only: changes,
@@ -504,7 +531,6 @@ async fn sim(role: SimRole) -> Result<(), String> {
     }
 }
 
-#[cfg(feature = "sim")]
 async fn ctrl_c() {
     // If the handler cannot be installed, run without one.
     if tokio::signal::ctrl_c().await.is_err() {
@@ -513,7 +539,6 @@ async fn ctrl_c() {
 }
 
 /// Ctrl-C or SIGTERM, whichever comes first (services stop on either).
-#[cfg(feature = "sim")]
 async fn terminate() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {

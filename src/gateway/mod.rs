@@ -1,7 +1,14 @@
 //! The gateway: what the vehicle side runs on the CAN bus.
 //!
-//! For now this holds the vehicle-side authentication driver, which proves
-//! the vehicle to a pile with a credential over any [`CanBus`](crate::can::CanBus).
-//! The session orchestrator and the bridge/firewall join it with the daemon.
+//! - [`observer`]: follows a GB/T session between the BMS and the pile
+//!   without taking part (sans-IO);
+//! - [`orchestrator`]: what to do at each step of a session: fetch a
+//!   credential, authenticate to the pile, record the session (sans-IO);
+//! - [`vehicle_auth`]: proves the vehicle to the pile with a credential;
+//! - [`firewall`] and [`bridge`]: bridge mode's CAN firewall between the
+//!   BMS's bus and the pile's (sans-IO).
+//!
+//! `service::daemon` drives them on real buses.
 
+pub mod orchestrator;
 pub mod vehicle_auth;

@@ -1,5 +1,7 @@
-//! Running as a service: logging and key files now; config, systemd notify and the control
-//! socket arrive with the daemon.
+//! Running as a service: the daemon itself ([`daemon`]), its config, systemd
+//! readiness and watchdog, the control socket and `status`, logging and key
+//! files.
 
+pub mod daemon;
 pub mod keyfile;
 pub mod logging;
