@@ -457,3 +457,219 @@ fn end_reason(result: &EndResult) -> String {
         EndResult::StoppedBeforeCharging(why) => format!("stopped before charging: {why}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::RootKey;
+    use crate::auth::rng::StreamRng;
+    use crate::gateway::vehicle_auth::Authenticated;
+
+    const NOW: u32 = 1_760_000_000;
+    const PILE: Address = Address(0x56);
+
+    fn orch() -> Orchestrator {
+        Orchestrator::new(VehicleId::parse("veh-a").expect("valid id"), 4)
+    }
+
+    fn t(ms: u64) -> Timestamp {
+        Timestamp::from_millis(ms)
+    }
+
+    fn credential(voucher: bool) -> Credential {
+        Credential::issue(
+            &RootKey::from_bytes([7; 32]),
+            0,
+            1,
+            [1; 16],
+            NOW - 10,
+            NOW + 600,
+            0,
+            voucher,
+            &mut StreamRng::new(1),
+        )
+    }
+
+    fn request() -> ObserverEvent {
+        ObserverEvent::ChargeRequest {
+            charger_number: 1,
+            region_code: *b"310",
+            pile: PILE,
+        }
+    }
+
+    fn actions(o: &mut Orchestrator) -> Vec<Action> {
+        std::iter::from_fn(|| o.poll_action()).collect()
+    }
+
+    fn ended(result: EndResult, energy: Option<u32>) -> ObserverEvent {
+        ObserverEvent::Ended(SessionEnd {
+            result,
+            energy_wh: energy,
+            charging_minutes: None,
+            final_soc_percent: None,
+            phase_reached: Phase::Statistics,
+        })
+    }
+
+    #[test]
+    fn online_session_fetches_journals_authenticates_and_records() {
+        let mut o = orch();
+        let mut rng = StreamRng::new(9);
+        o.on_observer(ObserverEvent::Started, t(0), NOW, &mut rng);
+        assert!(matches!(actions(&mut o)[..], [Action::CloseGate]));
+        o.on_observer(request(), t(250), NOW, &mut rng);
+        // Repeats of CRM(0x00) do not ask again.
+        o.on_observer(request(), t(500), NOW, &mut rng);
+        let fetch = actions(&mut o);
+        let [Action::FetchCredential { session, params }] = &fetch[..] else {
+            panic!("expected one fetch, got {fetch:?}");
+        };
+        assert_eq!(params.charger_number, 1);
+        assert_eq!(params.want_vouchers, 4);
+        let cred = credential(false);
+        let ticket_id = cred.ticket_id();
+        o.on_credential(
+            *session,
+            CredentialResult::Online {
+                credential: cred,
+                elapsed: Duration::from_millis(40),
+                refused: 0,
+            },
+            NOW + 1,
+        );
+        let next = actions(&mut o);
+        let [Action::Journal { draft }, Action::StartAuth { pile, .. }] = &next[..] else {
+            panic!("expected journal then auth, got {next:?}");
+        };
+        assert_eq!(*pile, PILE);
+        assert!(matches!(draft.result, SessionResult::Failed { .. }));
+        o.on_auth(
+            AuthOutcome::Accepted(Authenticated {
+                charger_number: 1,
+                pile_address: PILE,
+            }),
+            t(400),
+        );
+        assert!(matches!(actions(&mut o)[..], [Action::OpenGate]));
+        o.on_observer(ObserverEvent::Recognized, t(420), NOW + 1, &mut rng);
+        assert_eq!(
+            o.current().and_then(|v| v.request_to_recognized),
+            Some(Duration::from_millis(170))
+        );
+        o.on_observer(ended(EndResult::Completed, Some(1200)), t(9000), NOW + 9, &mut rng);
+        let end = actions(&mut o);
+        let [Action::Record { record }, Action::CloseGate] = &end[..] else {
+            panic!("expected record then close, got {end:?}");
+        };
+        assert_eq!(record.record_id, draft.record_id, "draft and record share the id");
+        assert_eq!(record.credential.kind, CredentialKind::Online);
+        assert_eq!(record.credential.ticket_id, ticket_id);
+        assert_eq!(record.energy_wh, 1200);
+        assert_eq!(record.result, SessionResult::Completed);
+        assert!(o.current().is_none());
+        assert_eq!(o.last_result(), Some("completed"));
+    }
+
+    #[test]
+    fn a_session_without_credential_leaves_no_record() {
+        let mut o = orch();
+        let mut rng = StreamRng::new(9);
+        o.on_observer(request(), t(0), NOW, &mut rng);
+        let session = match actions(&mut o).pop() {
+            Some(Action::FetchCredential { session, .. }) => session,
+            other => panic!("expected a fetch, got {other:?}"),
+        };
+        o.on_credential(session, CredentialResult::Unavailable("no voucher".into()), NOW);
+        assert!(actions(&mut o).is_empty());
+        o.on_observer(
+            ended(EndResult::BmsError("CRM timeout".into()), None),
+            t(6000),
+            NOW + 6,
+            &mut rng,
+        );
+        let end = actions(&mut o);
+        assert!(
+            !end.iter().any(|a| matches!(a, Action::Record { .. })),
+            "no credential was spent, so there is nothing to record: {end:?}"
+        );
+        assert!(std::iter::from_fn(|| o.poll_notice()).any(
+            |n| matches!(n, Notice::SessionEnded { recorded: false, ref result, .. } if result.contains("no voucher"))
+        ));
+    }
+
+    #[test]
+    fn a_refused_pile_is_the_reason_in_the_record_and_a_late_credential_is_dropped() {
+        let mut o = orch();
+        let mut rng = StreamRng::new(9);
+        o.on_observer(request(), t(0), NOW, &mut rng);
+        let session = match actions(&mut o).pop() {
+            Some(Action::FetchCredential { session, .. }) => session,
+            other => panic!("expected a fetch, got {other:?}"),
+        };
+        o.on_credential(
+            session,
+            CredentialResult::Voucher {
+                credential: credential(true),
+                why: "voucher (cloud link is backoff)".into(),
+            },
+            NOW,
+        );
+        let _ = actions(&mut o);
+        o.on_auth(AuthOutcome::FakePile, t(300));
+        o.on_observer(
+            ended(EndResult::BmsError("CRM(0xAA) timeout".into()), None),
+            t(6000),
+            NOW + 6,
+            &mut rng,
+        );
+        let end = actions(&mut o);
+        let Some(Action::Record { record }) = end.first() else {
+            panic!("expected a record, got {end:?}");
+        };
+        assert_eq!(record.credential.kind, CredentialKind::Voucher);
+        match &record.result {
+            SessionResult::Failed { reason } => assert!(reason.contains("fake pile"), "{reason}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        // A result for the ended session changes nothing.
+        o.on_credential(
+            session,
+            CredentialResult::Voucher {
+                credential: credential(true),
+                why: "late".into(),
+            },
+            NOW + 7,
+        );
+        assert!(actions(&mut o).is_empty());
+        assert!(o.current().is_none());
+    }
+
+    #[test]
+    fn shutdown_mid_session_records_it_as_interrupted() {
+        let mut o = orch();
+        let mut rng = StreamRng::new(9);
+        o.on_observer(request(), t(0), NOW, &mut rng);
+        let session = match actions(&mut o).pop() {
+            Some(Action::FetchCredential { session, .. }) => session,
+            other => panic!("expected a fetch, got {other:?}"),
+        };
+        o.on_credential(
+            session,
+            CredentialResult::Online {
+                credential: credential(false),
+                elapsed: Duration::ZERO,
+                refused: 0,
+            },
+            NOW,
+        );
+        let _ = actions(&mut o);
+        o.on_shutdown(NOW + 3);
+        let end = actions(&mut o);
+        let Some(Action::Record { record }) = end.first() else {
+            panic!("expected a record, got {end:?}");
+        };
+        assert!(matches!(&record.result, SessionResult::Failed { reason } if reason.contains("gateway stopped")));
+        assert_eq!(record.stopped_at, NOW + 3);
+    }
+}
