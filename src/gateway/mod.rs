@@ -10,5 +10,6 @@
 //!
 //! `service::daemon` drives them on real buses.
 
+pub mod observer;
 pub mod orchestrator;
 pub mod vehicle_auth;
