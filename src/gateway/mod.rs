@@ -4,4 +4,6 @@
 //! the vehicle to a pile with a credential over any [`CanBus`](crate::can::CanBus).
 //! The session orchestrator and the bridge/firewall join it with the daemon.
 
+pub mod bridge;
+pub mod firewall;
 pub mod vehicle_auth;
