@@ -173,8 +173,9 @@ impl Bridge {
     /// Judges a whole message from `from` and sends what passes on the
     /// other side.
     fn forward(&mut self, from: Side, msg: J1939Message, via_tp: bool, now: Timestamp) {
-        let held = (self.firewall.holds_recognition() && self.firewall.is_crm_recognized(from, &msg))
-            .then(|| msg.clone());
+        let held = (self.firewall.holds_recognition()
+            && self.firewall.is_crm_recognized(from, &msg))
+        .then(|| msg.clone());
         let Ok(out) = self.firewall.admit(from, msg, now) else {
             return;
         };
