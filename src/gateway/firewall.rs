@@ -11,8 +11,8 @@
 //! This module owns the rules, the counters and the token buckets. It never
 //! sees a transport session: [`super::bridge::Bridge`] terminates J1939 TP on
 //! both sides and asks the firewall about every frame it receives
-//! ([`Firewall::classify`]) and every whole message it would forward
-//! ([`Firewall::admit`]). The rules, in the order they apply:
+//! (`Firewall::classify`) and every whole message it would forward
+//! (`Firewall::admit`). The rules, in the order they apply:
 //!
 //! 1. The identifier is a 29-bit J1939 id; anything else is `dropped_malformed`.
 //! 2. The source is the node that lives on that side (`bms` on the BMS bus,
