@@ -10,6 +10,8 @@
 //!
 //! `service::daemon` drives them on real buses.
 
+pub mod bridge;
+pub mod firewall;
 pub mod observer;
 pub mod orchestrator;
 pub mod vehicle_auth;
