@@ -49,7 +49,7 @@ use crate::gateway::bridge::Bridge;
 use crate::gateway::firewall::{FirewallConfig, RateLimit, Side};
 use crate::gateway::observer::{ObserverConfig, SessionObserver};
 use crate::gateway::orchestrator::{Action, CredentialResult, Notice, Orchestrator, SessionView};
-use crate::gateway::vehicle_auth::{AuthNode, AuthOutcome};
+use crate::gateway::vehicle_auth::AuthNode;
 use crate::j1939::Pgn;
 use crate::j1939::monitor::{Monitor, MonitorEvent};
 use crate::store::{DurableWallet, Outbox, OutboxPolicy, Store, StoreError};
@@ -200,7 +200,8 @@ pub async fn run_on<B: CanBus + 'static>(
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel::<StoreJob>();
     let writer = tokio::spawn(store_writer(shared.clone(), jobs_rx, wake.clone()));
 
-    systemd.ready(&format!("{mode}: CAN and store up; cloud connecting"));
+    systemd.status(&format!("{mode}: CAN and store up; cloud connecting"));
+    systemd.ready();
     info!(mode, vehicle = %keys.vehicle_id, "bmsgw running");
 
     // The cloud link: started after READY, connects on its own schedule.
@@ -380,20 +381,15 @@ impl Shared {
         self.link.borrow().clone()
     }
 
-    /// Vouchers and revocations, from MQTT or from a ticket file: the
-    /// envelope is checked the same way for both.
-    async fn apply_push(&self, topic: &str, payload: &[u8]) -> Result<ImportReport, String> {
-        let event = open_push(&self.keys, topic, payload).map_err(|e| e.to_string())?;
+    /// Vouchers and revocations, from MQTT or from a ticket file, once
+    /// their envelope has been checked (the same check for both).
+    async fn apply_push(&self, event: PushEvent) -> Result<ImportReport, String> {
         let wallet = self.wallet.clone();
         tokio::task::spawn_blocking(move || {
             let mut wallet = wallet.lock().map_err(|_| "wallet lock poisoned".to_string())?;
             match event {
                 PushEvent::Vouchers { vouchers, .. } => {
-                    let mut report = ImportReport {
-                        vouchers: 0,
-                        charger_numbers: Vec::new(),
-                        revoked: 0,
-                    };
+                    let mut report = ImportReport::default();
                     let mut duplicates = 0;
                     for v in vouchers {
                         let charger = v.charger_number;
@@ -408,6 +404,7 @@ impl Shared {
                             Err(e) => return Err(format!("wallet: {e}")),
                         }
                     }
+                    report.charger_numbers.sort_unstable();
                     if report.vouchers == 0 && duplicates > 0 {
                         return Err(format!(
                             "all {duplicates} voucher(s) are already in the wallet (imported before?)"
@@ -502,8 +499,10 @@ impl ControlHandler for Shared {
     }
 
     async fn import_ticket(&self, ticket: TicketFile) -> Result<ImportReport, String> {
-        let payload = ticket.payload_bytes();
-        let result = self.apply_push(&ticket.topic, &payload).await;
+        let result = match ticket.open(&self.keys) {
+            Ok(event) => self.apply_push(event).await,
+            Err(e) => Err(format!("refused: {e}")),
+        };
         match &result {
             Ok(r) => info!(
                 vouchers = r.vouchers,
@@ -523,7 +522,7 @@ fn link_state_name(state: LinkState) -> &'static str {
     match state {
         LinkState::Connecting => "connecting",
         LinkState::Connected => "connected",
-        LinkState::Backoff => "backoff",
+        LinkState::Backoff { .. } => "backoff",
         LinkState::Stopped => "stopped",
     }
 }
@@ -548,7 +547,11 @@ async fn push_handler(
             debug!(topic = %msg.topic, "ignoring a message on an unexpected topic");
             continue;
         }
-        match shared.apply_push(&msg.topic, &msg.payload).await {
+        let applied = match open_push(&shared.keys, &msg.topic, &msg.payload) {
+            Ok(event) => shared.apply_push(event).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match applied {
             Ok(r) => info!(vouchers = r.vouchers, revoked = r.revoked, "push from the cloud applied"),
             Err(e) => {
                 warn!(error = %e, "push refused");

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -589,9 +588,5 @@ impl<'o, W: Write + Send> World<'o, W> {
         let _ = self.stop_daemon().await;
         self.stop_cloud().await;
         self.broker.stop();
-    }
-
-    pub(super) fn control_socket(&self, v: Vehicle) -> PathBuf {
-        self.config(v).control.socket.clone()
     }
 }
