@@ -228,11 +228,20 @@ fn main() -> ExitCode {
             .map(|c| c.log.level),
         _ => None,
     };
+    // The demo's own timeline says what happens (and the embedded broker
+    // logs every client disconnect as an error): only errors by default.
+    #[cfg(feature = "sim")]
+    let default_level = match &cli.command {
+        Command::Demo { .. } => "error,rumqttd=off",
+        _ => "warn",
+    };
+    #[cfg(not(feature = "sim"))]
+    let default_level = "warn";
     let level = cli
         .log_level
         .clone()
         .or(config_level)
-        .unwrap_or_else(|| "warn".to_string());
+        .unwrap_or_else(|| default_level.to_string());
     bmsgw::service::logging::init(&level);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

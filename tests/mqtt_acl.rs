@@ -21,7 +21,7 @@ use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties};
 use support::mosquitto::Mosquitto;
 use support::mqtt::{RawClient, topic};
 
-const CLOUD_SHARE: &str = "$share/bmsgw-cloud/bmsgw/v1/+/identity/req";
+const CLOUD_SHARE: &str = "$share/bmsgw-cloud-req/bmsgw/v1/+/identity/req";
 
 struct Setup {
     _tmp: tempfile::TempDir,

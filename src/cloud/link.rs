@@ -819,6 +819,10 @@ struct Book {
     requests: HashMap<Vec<u8>, PendingRequest>,
     finished: FinishedSet,
     wire: Wire,
+    /// Connection attempts failed since the link was last up: only the
+    /// first and every tenth are logged as warnings, so a broker that is
+    /// down for hours does not fill the journal.
+    failed_attempts: u32,
 }
 
 impl Book {
@@ -1337,9 +1341,16 @@ impl Inner {
         }
         book.wire = Wire::default();
         if was_up {
+            book.failed_attempts = 0;
             warn!(error = %error, "connection lost");
         } else {
-            warn!(error = %error, "connection attempt failed");
+            book.failed_attempts = book.failed_attempts.saturating_add(1);
+            let n = book.failed_attempts;
+            if n == 1 || n % 10 == 0 {
+                warn!(error = %error, failed_attempts = n, "connection attempt failed");
+            } else {
+                debug!(error = %error, failed_attempts = n, "connection attempt failed");
+            }
         }
     }
 

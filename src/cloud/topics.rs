@@ -9,12 +9,15 @@ use std::fmt;
 
 /// The prefix shared by every topic, without the trailing `/`.
 pub const PREFIX: &str = "bmsgw/v1";
-/// The shared-subscription group of the cloud identity service.
-pub const CLOUD_SHARE_GROUP: &str = "bmsgw-cloud";
+/// The shared-subscription groups of the cloud identity service, one per
+/// filter: a group shared by two filters has one delivery cursor in some
+/// brokers (rumqttd 0.20), which then loses messages of one of them.
+pub const CLOUD_REQUEST_GROUP: &str = "bmsgw-cloud-req";
+pub const CLOUD_EVENTS_GROUP: &str = "bmsgw-cloud-events";
 /// The cloud's shared subscription to identity requests.
-pub const CLOUD_REQUEST_FILTER: &str = "$share/bmsgw-cloud/bmsgw/v1/+/identity/req";
+pub const CLOUD_REQUEST_FILTER: &str = "$share/bmsgw-cloud-req/bmsgw/v1/+/identity/req";
 /// The cloud's shared subscription to vehicle events.
-pub const CLOUD_EVENTS_FILTER: &str = "$share/bmsgw-cloud/bmsgw/v1/+/events";
+pub const CLOUD_EVENTS_FILTER: &str = "$share/bmsgw-cloud-events/bmsgw/v1/+/events";
 /// The cloud's subscription to owner approvals. Not shared: every instance
 /// sees every approval, and the one holding the pending request acts on it.
 pub const CLOUD_APPROVAL_FILTER: &str = "bmsgw/v1/+/approval";
@@ -298,12 +301,13 @@ pub(crate) mod tests {
         assert_eq!(
             cloud_filters(),
             [
-                "$share/bmsgw-cloud/bmsgw/v1/+/identity/req",
-                "$share/bmsgw-cloud/bmsgw/v1/+/events",
+                "$share/bmsgw-cloud-req/bmsgw/v1/+/identity/req",
+                "$share/bmsgw-cloud-events/bmsgw/v1/+/events",
                 "bmsgw/v1/+/approval",
             ]
         );
-        assert!(CLOUD_REQUEST_FILTER.starts_with(&format!("$share/{CLOUD_SHARE_GROUP}/{PREFIX}/")));
+        assert!(CLOUD_REQUEST_FILTER.starts_with(&format!("$share/{CLOUD_REQUEST_GROUP}/{PREFIX}/")));
+        assert!(CLOUD_EVENTS_FILTER.starts_with(&format!("$share/{CLOUD_EVENTS_GROUP}/{PREFIX}/")));
     }
 
     #[test]

@@ -153,7 +153,7 @@ pub async fn run_on<B: CanBus + 'static>(
         store: store.clone(),
         wallet: Arc::new(Mutex::new(wallet)),
         outbox: outbox.clone(),
-        link: watch::channel(None).0,
+        link: std::sync::OnceLock::new(),
         cloud_enabled: config.cloud.enabled,
         cloud: CloudCounters::default(),
         snapshot: Mutex::new(Snapshot {
@@ -173,6 +173,15 @@ pub async fn run_on<B: CanBus + 'static>(
         unhealthy_reason: Mutex::new(None),
     });
 
+    // Under systemd the RuntimeDirectory exists already; elsewhere (tests,
+    // the demo, a bench) the socket's directory is made here.
+    if let Some(dir) = config.control.socket.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir);
+    }
     let control = ControlServer::bind(&config.control.socket, config.control.group.as_deref())?;
     info!(socket = %config.control.socket.display(), "control socket listening");
 
@@ -207,7 +216,7 @@ pub async fn run_on<B: CanBus + 'static>(
     // The cloud link: started after READY, connects on its own schedule.
     let client = if config.cloud.enabled {
         let (link, incoming) = Link::start(config.link_config())?;
-        let _ = shared.link.send(Some(link.clone()));
+        let _ = shared.link.set(link.clone());
         let client = IdentityClient::new(link, keys.clone());
         let mut publisher = OutboxPublisher::new(outbox.clone(), client.clone(), wake.clone());
         let stop = stopped();
@@ -305,7 +314,7 @@ fn load_or_create_wallet_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, DaemonE
         let mut key = Zeroizing::new([0u8; 32]);
         SystemRng.fill(&mut key[..]);
         super::keyfile::write_key(path, &key).map_err(err)?;
-        warn!(path = %path.display(), "created a new wallet key (first start)");
+        info!(path = %path.display(), "created a new wallet key (first start)");
     }
     super::keyfile::load_key(path).map_err(err)
 }
@@ -338,7 +347,8 @@ struct Shared {
     store: Store,
     wallet: Arc<Mutex<DurableWallet>>,
     outbox: Outbox,
-    link: watch::Sender<Option<Link>>,
+    /// Set once the cloud link has started (after READY).
+    link: std::sync::OnceLock<Link>,
     cloud_enabled: bool,
     cloud: CloudCounters,
     snapshot: Mutex<Snapshot>,
@@ -378,7 +388,7 @@ impl Shared {
     }
 
     fn link(&self) -> Option<Link> {
-        self.link.borrow().clone()
+        self.link.get().cloned()
     }
 
     /// Vouchers and revocations, from MQTT or from a ticket file, once
@@ -613,8 +623,11 @@ enum LoopMsg {
     Pending { session: u64, deadline: u32 },
 }
 
-/// Cloud first; a voucher when the cloud is down or does not answer in
-/// time.
+/// Cloud first; a voucher when the cloud does not answer within the
+/// request timeout, or at once when the link is known to be down (in
+/// backoff after a failed attempt): the BMS waits only 5 s for CRM(0xAA).
+/// A link that is still connecting gets the request (it is sent on
+/// connect) and the timeout.
 async fn obtain_credential(
     session: u64,
     client: Option<IdentityClient>,
@@ -626,7 +639,12 @@ async fn obtain_credential(
     let charger = params.charger_number;
     let started = Instant::now();
     let why = match client {
-        Some(client) if client.link().state() == LinkState::Connected => {
+        Some(client)
+            if matches!(
+                client.link().state(),
+                LinkState::Connected | LinkState::Connecting
+            ) =>
+        {
             let pending_tx = tx.clone();
             let fetched = client
                 .fetch_with(params, timeout, &mut SystemRng, move |deadline| {

@@ -366,7 +366,7 @@ mod tests {
         subscribe(
             &sub,
             &mut sub_events,
-            "$share/bmsgw-cloud/bmsgw/v1/+/identity/req",
+            "$share/bmsgw-cloud-req/bmsgw/v1/+/identity/req",
         )
         .await;
         let (publ, mut pub_events) = connect(options(broker.port(), "veh-a", vehicle)).await;
@@ -409,7 +409,7 @@ mod tests {
         let cloud = pki
             .tls_client_config(&pki.cloud_cert, &pki.cloud_key)
             .unwrap();
-        let filter = "$share/bmsgw-cloud/bmsgw/v1/+/identity/req";
+        let filter = "$share/bmsgw-cloud-req/bmsgw/v1/+/identity/req";
         let (m1, mut e1) = connect(options(broker.port(), "cloud-1", cloud.clone())).await;
         subscribe(&m1, &mut e1, filter).await;
         let (m2, mut e2) = connect(options(broker.port(), "cloud-2", cloud.clone())).await;

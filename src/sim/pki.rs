@@ -507,7 +507,7 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
 /// granted, and each message is checked as a *read* of its own topic when
 /// it is delivered. A vehicle subscribed to another vehicle's topics
 /// therefore gets a SUBACK but never a message, and the cloud's
-/// `$share/bmsgw-cloud/bmsgw/v1/+/identity/req` is covered by its read
+/// `$share/bmsgw-cloud-req/bmsgw/v1/+/identity/req` is covered by its read
 /// grant on `bmsgw/v1/#`. Publishes are checked as writes; a denied QoS 1
 /// publish is acknowledged (v5: reason code) and dropped.
 pub fn mosquitto_acl(vehicles: &[String]) -> String {

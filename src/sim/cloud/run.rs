@@ -3,7 +3,7 @@
 //! published at QoS 1, approval deadlines driven by a timer.
 //!
 //! Instances share nothing but the registries: requests and events arrive
-//! through a shared subscription (`$share/bmsgw-cloud/…`), so N instances
+//! through a shared subscription (`$share/bmsgw-cloud-req/…`, `$share/bmsgw-cloud-events/…`), so N instances
 //! split them, while every instance sees every approval and only the one
 //! holding the request acts on it.
 

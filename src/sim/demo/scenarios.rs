@@ -123,7 +123,9 @@ fn credential_is(seen: &[Notice], want: CredentialKind) -> bool {
 fn report_sims(c: &mut Checks, (bms, pile): &Outcomes) {
     c.check(bms.is_ok(), format!("BMS: {}", describe(bms)));
     c.check(pile.is_ok(), format!("pile: {}", describe(pile)));
-    if let Ok(s) = pile {
+    if let Ok(s) = pile
+        && s.energy_decikwh > 0
+    {
         c.note(format!("{:.1} kWh delivered", f32::from(s.energy_decikwh) / 10.0));
     }
 }
@@ -158,10 +160,14 @@ async fn online<W: Write + Send>(
 ) -> Result<(ScenarioResult, Option<Vec<u8>>), DemoError> {
     world.begin("(a) online session: veh-a at pile 1, the cloud issues a ticket")?;
     world.start_daemon(Vehicle::A).await?;
+    let mut c = Checks::new();
+    let connected = world
+        .wait_status(Duration::from_secs(15), |s| s.cloud.state == "connected")
+        .await;
+    c.check(connected.is_some(), "the gateway never connected to the broker");
     let records = world.cloud_stats().records;
     let pile = world.pile_options()?;
     let outcomes = session(world, pile).await?;
-    let mut c = Checks::new();
     report_sims(&mut c, &outcomes);
     c.check(
         credential_is(&world.seen, CredentialKind::Online),
@@ -184,6 +190,9 @@ async fn online<W: Write + Send>(
 async fn approval<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioResult, DemoError> {
     world.begin("(b) owner approval: veh-b's grants wait for the owner's app")?;
     world.start_daemon(Vehicle::B).await?;
+    let connected = world
+        .wait_status(Duration::from_secs(15), |s| s.cloud.state == "connected")
+        .await;
     let pile = world.pile_options()?;
     let monitor = world.cloud_monitor();
     let pki = world.pki.clone();
@@ -215,6 +224,7 @@ async fn approval<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioR
     let outcomes = session(world, pile).await?;
     let owner = owner.await.map_err(|e| e.to_string()).and_then(|r| r);
     let mut c = Checks::new();
+    c.check(connected.is_some(), "the gateway never connected to the broker");
     report_sims(&mut c, &outcomes);
     c.check(owner.is_ok(), format!("owner app: {:?}", owner.err()));
     c.check(
@@ -302,7 +312,6 @@ async fn offline<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioRe
         .wait_status(Duration::from_secs(15), |s| s.cloud.state != "connected")
         .await;
     c.check(down.is_some(), "the gateway never noticed the broker was gone");
-    let records = world.cloud_stats().records;
     let pile = world.pile_options()?;
     let outcomes = session(world, pile).await?;
     report_sims(&mut c, &outcomes);
@@ -332,7 +341,13 @@ async fn offline<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioRe
     let restarted = world.broker.restart();
     world.say("broker", "restarted");
     c.check(restarted.is_ok(), format!("broker restart: {:?}", restarted.err()));
-    let uploaded = record_reaches_cloud(world, records, Duration::from_secs(30)).await;
+    // The cloud's own link backs off up to 10 s; a fresh instance is
+    // subscribed again at once.
+    world.stop_cloud().await;
+    world.start_cloud().await?;
+    world.say("cloud", "reconnected");
+    // A fresh instance: every record it counts arrived after the restart.
+    let uploaded = record_reaches_cloud(world, 0, Duration::from_secs(30)).await;
     c.check(uploaded.is_some(), "record never reached the cloud after the broker returned");
     if let Some(d) = uploaded {
         c.note(format!("record at the cloud {} after the broker returned", secs(d)));

@@ -244,10 +244,13 @@ impl<'o, W: Write + Send> World<'o, W> {
                 .map_err(|e| setup("gateway config", &e))?;
             let mut config = Config::load_with_env(&path, std::iter::empty())
                 .map_err(|e| setup("gateway config", &e))?;
-            // Quick reconnects, so scenario (c) does not wait for a long
-            // backoff once the broker is back.
-            config.cloud.reconnect_min = Duration::from_millis(100);
-            config.cloud.reconnect_max = Duration::from_millis(800);
+            // Reconnects within 1–2 s, so scenario (c) does not wait for
+            // a long backoff once the broker is back, yet leaves the cloud
+            // time to subscribe again first (the embedded broker keeps no
+            // session over a restart, so a record published before the
+            // cloud is back would have no subscriber).
+            config.cloud.reconnect_min = Duration::from_secs(1);
+            config.cloud.reconnect_max = Duration::from_secs(2);
             config.cloud.keep_alive = Duration::from_secs(5);
             configs.push(config);
         }
