@@ -47,6 +47,12 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Validate a config file and the keys and certificates it names,
+    /// without starting anything.
+    CheckConfig {
+        /// The config file (`BMSGW__SECTION__KEY` variables apply too).
+        config: PathBuf,
+    },
     /// Decode a `candump -L` log: reassemble TP and print one line per GB/T message.
     Decode {
         /// The log file (`-` for standard input).
@@ -279,6 +285,21 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 async fn dispatch(command: Command) -> Result<(), String> {
     match command {
+        Command::CheckConfig { config } => {
+            let report = bmsgw::service::check::check(&config)
+                .map_err(|e| format!("check-config: {}", chain(&e)))?;
+            print!("{}", report.render());
+            if report.passed() {
+                println!("{}: ok", config.display());
+                Ok(())
+            } else {
+                Err(format!(
+                    "check-config: {}: {} check(s) failed",
+                    config.display(),
+                    report.lines.iter().filter(|l| !l.ok).count()
+                ))
+            }
+        }
         Command::Run { config } => {
             let config = bmsgw::service::config::Config::load(&config)
                 .map_err(|e| format!("run: {}", chain(&e)))?;

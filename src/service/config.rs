@@ -1,0 +1,800 @@
+//! The daemon's configuration: `/etc/bmsgw/bmsgw.toml`, overridden by
+//! `BMSGW__SECTION__KEY` environment variables (for example
+//! `BMSGW__CLOUD__HOST=mqtt.example.com`), typed and validated before
+//! anything starts.
+//!
+//! The `config` crate layers the file and the environment; serde with
+//! `deny_unknown_fields` types them, so a misspelt key is an error rather
+//! than a silently ignored setting. Every error names the file, the key,
+//! the value and what was expected. Relative paths are resolved against the
+//! config file's directory. `docs/configuration.md` is the reference and
+//! `config/bmsgw.toml` a commented example.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cloud::link::{LinkConfig, QoS};
+use crate::cloud::tls::TlsFiles;
+use crate::cloud::topics::{self, VehicleId};
+use crate::j1939::{Address, Pgn};
+
+/// Where `bmsgw run` looks by default.
+pub const DEFAULT_PATH: &str = "/etc/bmsgw/bmsgw.toml";
+/// Environment overrides: `BMSGW__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "BMSGW";
+pub const ENV_SEPARATOR: &str = "__";
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax, a wrong type or an unknown key, as the parser saw it.
+    #[error("{path}: {message} (environment overrides: BMSGW__SECTION__KEY)")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{key}` = {value:?}: expected {expected}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        expected: String,
+    },
+}
+
+/// The whole configuration, checked.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    pub vehicle: VehicleConfig,
+    pub can: CanConfig,
+    pub cloud: CloudLinkConfig,
+    pub store: StoreConfig,
+    pub control: ControlConfig,
+    pub session: SessionConfig,
+    pub firewall: FirewallSection,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct VehicleConfig {
+    /// The vehicle's id in the cloud (its MQTT topics and certificate CN).
+    pub id: VehicleId,
+    /// The vehicle's X25519 secret key (0600).
+    pub hpke_key: PathBuf,
+    /// The cloud's X25519 public key (hex).
+    pub cloud_public_key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CanInterfaces {
+    /// One bus shared with the BMS and the pile.
+    SingleBus { interface: String },
+    /// The BMS's bus and the pile's bus, with the firewall between.
+    Bridge { bms: String, pile: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct CanConfig {
+    pub interfaces: CanInterfaces,
+    /// The gateway's own J1939 address (authentication traffic).
+    pub address: Address,
+    pub bms_address: Address,
+    pub pile_address: Address,
+}
+
+#[derive(Clone, Debug)]
+pub struct CloudLinkConfig {
+    /// Off: vouchers and imported tickets only.
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    /// The TLS client key (0600).
+    pub key: PathBuf,
+    /// How long a charge request waits for the cloud before a voucher.
+    pub request_timeout: Duration,
+    pub keep_alive: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Vouchers asked for with each grant.
+    pub want_vouchers: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// The redb state file (created 0600).
+    pub path: PathBuf,
+    /// The key that seals vouchers at rest (0600; created at first start
+    /// if missing).
+    pub wallet_key: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    /// Group allowed to use the socket (name or numeric gid).
+    pub group: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// No GB/T message for this long ends a session (cable pulled).
+    pub bus_silence: Duration,
+    /// Bridge mode: CRM(0xAA) reaches the BMS only after the pile proved
+    /// it holds its key.
+    pub require_pile_auth: bool,
+    /// How long each step of the handshake with the pile may take.
+    pub auth_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct FirewallSection {
+    pub blank_vin: bool,
+    pub rate_per_second: u32,
+    pub burst: u32,
+    pub bms_to_pile: Vec<u32>,
+    pub pile_to_bms: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+// --- the file's shape --------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    vehicle: RawVehicle,
+    can: RawCan,
+    #[serde(default)]
+    cloud: Option<RawCloud>,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    session: RawSession,
+    #[serde(default)]
+    firewall: RawFirewall,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVehicle {
+    id: String,
+    hpke_key: PathBuf,
+    cloud_public_key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCan {
+    mode: String,
+    interface: Option<String>,
+    bms_interface: Option<String>,
+    pile_interface: Option<String>,
+    #[serde(default = "d_address")]
+    address: u8,
+    #[serde(default = "d_bms")]
+    bms_address: u8,
+    #[serde(default = "d_pile")]
+    pile_address: u8,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloud {
+    #[serde(default = "d_true")]
+    enabled: bool,
+    host: Option<String>,
+    #[serde(default = "d_port")]
+    port: u16,
+    client_id: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default = "d_request_timeout")]
+    request_timeout: String,
+    #[serde(default = "d_keep_alive")]
+    keep_alive: String,
+    #[serde(default = "d_reconnect_min")]
+    reconnect_min: String,
+    #[serde(default = "d_reconnect_max")]
+    reconnect_max: String,
+    #[serde(default = "d_want_vouchers")]
+    want_vouchers: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default = "d_store_path")]
+    path: PathBuf,
+    #[serde(default = "d_wallet_key")]
+    wallet_key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    #[serde(default = "d_socket")]
+    socket: PathBuf,
+    group: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSession {
+    #[serde(default = "d_bus_silence")]
+    bus_silence: String,
+    #[serde(default = "d_true")]
+    require_pile_auth: bool,
+    #[serde(default = "d_auth_timeout")]
+    auth_timeout: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirewall {
+    #[serde(default = "d_true")]
+    blank_vin: bool,
+    #[serde(default = "d_rate")]
+    rate_per_second: u32,
+    #[serde(default = "d_burst")]
+    burst: u32,
+    bms_to_pile: Option<Vec<u32>>,
+    pile_to_bms: Option<Vec<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "d_level")]
+    level: String,
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_address() -> u8 {
+    crate::gateway::vehicle_auth::DEFAULT_VEHICLE_ADDRESS
+}
+fn d_bms() -> u8 {
+    crate::gbt27930::BMS_ADDRESS
+}
+fn d_pile() -> u8 {
+    crate::gbt27930::CHARGER_ADDRESS
+}
+fn d_port() -> u16 {
+    8883
+}
+fn d_request_timeout() -> String {
+    "2s".into()
+}
+fn d_keep_alive() -> String {
+    "30s".into()
+}
+fn d_reconnect_min() -> String {
+    "500ms".into()
+}
+fn d_reconnect_max() -> String {
+    "60s".into()
+}
+fn d_want_vouchers() -> u16 {
+    4
+}
+fn d_store_path() -> PathBuf {
+    "/var/lib/bmsgw/state.redb".into()
+}
+fn d_wallet_key() -> PathBuf {
+    "/var/lib/bmsgw/wallet.key".into()
+}
+fn d_socket() -> PathBuf {
+    "/run/bmsgw/control.sock".into()
+}
+fn d_bus_silence() -> String {
+    "5s".into()
+}
+fn d_auth_timeout() -> String {
+    "3s".into()
+}
+fn d_rate() -> u32 {
+    100
+}
+fn d_burst() -> u32 {
+    20
+}
+fn d_level() -> String {
+    "info".into()
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            path: d_store_path(),
+            wallet_key: d_wallet_key(),
+        }
+    }
+}
+
+impl Default for RawControl {
+    fn default() -> Self {
+        RawControl {
+            socket: d_socket(),
+            group: None,
+        }
+    }
+}
+
+impl Default for RawSession {
+    fn default() -> Self {
+        RawSession {
+            bus_silence: d_bus_silence(),
+            require_pile_auth: true,
+            auth_timeout: d_auth_timeout(),
+        }
+    }
+}
+
+impl Default for RawFirewall {
+    fn default() -> Self {
+        RawFirewall {
+            blank_vin: true,
+            rate_per_second: d_rate(),
+            burst: d_burst(),
+            bms_to_pile: None,
+            pile_to_bms: None,
+        }
+    }
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { level: d_level() }
+    }
+}
+
+// --- loading -------------------------------------------------------------------
+
+impl Config {
+    /// The file at `path`, overridden by the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+            .collect();
+        Self::load_with_env(path, env)
+    }
+
+    /// The file at `path`, overridden by `env` only (tests; no process
+    /// environment is read).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base, env)
+    }
+
+    /// TOML text with paths relative to `base` and no environment (the
+    /// demo, tests).
+    pub fn from_toml_str(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        Self::parse(text, &base.join("<text>"), base, std::iter::empty())
+    }
+
+    fn parse(
+        text: &str,
+        path: &Path,
+        base: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+            .collect();
+        let parse_err = |e: config::ConfigError| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator(ENV_SEPARATOR)
+                    .separator(ENV_SEPARATOR)
+                    .try_parsing(true)
+                    .source(Some(env.into_iter().collect())),
+            )
+            .build()
+            .map_err(parse_err)?;
+        let raw: Raw = built.try_deserialize().map_err(parse_err)?;
+        Checker { path, base }.check(raw)
+    }
+
+    /// The cloud link this configuration describes: subscribed to the
+    /// vehicle's answers and pushes.
+    pub fn link_config(&self) -> LinkConfig {
+        let c = &self.cloud;
+        let mut link = LinkConfig::new(
+            c.host.clone(),
+            c.port,
+            c.client_id.clone(),
+            TlsFiles {
+                ca: c.ca.clone(),
+                cert: c.cert.clone(),
+                key: c.key.clone(),
+            },
+        );
+        link.keep_alive = c.keep_alive;
+        link.backoff_min = c.reconnect_min;
+        link.backoff_max = c.reconnect_max;
+        link.request_timeout = c.request_timeout;
+        let id = &self.vehicle.id;
+        link.subscriptions = vec![
+            (topics::identity_resp(id), QoS::AtLeastOnce),
+            (topics::vouchers(id), QoS::AtLeastOnce),
+        ];
+        link
+    }
+}
+
+/// Turns the file's shape into a checked [`Config`].
+struct Checker<'a> {
+    path: &'a Path,
+    base: &'a Path,
+}
+
+impl Checker<'_> {
+    fn bad(&self, key: &'static str, value: impl std::fmt::Display, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key,
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() { p } else { self.base.join(p) }
+    }
+
+    fn duration(
+        &self,
+        key: &'static str,
+        text: &str,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Result<Duration, ConfigError> {
+        let d = crate::time::parse_duration(text)
+            .map_err(|e| self.bad(key, text, format!("a duration such as 2s or 500ms ({e})")))?;
+        if !range.contains(&d) {
+            return Err(self.bad(
+                key,
+                text,
+                format!("between {:?} and {:?}", range.start(), range.end()),
+            ));
+        }
+        Ok(d)
+    }
+
+    fn address(&self, key: &'static str, v: u8) -> Result<Address, ConfigError> {
+        if v >= 0xFE {
+            return Err(self.bad(key, format!("{v:#04x}"), "a J1939 node address 0x00..=0xFD (0xFE is null, 0xFF global)"));
+        }
+        Ok(Address(v))
+    }
+
+    fn iface(&self, key: &'static str, v: Option<String>, mode: &str) -> Result<String, ConfigError> {
+        let name = v.ok_or_else(|| self.bad(key, "(missing)", format!("an interface name, required in {mode} mode")))?;
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            return Err(self.bad(key, &name, "a network interface name of 1 to 15 characters (e.g. can0)"));
+        }
+        Ok(name)
+    }
+
+    fn pgns(&self, key: &'static str, v: Option<Vec<u32>>, default: std::collections::BTreeSet<Pgn>) -> Result<Vec<u32>, ConfigError> {
+        match v {
+            None => Ok(default.into_iter().map(Pgn::raw).collect()),
+            Some(list) => {
+                for &p in &list {
+                    if Pgn::new(p).is_err() {
+                        return Err(self.bad(key, format!("{p:#x}"), "PGNs of 18 bits (e.g. 0x2600 for CHM)"));
+                    }
+                }
+                Ok(list)
+            }
+        }
+    }
+
+    fn check(&self, raw: Raw) -> Result<Config, ConfigError> {
+        let id = VehicleId::parse(&raw.vehicle.id).map_err(|e| {
+            self.bad("vehicle.id", &raw.vehicle.id, format!("a vehicle id ({e})"))
+        })?;
+        let can_mode = raw.can.mode.as_str();
+        let interfaces = match can_mode {
+            "single-bus" => CanInterfaces::SingleBus {
+                interface: self.iface("can.interface", raw.can.interface, "single-bus")?,
+            },
+            "bridge" => {
+                let bms = self.iface("can.bms_interface", raw.can.bms_interface, "bridge")?;
+                let pile = self.iface("can.pile_interface", raw.can.pile_interface, "bridge")?;
+                if bms == pile {
+                    return Err(self.bad("can.pile_interface", &pile, "an interface other than can.bms_interface"));
+                }
+                CanInterfaces::Bridge { bms, pile }
+            }
+            other => return Err(self.bad("can.mode", other, "\"single-bus\" or \"bridge\"")),
+        };
+        let can = CanConfig {
+            interfaces,
+            address: self.address("can.address", raw.can.address)?,
+            bms_address: self.address("can.bms_address", raw.can.bms_address)?,
+            pile_address: self.address("can.pile_address", raw.can.pile_address)?,
+        };
+        let distinct: BTreeMap<u8, ()> = [can.address.0, can.bms_address.0, can.pile_address.0]
+            .into_iter()
+            .map(|a| (a, ()))
+            .collect();
+        if distinct.len() != 3 {
+            return Err(self.bad(
+                "can.address",
+                format!("{:#04x}, bms {:#04x}, pile {:#04x}", can.address.0, can.bms_address.0, can.pile_address.0),
+                "three different addresses for the gateway, the BMS and the pile",
+            ));
+        }
+
+        let cloud = match raw.cloud {
+            Some(c) if c.enabled => {
+                let need = |key: &'static str, v: Option<PathBuf>| {
+                    v.map(|p| self.resolve(p))
+                        .ok_or_else(|| self.bad(key, "(missing)", "a file path (required when the cloud is enabled)"))
+                };
+                let host = c.host.filter(|h| !h.is_empty()).ok_or_else(|| {
+                    self.bad("cloud.host", "(missing)", "the broker's host name or IP address")
+                })?;
+                let reconnect_min = self.duration("cloud.reconnect_min", &c.reconnect_min, Duration::from_millis(10)..=Duration::from_secs(600))?;
+                let reconnect_max = self.duration("cloud.reconnect_max", &c.reconnect_max, Duration::from_millis(10)..=Duration::from_secs(3600))?;
+                if reconnect_min > reconnect_max {
+                    return Err(self.bad("cloud.reconnect_min", &c.reconnect_min, format!("at most cloud.reconnect_max ({})", c.reconnect_max)));
+                }
+                if c.port == 0 {
+                    return Err(self.bad("cloud.port", 0, "a TCP port 1..=65535"));
+                }
+                if c.want_vouchers > 64 {
+                    return Err(self.bad("cloud.want_vouchers", c.want_vouchers, "at most 64 (the cloud sends at most 64 per grant)"));
+                }
+                CloudLinkConfig {
+                    enabled: true,
+                    host,
+                    port: c.port,
+                    client_id: c.client_id.unwrap_or_else(|| id.to_string()),
+                    ca: need("cloud.ca", c.ca)?,
+                    cert: need("cloud.cert", c.cert)?,
+                    key: need("cloud.key", c.key)?,
+                    request_timeout: self.duration("cloud.request_timeout", &c.request_timeout, Duration::from_millis(100)..=Duration::from_secs(30))?,
+                    keep_alive: self.duration("cloud.keep_alive", &c.keep_alive, Duration::from_secs(5)..=Duration::from_secs(3600))?,
+                    reconnect_min,
+                    reconnect_max,
+                    want_vouchers: c.want_vouchers,
+                }
+            }
+            _ => CloudLinkConfig {
+                enabled: false,
+                host: String::new(),
+                port: d_port(),
+                client_id: id.to_string(),
+                ca: PathBuf::new(),
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                request_timeout: Duration::from_secs(2),
+                keep_alive: Duration::from_secs(30),
+                reconnect_min: Duration::from_millis(500),
+                reconnect_max: Duration::from_secs(60),
+                want_vouchers: 0,
+            },
+        };
+
+        let level = raw.log.level;
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(self.bad("log.level", &level, "error, warn, info, debug or trace (or a RUST_LOG-style filter)"));
+        }
+        if raw.firewall.rate_per_second == 0 {
+            return Err(self.bad("firewall.rate_per_second", 0, "at least 1 message per second"));
+        }
+        Ok(Config {
+            path: self.path.to_owned(),
+            vehicle: VehicleConfig {
+                id,
+                hpke_key: self.resolve(raw.vehicle.hpke_key),
+                cloud_public_key: self.resolve(raw.vehicle.cloud_public_key),
+            },
+            can,
+            cloud,
+            store: StoreConfig {
+                path: self.resolve(raw.store.path),
+                wallet_key: self.resolve(raw.store.wallet_key),
+            },
+            control: ControlConfig {
+                socket: self.resolve(raw.control.socket),
+                group: raw.control.group.filter(|g| !g.is_empty()),
+            },
+            session: SessionConfig {
+                bus_silence: self.duration("session.bus_silence", &raw.session.bus_silence, Duration::from_secs(1)..=Duration::from_secs(600))?,
+                require_pile_auth: raw.session.require_pile_auth,
+                auth_timeout: self.duration("session.auth_timeout", &raw.session.auth_timeout, Duration::from_millis(100)..=Duration::from_secs(10))?,
+            },
+            firewall: FirewallSection {
+                blank_vin: raw.firewall.blank_vin,
+                rate_per_second: raw.firewall.rate_per_second,
+                burst: raw.firewall.burst.max(1),
+                bms_to_pile: self.pgns("firewall.bms_to_pile", raw.firewall.bms_to_pile, crate::gateway::firewall::default_bms_to_pile())?,
+                pile_to_bms: self.pgns("firewall.pile_to_bms", raw.firewall.pile_to_bms, crate::gateway::firewall::default_pile_to_bms())?,
+            },
+            log: LogConfig { level },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[vehicle]
+id = "veh-a"
+hpke_key = "keys/vehicle-hpke.key"
+cloud_public_key = "/etc/bmsgw/cloud-hpke.pub"
+
+[can]
+mode = "bridge"
+bms_interface = "can1"
+pile_interface = "can0"
+
+[cloud]
+host = "mqtt.example.com"
+ca = "ca.pem"
+cert = "vehicle.pem"
+key = "vehicle.key"
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bmsgw.toml");
+        std::fs::write(&path, text).expect("write");
+        Config::load_with_env(
+            &path,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn err(text: &str, env: &[(&str, &str)]) -> String {
+        match load(text, env) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_fill_in_and_relative_paths_resolve_against_the_file() {
+        let c = load(MINIMAL, &[]).expect("loads");
+        assert_eq!(c.vehicle.id.as_str(), "veh-a");
+        assert!(c.vehicle.hpke_key.is_absolute());
+        assert!(c.vehicle.hpke_key.ends_with("keys/vehicle-hpke.key"));
+        assert_eq!(c.vehicle.cloud_public_key, PathBuf::from("/etc/bmsgw/cloud-hpke.pub"));
+        assert_eq!(
+            c.can.interfaces,
+            CanInterfaces::Bridge {
+                bms: "can1".into(),
+                pile: "can0".into()
+            }
+        );
+        assert_eq!(c.can.address, Address(0xF5));
+        assert_eq!(c.cloud.port, 8883);
+        assert_eq!(c.cloud.client_id, "veh-a");
+        assert_eq!(c.cloud.request_timeout, Duration::from_secs(2));
+        assert_eq!(c.store.path, PathBuf::from("/var/lib/bmsgw/state.redb"));
+        assert_eq!(c.control.socket, PathBuf::from("/run/bmsgw/control.sock"));
+        assert!(c.session.require_pile_auth);
+        assert!(c.firewall.bms_to_pile.contains(&0x0200), "BRM allowed by default");
+        let link = c.link_config();
+        assert_eq!(link.subscriptions.len(), 2);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("BMSGW__CLOUD__HOST", "broker.test"),
+                ("BMSGW__CLOUD__PORT", "9883"),
+                ("BMSGW__CLOUD__REQUEST_TIMEOUT", "750ms"),
+                ("BMSGW__SESSION__REQUIRE_PILE_AUTH", "false"),
+                ("OTHER__CLOUD__HOST", "ignored"),
+            ],
+        )
+        .expect("loads");
+        assert_eq!(c.cloud.host, "broker.test");
+        assert_eq!(c.cloud.port, 9883);
+        assert_eq!(c.cloud.request_timeout, Duration::from_millis(750));
+        assert!(!c.session.require_pile_auth);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_the_value_and_the_expectation() {
+        let e = err(&MINIMAL.replace("mode = \"bridge\"", "mode = \"both\""), &[]);
+        assert!(e.contains("bmsgw.toml") && e.contains("can.mode") && e.contains("both") && e.contains("bridge"), "{e}");
+
+        let e = err(MINIMAL, &[("BMSGW__CLOUD__REQUEST_TIMEOUT", "soon")]);
+        assert!(e.contains("cloud.request_timeout") && e.contains("soon") && e.contains("duration"), "{e}");
+
+        let e = err(&MINIMAL.replace("[can]", "[can]\naddress = 0xFF"), &[]);
+        assert!(e.contains("can.address") && e.contains("0xff"), "{e}");
+
+        let e = err(&MINIMAL.replace("[can]", "[can]\naddress = 0xF4"), &[]);
+        assert!(e.contains("three different addresses"), "{e}");
+
+        let e = err(&MINIMAL.replace("pile_interface = \"can0\"", "pile_interface = \"can1\""), &[]);
+        assert!(e.contains("can.pile_interface"), "{e}");
+
+        let e = err(&MINIMAL.replace("id = \"veh-a\"", "id = \"veh a/1\""), &[]);
+        assert!(e.contains("vehicle.id"), "{e}");
+
+        let e = err(&MINIMAL.replace("host = \"mqtt.example.com\"", ""), &[]);
+        assert!(e.contains("cloud.host") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_key_is_an_error_not_ignored() {
+        let e = err(&MINIMAL.replace("[cloud]", "[cloud]\nrequest_timout = \"1s\""), &[]);
+        assert!(e.contains("request_timout"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[sesion]\nbus_silence = \"3s\"\n"), &[]);
+        assert!(e.contains("sesion"), "{e}");
+    }
+
+    #[test]
+    fn single_bus_needs_its_interface_and_the_cloud_may_be_off() {
+        let text = MINIMAL
+            .replace("mode = \"bridge\"", "mode = \"single-bus\"")
+            .replace("bms_interface = \"can1\"\npile_interface = \"can0\"", "interface = \"can0\"")
+            .replace("[cloud]", "[cloud]\nenabled = false");
+        let c = load(&text, &[]).expect("loads");
+        assert_eq!(c.can.interfaces, CanInterfaces::SingleBus { interface: "can0".into() });
+        assert!(!c.cloud.enabled);
+        let e = err(&text.replace("interface = \"can0\"", ""), &[]);
+        assert!(e.contains("can.interface") && e.contains("single-bus"), "{e}");
+    }
+
+    #[test]
+    fn garbage_is_refused_with_the_file_name() {
+        let e = err("this is [not toml", &[]);
+        assert!(e.contains("bmsgw.toml"), "{e}");
+        let e = match Config::load(Path::new("/nonexistent/bmsgw.toml")) {
+            Ok(_) => panic!("loaded a missing file"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("/nonexistent/bmsgw.toml") && e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bmsgw.toml");
+        let c = Config::load_with_env(&path, std::iter::empty()).expect("config/bmsgw.toml loads");
+        assert_eq!(c.store.path, PathBuf::from("/var/lib/bmsgw/state.redb"));
+    }
+}
