@@ -1,5 +1,8 @@
-//! Running as a service: logging and key files now; config, systemd notify and the control
-//! socket arrive with the daemon.
+//! Running as a service: logging, key files, systemd notification, the
+//! control socket and the status it answers; config arrives with the daemon.
 
+pub mod control;
 pub mod keyfile;
 pub mod logging;
+pub mod status;
+pub mod systemd;
