@@ -40,16 +40,17 @@ pub enum TicketFileError {
     TooLarge,
     #[error("ticket file is not JSON: {0}")]
     Json(#[source] serde_json::Error),
-    #[error(
-        "a ticket file is a JSON object with the fields format, vehicle_id, topic and payload"
-    )]
+    #[error("a ticket file is a JSON object with the fields format, vehicle_id, topic and payload")]
     NotAnObject,
     #[error("ticket file has no `{0}` field")]
     Missing(&'static str),
     #[error("ticket file has an unknown field `{0}` (expected format, vehicle_id, topic, payload)")]
     UnknownField(String),
     #[error("ticket file `{field}` {problem}")]
-    Field { field: &'static str, problem: String },
+    Field {
+        field: &'static str,
+        problem: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -244,14 +245,11 @@ impl TryFrom<serde_json::Value> for TicketFile {
         if format != FORMAT {
             return Err(field(
                 "format",
-                format!(
-                    "is {:?}; this build reads {FORMAT:?}",
-                    clip(format, 64)
-                ),
+                format!("is {:?}; this build reads {FORMAT:?}", clip(format, 64)),
             ));
         }
-        let vehicle_id =
-            VehicleId::parse(text("vehicle_id")?).map_err(|e| field("vehicle_id", e.to_string()))?;
+        let vehicle_id = VehicleId::parse(text("vehicle_id")?)
+            .map_err(|e| field("vehicle_id", e.to_string()))?;
         let topic = text("topic")?.to_owned();
         let hex_payload = text("payload")?;
         let payload = hex::decode(hex_payload.trim())
@@ -401,7 +399,10 @@ mod tests {
         ));
         std::fs::write(&path, b"{}").expect("written");
         let e = TicketFile::load(&path).expect_err("refused").to_string();
-        assert!(e.contains("ticket.json") && e.contains("no `format` field"), "{e}");
+        assert!(
+            e.contains("ticket.json") && e.contains("no `format` field"),
+            "{e}"
+        );
         let e = TicketFile::load(&dir.path().join("none.json"))
             .expect_err("refused")
             .to_string();
@@ -418,9 +419,7 @@ mod tests {
         let forged = sealed(&mut w, &forger, &veh_a);
         assert!(matches!(
             forged.open(&veh_a),
-            Err(ExchangeError::Envelope(
-                EnvelopeError::AuthenticationFailed
-            ))
+            Err(ExchangeError::Envelope(EnvelopeError::AuthenticationFailed))
         ));
         // Genuine, but for vehicle b.
         let for_b = sealed(&mut w, &cloud, &veh_b);
@@ -447,8 +446,8 @@ mod tests {
         if let Some(b) = payload.last_mut() {
             *b ^= 1;
         }
-        let flipped = TicketFile::new(vid("veh-a"), genuine.topic().into(), payload)
-            .expect("well-formed");
+        let flipped =
+            TicketFile::new(vid("veh-a"), genuine.topic().into(), payload).expect("well-formed");
         assert!(matches!(
             flipped.open(&veh_a),
             Err(ExchangeError::Envelope(_))

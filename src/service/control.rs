@@ -64,6 +64,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in progress may finish after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How much of an over-long request is read and dropped, and for how long,
+/// so that the client sees the answer rather than a reset.
+const DRAIN_LIMIT: u64 = 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_millis(500);
 const SOCKET_MODE: u32 = 0o660;
 /// `sockaddr_un.sun_path` holds 108 bytes, the terminating NUL included.
 const MAX_PATH_LEN: usize = 107;
@@ -212,8 +216,7 @@ impl ControlServer {
             }
         };
         remove_stale(path)?;
-        let listener =
-            std::os::unix::net::UnixListener::bind(path).map_err(io("cannot bind"))?;
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(io("cannot bind"))?;
         let meta = std::fs::symlink_metadata(path).map_err(io("cannot stat the new socket"))?;
         let file = SocketFile {
             path: path.to_owned(),
@@ -409,8 +412,7 @@ fn response_line(r: &Response) -> Vec<u8> {
     let mut line = serde_json::to_vec(r).unwrap_or_else(|e| {
         // Only a non-string map key could get here; say so rather than
         // close silently.
-        format!(r#"{{"ok":false,"error":"the daemon cannot encode its answer: {e}"}}"#)
-            .into_bytes()
+        format!(r#"{{"ok":false,"error":"the daemon cannot encode its answer: {e}"}}"#).into_bytes()
     });
     line.push(b'\n');
     line
@@ -418,16 +420,21 @@ fn response_line(r: &Response) -> Vec<u8> {
 
 /// Read, answer and close one connection.
 async fn serve_one<H: ControlHandler>(stream: UnixStream, handler: &H) {
-    let (read, mut write) = stream.into_split();
-    let response = match tokio::time::timeout(READ_TIMEOUT, read_line(read, MAX_REQUEST_LEN)).await
-    {
+    let (mut read, mut write) = stream.into_split();
+    let read_result =
+        tokio::time::timeout(READ_TIMEOUT, read_line(&mut read, MAX_REQUEST_LEN)).await;
+    // The rest of an over-long request is read and dropped before closing:
+    // closing with unread input would make the client's read fail with a
+    // reset instead of seeing the answer and the end of it.
+    let drain = matches!(read_result, Ok(Err(LineError::TooLong)));
+    let response = match read_result {
         Err(_) => Response::error(format!(
             "no complete request line within {} s",
             READ_TIMEOUT.as_secs()
         )),
-        Ok(Err(LineError::TooLong)) => Response::error(format!(
-            "request is longer than {MAX_REQUEST_LEN} bytes"
-        )),
+        Ok(Err(LineError::TooLong)) => {
+            Response::error(format!("request is longer than {MAX_REQUEST_LEN} bytes"))
+        }
         Ok(Err(LineError::Empty)) => {
             Response::error("empty request; send one JSON object on one line")
         }
@@ -459,6 +466,14 @@ async fn serve_one<H: ControlHandler>(stream: UnixStream, handler: &H) {
     .await;
     if !matches!(sent, Ok(Ok(()))) {
         debug!("control socket: the client did not take the answer");
+    }
+    if drain {
+        let mut rest = (&mut read).take(DRAIN_LIMIT);
+        let _ = tokio::time::timeout(
+            DRAIN_TIME,
+            tokio::io::copy(&mut rest, &mut tokio::io::sink()),
+        )
+        .await;
     }
 }
 
@@ -587,10 +602,7 @@ fn refusal(path: &Path, r: Response, field: &str) -> ControlError {
             problem: format!("ok without `{field}`"),
         }
     } else {
-        ControlError::Refused(
-            r.error
-                .unwrap_or_else(|| "no reason given".to_owned()),
-        )
+        ControlError::Refused(r.error.unwrap_or_else(|| "no reason given".to_owned()))
     }
 }
 
@@ -689,7 +701,10 @@ mod tests {
                 br#"{"request":"import_ticket","ticket":{"format":"x"}}"#,
                 "`ticket`: ticket file `format`",
             ),
-            (br#"{"request":"import_ticket","ticket":"x"}"#, "`ticket`: a ticket file is a JSON object"),
+            (
+                br#"{"request":"import_ticket","ticket":"x"}"#,
+                "`ticket`: a ticket file is a JSON object",
+            ),
         ] {
             let e = Request::parse(line).err().unwrap_or_default();
             assert!(e.contains(want), "{}: {e}", String::from_utf8_lossy(line));

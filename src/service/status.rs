@@ -153,7 +153,14 @@ impl Status {
                 .collect();
             table(
                 &mut out,
-                ["role", "interface", "state", "frames in", "frames out", "errors"],
+                [
+                    "role",
+                    "interface",
+                    "state",
+                    "frames in",
+                    "frames out",
+                    "errors",
+                ],
                 &rows,
             );
         }
@@ -252,14 +259,20 @@ fn session(out: &mut String, s: &SessionStatus) {
         ("phase", clean(&s.phase)),
         ("charger", or_dash(s.charger_number.map(|n| n.to_string()))),
         ("credential", or_dash(s.credential.as_deref().map(clean))),
-        ("pile authenticated", yes_no(s.pile_authenticated).to_owned()),
+        (
+            "pile authenticated",
+            yes_no(s.pile_authenticated).to_owned(),
+        ),
         ("awaiting approval", yes_no(s.awaiting_approval).to_owned()),
         ("started", utc(s.started_at)),
         ("ended", or_dash(s.ended_at.map(utc))),
         ("result", or_dash(s.result.as_deref().map(clean))),
         (
             "energy",
-            or_dash(s.energy_wh.map(|wh| format!("{:.1} kWh", f64::from(wh) / 1000.0))),
+            or_dash(
+                s.energy_wh
+                    .map(|wh| format!("{:.1} kWh", f64::from(wh) / 1000.0)),
+            ),
         ),
         (
             "request to CRM(0xAA)",
@@ -309,12 +322,7 @@ fn clean(s: &str) -> String {
 
 /// `1h 02m 03s`, `4m 05s`, `6s`.
 fn duration(secs: u64) -> String {
-    let (d, h, m, s) = (
-        secs / 86_400,
-        secs / 3600 % 24,
-        secs / 60 % 60,
-        secs % 60,
-    );
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),
         (0, 0, _) => format!("{m}m {s:02}s"),
