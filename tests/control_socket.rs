@@ -257,6 +257,46 @@ async fn status_and_import_through_the_library_client() {
     );
 }
 
+/// The largest pushes the cloud makes (a full voucher batch, a revocation
+/// of the most tickets) fit one request line.
+#[tokio::test]
+async fn the_largest_pushes_fit_a_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let server = Server::start(dir.path(), w.keys.clone());
+    let full = ticket_from(&w.cloud, bmsgw::cloud::messages::MAX_VOUCHERS);
+    let report = control::import_ticket(&server.path, &full)
+        .await
+        .expect("imported");
+    assert_eq!(report.vouchers, bmsgw::cloud::messages::MAX_VOUCHERS);
+
+    let vehicle = VehicleId::parse("veh-a").expect("id");
+    let ids = (0..bmsgw::cloud::messages::MAX_REVOKED)
+        .map(|i| {
+            let mut id = [0u8; 12];
+            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            id
+        })
+        .collect();
+    let Output::Push {
+        vehicle,
+        topic,
+        payload,
+    } = w
+        .cloud
+        .revoke(&vehicle, 1, ids, now_ms(), &mut SystemRng)
+        .expect("revocation")
+    else {
+        panic!("revoke returns a push");
+    };
+    let revocation = TicketFile::new(vehicle, topic, payload).expect("ticket file");
+    let report = control::import_ticket(&server.path, &revocation)
+        .await
+        .expect("imported");
+    assert_eq!(report.revoked, bmsgw::cloud::messages::MAX_REVOKED);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
