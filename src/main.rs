@@ -77,11 +77,38 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         start: u64,
     },
+    /// Show the running daemon's state (asks it over the control socket).
+    Status {
+        /// Print the status as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket [default: $BMSGW_SOCKET, else /run/bmsgw/control.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Sealed tickets delivered by another carrier (phone, head unit).
+    Ticket {
+        #[command(subcommand)]
+        what: TicketCommand,
+    },
     /// Development keys (never for production).
     #[cfg(feature = "sim")]
     Pki {
         #[command(subcommand)]
         what: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TicketCommand {
+    /// Hand a ticket file (`bmsgw sim cloud-issue` makes one) to the running
+    /// daemon, which checks it end to end and adds its vouchers to the wallet.
+    Import {
+        /// The ticket file (JSON, format bmsgw-sealed-push/1).
+        file: PathBuf,
+        /// The daemon's control socket [default: $BMSGW_SOCKET, else /run/bmsgw/control.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -115,6 +142,25 @@ enum SimRole {
         /// Override [broker] client_id (each instance needs its own).
         #[arg(long, value_name = "ID")]
         client_id: Option<String>,
+    },
+    /// Seal a batch of vouchers for a vehicle into a ticket file, as the
+    /// cloud would for the owner's phone to carry (`bmsgw ticket import`).
+    CloudIssue {
+        /// cloud.toml (`bmsgw pki dev` writes one).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The vehicle id (as in vehicles.toml).
+        #[arg(long, value_name = "ID")]
+        vehicle: String,
+        /// The pile the vouchers are for (as in piles.toml).
+        #[arg(long, value_name = "N")]
+        charger: u32,
+        /// How many vouchers (1 to 64).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// The ticket file to write (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Play the BMS: charge from --soc-start to --soc-end over --duration, then stop.
     Bms {
@@ -347,11 +393,56 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     broker_port,
                 },
         } => pki_dev(out, force, broker_port),
+        Command::Status { json, socket } => status(json, socket).await,
+        Command::Ticket {
+            what: TicketCommand::Import { file, socket },
+        } => ticket_import(&file, socket).await,
         Command::StoreWriter { store, start } => {
             bmsgw::store::writer::run(&store, start, &mut std::io::stdout().lock())
                 .map_err(|e| format!("store-writer: {}", chain(&e)))
         }
     }
+}
+
+async fn status(json: bool, socket: Option<PathBuf>) -> Result<(), String> {
+    use bmsgw::service::control;
+    let path = control::resolve_socket_path(socket);
+    let status = control::request_status(&path)
+        .await
+        .map_err(|e| format!("status: {}", chain(&e)))?;
+    if json {
+        let text = serde_json::to_string_pretty(&status)
+            .map_err(|e| format!("status: cannot print JSON: {e}"))?;
+        println!("{text}");
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(())
+}
+
+async fn ticket_import(file: &std::path::Path, socket: Option<PathBuf>) -> Result<(), String> {
+    use bmsgw::service::control;
+    // Parsed here first, so a damaged file is refused even with no daemon;
+    // the daemon, which holds the keys, does the cryptographic checks.
+    let ticket = bmsgw::cloud::ticket_file::TicketFile::load(file)
+        .map_err(|e| format!("ticket import: {}", chain(&e)))?;
+    let path = control::resolve_socket_path(socket);
+    let report = control::import_ticket(&path, &ticket)
+        .await
+        .map_err(|e| format!("ticket import: {}: {}", file.display(), chain(&e)))?;
+    let chargers: Vec<String> = report.charger_numbers.iter().map(u32::to_string).collect();
+    println!(
+        "ticket import: {}: {} vouchers added{}, {} tickets revoked",
+        file.display(),
+        report.vouchers,
+        if chargers.is_empty() {
+            String::new()
+        } else {
+            format!(" (charger {})", chargers.join(", "))
+        },
+        report.revoked
+    );
+    Ok(())
 }
 
 #[cfg(feature = "sim")]
@@ -490,6 +581,35 @@ async fn sim(role: SimRole) -> Result<(), String> {
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("sim cloud: {}", chain(&e)))
+        }
+        SimRole::CloudIssue {
+            config,
+            vehicle,
+            charger,
+            count,
+            out,
+        } => {
+            use bmsgw::sim::cloud::{CloudConfig, issue::issue_vouchers};
+            let fail = |e: &dyn std::error::Error| format!("sim cloud-issue: {}", chain(e));
+            let config = CloudConfig::load(&config).map_err(|e| fail(&e))?;
+            let vehicle = bmsgw::cloud::topics::VehicleId::parse(&vehicle)
+                .map_err(|e| format!("sim cloud-issue: --vehicle: {e}"))?;
+            let now_ms = u64::from(bmsgw::time::unix_now()) * 1000;
+            let ticket = issue_vouchers(
+                &config,
+                &vehicle,
+                charger,
+                count,
+                now_ms,
+                &mut bmsgw::auth::SystemRng,
+            )
+            .map_err(|e| fail(&e))?;
+            ticket.write_new(&out).map_err(|e| fail(&e))?;
+            println!(
+                "sim cloud-issue: wrote {} ({count} vouchers for charger {charger}, sealed to {vehicle})",
+                out.display()
+            );
+            Ok(())
         }
         SimRole::Vehicle {
             can,

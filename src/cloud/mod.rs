@@ -8,7 +8,8 @@
 //! - [`tls`]: the rustls client configuration (TLS 1.3, mutual TLS);
 //! - [`link`]: the MQTT v5 link (rumqttc);
 //! - [`client`]: the vehicle's identity client (an exchange over the link);
-//! - [`outbox`]: session records through the durable outbox to the events topic.
+//! - [`outbox`]: session records through the durable outbox to the events topic;
+//! - [`ticket_file`]: a sealed push carried by another carrier (phone, head unit).
 
 pub mod client;
 pub mod envelope;
@@ -16,5 +17,6 @@ pub mod exchange;
 pub mod link;
 pub mod messages;
 pub mod outbox;
+pub mod ticket_file;
 pub mod tls;
 pub mod topics;

@@ -2,6 +2,11 @@
 //! readiness and watchdog, the control socket and `status`, logging and key
 //! files.
 
+pub mod check;
+pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod keyfile;
 pub mod logging;
+pub mod status;
+pub mod systemd;

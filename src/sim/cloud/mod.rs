@@ -4,12 +4,14 @@
 //! - [`registry`] reads the vehicles and piles (`vehicles.toml`, `piles.toml`);
 //! - [`config`] reads `cloud.toml`;
 //! - [`service`] makes the decisions (grants, denials, owner approval, records);
-//! - [`owner`] seals what the owner's app sends (for tests and simulators).
+//! - [`owner`] seals what the owner's app sends (for tests and simulators);
+//! - [`issue`] seals vouchers into a ticket file for another carrier.
 //!
 //! It is meant as the starting point of an OEM backend: everything a real
 //! service must decide is here, and nothing about how messages travel.
 
 pub mod config;
+pub mod issue;
 pub mod owner;
 pub mod registry;
 pub mod run;
