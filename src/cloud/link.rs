@@ -1346,7 +1346,7 @@ impl Inner {
         } else {
             book.failed_attempts = book.failed_attempts.saturating_add(1);
             let n = book.failed_attempts;
-            if n == 1 || n % 10 == 0 {
+            if n == 1 || n.is_multiple_of(10) {
                 warn!(error = %error, failed_attempts = n, "connection attempt failed");
             } else {
                 debug!(error = %error, failed_attempts = n, "connection attempt failed");

@@ -306,7 +306,9 @@ pub(crate) mod tests {
                 "bmsgw/v1/+/approval",
             ]
         );
-        assert!(CLOUD_REQUEST_FILTER.starts_with(&format!("$share/{CLOUD_REQUEST_GROUP}/{PREFIX}/")));
+        assert!(
+            CLOUD_REQUEST_FILTER.starts_with(&format!("$share/{CLOUD_REQUEST_GROUP}/{PREFIX}/"))
+        );
         assert!(CLOUD_EVENTS_FILTER.starts_with(&format!("$share/{CLOUD_EVENTS_GROUP}/{PREFIX}/")));
     }
 

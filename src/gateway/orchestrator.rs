@@ -57,7 +57,10 @@ pub enum CredentialResult {
 #[derive(Debug)]
 pub enum Action {
     /// Ask for a credential for `session` (cloud first, voucher fallback).
-    FetchCredential { session: u64, params: ExchangeParams },
+    FetchCredential {
+        session: u64,
+        params: ExchangeParams,
+    },
     /// Journal `draft`: the record to report if the session never ends.
     Journal { draft: SessionRecord },
     /// Run the handshake with the pile at `pile`.
@@ -320,7 +323,8 @@ impl Orchestrator {
         if let Some(draft) = draft {
             self.actions.push_back(Action::Journal { draft });
         }
-        self.actions.push_back(Action::StartAuth { credential, pile });
+        self.actions
+            .push_back(Action::StartAuth { credential, pile });
     }
 
     /// The handshake with the pile ended.
@@ -403,7 +407,9 @@ impl Orchestrator {
             (EndResult::Completed, _) => SessionResult::Completed,
             // The pile's refusal explains the end better than the timeout
             // it caused.
-            (_, Some(why)) => SessionResult::Failed { reason: why.clone() },
+            (_, Some(why)) => SessionResult::Failed {
+                reason: why.clone(),
+            },
             (other, None) => SessionResult::Failed {
                 reason: end_reason(other),
             },
@@ -557,12 +563,20 @@ mod tests {
             o.current().and_then(|v| v.request_to_recognized),
             Some(Duration::from_millis(170))
         );
-        o.on_observer(ended(EndResult::Completed, Some(1200)), t(9000), NOW + 9, &mut rng);
+        o.on_observer(
+            ended(EndResult::Completed, Some(1200)),
+            t(9000),
+            NOW + 9,
+            &mut rng,
+        );
         let end = actions(&mut o);
         let [Action::Record { record }, Action::CloseGate] = &end[..] else {
             panic!("expected record then close, got {end:?}");
         };
-        assert_eq!(record.record_id, draft.record_id, "draft and record share the id");
+        assert_eq!(
+            record.record_id, draft.record_id,
+            "draft and record share the id"
+        );
         assert_eq!(record.credential.kind, CredentialKind::Online);
         assert_eq!(record.credential.ticket_id, ticket_id);
         assert_eq!(record.energy_wh, 1200);
@@ -580,7 +594,11 @@ mod tests {
             Some(Action::FetchCredential { session, .. }) => session,
             other => panic!("expected a fetch, got {other:?}"),
         };
-        o.on_credential(session, CredentialResult::Unavailable("no voucher".into()), NOW);
+        o.on_credential(
+            session,
+            CredentialResult::Unavailable("no voucher".into()),
+            NOW,
+        );
         assert!(actions(&mut o).is_empty());
         o.on_observer(
             ended(EndResult::BmsError("CRM timeout".into()), None),
@@ -669,7 +687,9 @@ mod tests {
         let Some(Action::Record { record }) = end.first() else {
             panic!("expected a record, got {end:?}");
         };
-        assert!(matches!(&record.result, SessionResult::Failed { reason } if reason.contains("gateway stopped")));
+        assert!(
+            matches!(&record.result, SessionResult::Failed { reason } if reason.contains("gateway stopped"))
+        );
         assert_eq!(record.stopped_at, NOW + 3);
     }
 }

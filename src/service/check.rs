@@ -76,13 +76,23 @@ pub fn check_files(config: &Config) -> CheckReport {
     r.push(
         "vehicle.hpke_key",
         KeyPair::load(&config.vehicle.hpke_key)
-            .map(|_| format!("{}: X25519 key, mode 0600", config.vehicle.hpke_key.display()))
+            .map(|_| {
+                format!(
+                    "{}: X25519 key, mode 0600",
+                    config.vehicle.hpke_key.display()
+                )
+            })
             .map_err(|e| e.to_string()),
     );
     r.push(
         "vehicle.cloud_public_key",
         PublicKey::load(&config.vehicle.cloud_public_key)
-            .map(|_| format!("{}: X25519 public key", config.vehicle.cloud_public_key.display()))
+            .map(|_| {
+                format!(
+                    "{}: X25519 public key",
+                    config.vehicle.cloud_public_key.display()
+                )
+            })
             .map_err(|e| e.to_string()),
     );
     if config.cloud.enabled {
@@ -103,7 +113,10 @@ pub fn check_files(config: &Config) -> CheckReport {
                 .map_err(|e| e.to_string()),
         );
     } else {
-        r.push("cloud", Ok("disabled: vouchers and imported tickets only".into()));
+        r.push(
+            "cloud",
+            Ok("disabled: vouchers and imported tickets only".into()),
+        );
     }
     let wallet = &config.store.wallet_key;
     r.push(
@@ -113,13 +126,21 @@ pub fn check_files(config: &Config) -> CheckReport {
                 .map(|_| format!("{}: 32-byte key, mode 0600", wallet.display()))
                 .map_err(|e| e.to_string())
         } else {
-            writable_dir(wallet).map(|d| format!("{} will be created at first start (in {d})", wallet.display()))
+            writable_dir(wallet).map(|d| {
+                format!(
+                    "{} will be created at first start (in {d})",
+                    wallet.display()
+                )
+            })
         },
     );
     r.push(
         "store.path",
         if config.store.path.exists() {
-            Ok(format!("{} exists (opened and checked at start)", config.store.path.display()))
+            Ok(format!(
+                "{} exists (opened and checked at start)",
+                config.store.path.display()
+            ))
         } else {
             writable_dir(&config.store.path)
                 .map(|d| format!("{} will be created in {d}", config.store.path.display()))
@@ -145,7 +166,10 @@ pub fn check_files(config: &Config) -> CheckReport {
 /// The directory `path` would be created in, if it exists (under systemd,
 /// StateDirectory and RuntimeDirectory create theirs at start).
 fn writable_dir(path: &Path) -> Result<String, String> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(dir.display().to_string()),
         Ok(_) => Err(format!("{} is not a directory", dir.display())),
@@ -193,7 +217,10 @@ mod tests {
         let report = check_files(&config);
         assert!(!report.passed());
         let text = report.render();
-        assert!(text.contains("FAIL cloud TLS") && text.contains("chmod"), "{text}");
+        assert!(
+            text.contains("FAIL cloud TLS") && text.contains("chmod"),
+            "{text}"
+        );
 
         std::fs::write(&pki.cloud_hpke_pub, "not a key\n").expect("write");
         let text = check_files(&config).render();

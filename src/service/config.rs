@@ -462,7 +462,12 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn bad(&self, key: &'static str, value: impl std::fmt::Display, expected: impl Into<String>) -> ConfigError {
+    fn bad(
+        &self,
+        key: &'static str,
+        value: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
             key,
@@ -472,7 +477,11 @@ impl Checker<'_> {
     }
 
     fn resolve(&self, p: PathBuf) -> PathBuf {
-        if p.is_absolute() { p } else { self.base.join(p) }
+        if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        }
     }
 
     fn duration(
@@ -495,26 +504,54 @@ impl Checker<'_> {
 
     fn address(&self, key: &'static str, v: u8) -> Result<Address, ConfigError> {
         if v >= 0xFE {
-            return Err(self.bad(key, format!("{v:#04x}"), "a J1939 node address 0x00..=0xFD (0xFE is null, 0xFF global)"));
+            return Err(self.bad(
+                key,
+                format!("{v:#04x}"),
+                "a J1939 node address 0x00..=0xFD (0xFE is null, 0xFF global)",
+            ));
         }
         Ok(Address(v))
     }
 
-    fn iface(&self, key: &'static str, v: Option<String>, mode: &str) -> Result<String, ConfigError> {
-        let name = v.ok_or_else(|| self.bad(key, "(missing)", format!("an interface name, required in {mode} mode")))?;
+    fn iface(
+        &self,
+        key: &'static str,
+        v: Option<String>,
+        mode: &str,
+    ) -> Result<String, ConfigError> {
+        let name = v.ok_or_else(|| {
+            self.bad(
+                key,
+                "(missing)",
+                format!("an interface name, required in {mode} mode"),
+            )
+        })?;
         if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-            return Err(self.bad(key, &name, "a network interface name of 1 to 15 characters (e.g. can0)"));
+            return Err(self.bad(
+                key,
+                &name,
+                "a network interface name of 1 to 15 characters (e.g. can0)",
+            ));
         }
         Ok(name)
     }
 
-    fn pgns(&self, key: &'static str, v: Option<Vec<u32>>, default: std::collections::BTreeSet<Pgn>) -> Result<Vec<u32>, ConfigError> {
+    fn pgns(
+        &self,
+        key: &'static str,
+        v: Option<Vec<u32>>,
+        default: std::collections::BTreeSet<Pgn>,
+    ) -> Result<Vec<u32>, ConfigError> {
         match v {
             None => Ok(default.into_iter().map(Pgn::raw).collect()),
             Some(list) => {
                 for &p in &list {
                     if Pgn::new(p).is_err() {
-                        return Err(self.bad(key, format!("{p:#x}"), "PGNs of 18 bits (e.g. 0x2600 for CHM)"));
+                        return Err(self.bad(
+                            key,
+                            format!("{p:#x}"),
+                            "PGNs of 18 bits (e.g. 0x2600 for CHM)",
+                        ));
                     }
                 }
                 Ok(list)
@@ -523,9 +560,8 @@ impl Checker<'_> {
     }
 
     fn check(&self, raw: Raw) -> Result<Config, ConfigError> {
-        let id = VehicleId::parse(&raw.vehicle.id).map_err(|e| {
-            self.bad("vehicle.id", &raw.vehicle.id, format!("a vehicle id ({e})"))
-        })?;
+        let id = VehicleId::parse(&raw.vehicle.id)
+            .map_err(|e| self.bad("vehicle.id", &raw.vehicle.id, format!("a vehicle id ({e})")))?;
         let can_mode = raw.can.mode.as_str();
         let interfaces = match can_mode {
             "single-bus" => CanInterfaces::SingleBus {
@@ -535,7 +571,11 @@ impl Checker<'_> {
                 let bms = self.iface("can.bms_interface", raw.can.bms_interface, "bridge")?;
                 let pile = self.iface("can.pile_interface", raw.can.pile_interface, "bridge")?;
                 if bms == pile {
-                    return Err(self.bad("can.pile_interface", &pile, "an interface other than can.bms_interface"));
+                    return Err(self.bad(
+                        "can.pile_interface",
+                        &pile,
+                        "an interface other than can.bms_interface",
+                    ));
                 }
                 CanInterfaces::Bridge { bms, pile }
             }
@@ -554,7 +594,10 @@ impl Checker<'_> {
         if distinct.len() != 3 {
             return Err(self.bad(
                 "can.address",
-                format!("{:#04x}, bms {:#04x}, pile {:#04x}", can.address.0, can.bms_address.0, can.pile_address.0),
+                format!(
+                    "{:#04x}, bms {:#04x}, pile {:#04x}",
+                    can.address.0, can.bms_address.0, can.pile_address.0
+                ),
                 "three different addresses for the gateway, the BMS and the pile",
             ));
         }
@@ -562,22 +605,47 @@ impl Checker<'_> {
         let cloud = match raw.cloud {
             Some(c) if c.enabled => {
                 let need = |key: &'static str, v: Option<PathBuf>| {
-                    v.map(|p| self.resolve(p))
-                        .ok_or_else(|| self.bad(key, "(missing)", "a file path (required when the cloud is enabled)"))
+                    v.map(|p| self.resolve(p)).ok_or_else(|| {
+                        self.bad(
+                            key,
+                            "(missing)",
+                            "a file path (required when the cloud is enabled)",
+                        )
+                    })
                 };
                 let host = c.host.filter(|h| !h.is_empty()).ok_or_else(|| {
-                    self.bad("cloud.host", "(missing)", "the broker's host name or IP address")
+                    self.bad(
+                        "cloud.host",
+                        "(missing)",
+                        "the broker's host name or IP address",
+                    )
                 })?;
-                let reconnect_min = self.duration("cloud.reconnect_min", &c.reconnect_min, Duration::from_millis(10)..=Duration::from_secs(600))?;
-                let reconnect_max = self.duration("cloud.reconnect_max", &c.reconnect_max, Duration::from_millis(10)..=Duration::from_secs(3600))?;
+                let reconnect_min = self.duration(
+                    "cloud.reconnect_min",
+                    &c.reconnect_min,
+                    Duration::from_millis(10)..=Duration::from_secs(600),
+                )?;
+                let reconnect_max = self.duration(
+                    "cloud.reconnect_max",
+                    &c.reconnect_max,
+                    Duration::from_millis(10)..=Duration::from_secs(3600),
+                )?;
                 if reconnect_min > reconnect_max {
-                    return Err(self.bad("cloud.reconnect_min", &c.reconnect_min, format!("at most cloud.reconnect_max ({})", c.reconnect_max)));
+                    return Err(self.bad(
+                        "cloud.reconnect_min",
+                        &c.reconnect_min,
+                        format!("at most cloud.reconnect_max ({})", c.reconnect_max),
+                    ));
                 }
                 if c.port == 0 {
                     return Err(self.bad("cloud.port", 0, "a TCP port 1..=65535"));
                 }
                 if c.want_vouchers > 64 {
-                    return Err(self.bad("cloud.want_vouchers", c.want_vouchers, "at most 64 (the cloud sends at most 64 per grant)"));
+                    return Err(self.bad(
+                        "cloud.want_vouchers",
+                        c.want_vouchers,
+                        "at most 64 (the cloud sends at most 64 per grant)",
+                    ));
                 }
                 CloudLinkConfig {
                     enabled: true,
@@ -587,8 +655,16 @@ impl Checker<'_> {
                     ca: need("cloud.ca", c.ca)?,
                     cert: need("cloud.cert", c.cert)?,
                     key: need("cloud.key", c.key)?,
-                    request_timeout: self.duration("cloud.request_timeout", &c.request_timeout, Duration::from_millis(100)..=Duration::from_secs(30))?,
-                    keep_alive: self.duration("cloud.keep_alive", &c.keep_alive, Duration::from_secs(5)..=Duration::from_secs(3600))?,
+                    request_timeout: self.duration(
+                        "cloud.request_timeout",
+                        &c.request_timeout,
+                        Duration::from_millis(100)..=Duration::from_secs(30),
+                    )?,
+                    keep_alive: self.duration(
+                        "cloud.keep_alive",
+                        &c.keep_alive,
+                        Duration::from_secs(5)..=Duration::from_secs(3600),
+                    )?,
                     reconnect_min,
                     reconnect_max,
                     want_vouchers: c.want_vouchers,
@@ -612,10 +688,18 @@ impl Checker<'_> {
 
         let level = raw.log.level;
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-            return Err(self.bad("log.level", &level, "error, warn, info, debug or trace (or a RUST_LOG-style filter)"));
+            return Err(self.bad(
+                "log.level",
+                &level,
+                "error, warn, info, debug or trace (or a RUST_LOG-style filter)",
+            ));
         }
         if raw.firewall.rate_per_second == 0 {
-            return Err(self.bad("firewall.rate_per_second", 0, "at least 1 message per second"));
+            return Err(self.bad(
+                "firewall.rate_per_second",
+                0,
+                "at least 1 message per second",
+            ));
         }
         Ok(Config {
             path: self.path.to_owned(),
@@ -635,16 +719,32 @@ impl Checker<'_> {
                 group: raw.control.group.filter(|g| !g.is_empty()),
             },
             session: SessionConfig {
-                bus_silence: self.duration("session.bus_silence", &raw.session.bus_silence, Duration::from_secs(1)..=Duration::from_secs(600))?,
+                bus_silence: self.duration(
+                    "session.bus_silence",
+                    &raw.session.bus_silence,
+                    Duration::from_secs(1)..=Duration::from_secs(600),
+                )?,
                 require_pile_auth: raw.session.require_pile_auth,
-                auth_timeout: self.duration("session.auth_timeout", &raw.session.auth_timeout, Duration::from_millis(100)..=Duration::from_secs(10))?,
+                auth_timeout: self.duration(
+                    "session.auth_timeout",
+                    &raw.session.auth_timeout,
+                    Duration::from_millis(100)..=Duration::from_secs(10),
+                )?,
             },
             firewall: FirewallSection {
                 blank_vin: raw.firewall.blank_vin,
                 rate_per_second: raw.firewall.rate_per_second,
                 burst: raw.firewall.burst.max(1),
-                bms_to_pile: self.pgns("firewall.bms_to_pile", raw.firewall.bms_to_pile, crate::gateway::firewall::default_bms_to_pile())?,
-                pile_to_bms: self.pgns("firewall.pile_to_bms", raw.firewall.pile_to_bms, crate::gateway::firewall::default_pile_to_bms())?,
+                bms_to_pile: self.pgns(
+                    "firewall.bms_to_pile",
+                    raw.firewall.bms_to_pile,
+                    crate::gateway::firewall::default_bms_to_pile(),
+                )?,
+                pile_to_bms: self.pgns(
+                    "firewall.pile_to_bms",
+                    raw.firewall.pile_to_bms,
+                    crate::gateway::firewall::default_pile_to_bms(),
+                )?,
             },
             log: LogConfig { level },
         })
@@ -696,7 +796,10 @@ key = "vehicle.key"
         assert_eq!(c.vehicle.id.as_str(), "veh-a");
         assert!(c.vehicle.hpke_key.is_absolute());
         assert!(c.vehicle.hpke_key.ends_with("keys/vehicle-hpke.key"));
-        assert_eq!(c.vehicle.cloud_public_key, PathBuf::from("/etc/bmsgw/cloud-hpke.pub"));
+        assert_eq!(
+            c.vehicle.cloud_public_key,
+            PathBuf::from("/etc/bmsgw/cloud-hpke.pub")
+        );
         assert_eq!(
             c.can.interfaces,
             CanInterfaces::Bridge {
@@ -711,7 +814,10 @@ key = "vehicle.key"
         assert_eq!(c.store.path, PathBuf::from("/var/lib/bmsgw/state.redb"));
         assert_eq!(c.control.socket, PathBuf::from("/run/bmsgw/control.sock"));
         assert!(c.session.require_pile_auth);
-        assert!(c.firewall.bms_to_pile.contains(&0x0200), "BRM allowed by default");
+        assert!(
+            c.firewall.bms_to_pile.contains(&0x0200),
+            "BRM allowed by default"
+        );
         let link = c.link_config();
         assert_eq!(link.subscriptions.len(), 2);
     }
@@ -737,11 +843,23 @@ key = "vehicle.key"
 
     #[test]
     fn errors_name_the_file_the_key_the_value_and_the_expectation() {
-        let e = err(&MINIMAL.replace("mode = \"bridge\"", "mode = \"both\""), &[]);
-        assert!(e.contains("bmsgw.toml") && e.contains("can.mode") && e.contains("both") && e.contains("bridge"), "{e}");
+        let e = err(
+            &MINIMAL.replace("mode = \"bridge\"", "mode = \"both\""),
+            &[],
+        );
+        assert!(
+            e.contains("bmsgw.toml")
+                && e.contains("can.mode")
+                && e.contains("both")
+                && e.contains("bridge"),
+            "{e}"
+        );
 
         let e = err(MINIMAL, &[("BMSGW__CLOUD__REQUEST_TIMEOUT", "soon")]);
-        assert!(e.contains("cloud.request_timeout") && e.contains("soon") && e.contains("duration"), "{e}");
+        assert!(
+            e.contains("cloud.request_timeout") && e.contains("soon") && e.contains("duration"),
+            "{e}"
+        );
 
         let e = err(&MINIMAL.replace("[can]", "[can]\naddress = 0xFF"), &[]);
         assert!(e.contains("can.address") && e.contains("0xff"), "{e}");
@@ -749,7 +867,10 @@ key = "vehicle.key"
         let e = err(&MINIMAL.replace("[can]", "[can]\naddress = 0xF4"), &[]);
         assert!(e.contains("three different addresses"), "{e}");
 
-        let e = err(&MINIMAL.replace("pile_interface = \"can0\"", "pile_interface = \"can1\""), &[]);
+        let e = err(
+            &MINIMAL.replace("pile_interface = \"can0\"", "pile_interface = \"can1\""),
+            &[],
+        );
         assert!(e.contains("can.pile_interface"), "{e}");
 
         let e = err(&MINIMAL.replace("id = \"veh-a\"", "id = \"veh a/1\""), &[]);
@@ -761,7 +882,10 @@ key = "vehicle.key"
 
     #[test]
     fn a_misspelt_key_is_an_error_not_ignored() {
-        let e = err(&MINIMAL.replace("[cloud]", "[cloud]\nrequest_timout = \"1s\""), &[]);
+        let e = err(
+            &MINIMAL.replace("[cloud]", "[cloud]\nrequest_timout = \"1s\""),
+            &[],
+        );
         assert!(e.contains("request_timout"), "{e}");
         let e = err(&format!("{MINIMAL}\n[sesion]\nbus_silence = \"3s\"\n"), &[]);
         assert!(e.contains("sesion"), "{e}");
@@ -771,13 +895,24 @@ key = "vehicle.key"
     fn single_bus_needs_its_interface_and_the_cloud_may_be_off() {
         let text = MINIMAL
             .replace("mode = \"bridge\"", "mode = \"single-bus\"")
-            .replace("bms_interface = \"can1\"\npile_interface = \"can0\"", "interface = \"can0\"")
+            .replace(
+                "bms_interface = \"can1\"\npile_interface = \"can0\"",
+                "interface = \"can0\"",
+            )
             .replace("[cloud]", "[cloud]\nenabled = false");
         let c = load(&text, &[]).expect("loads");
-        assert_eq!(c.can.interfaces, CanInterfaces::SingleBus { interface: "can0".into() });
+        assert_eq!(
+            c.can.interfaces,
+            CanInterfaces::SingleBus {
+                interface: "can0".into()
+            }
+        );
         assert!(!c.cloud.enabled);
         let e = err(&text.replace("interface = \"can0\"", ""), &[]);
-        assert!(e.contains("can.interface") && e.contains("single-bus"), "{e}");
+        assert!(
+            e.contains("can.interface") && e.contains("single-bus"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -788,7 +923,10 @@ key = "vehicle.key"
             Ok(_) => panic!("loaded a missing file"),
             Err(e) => e.to_string(),
         };
-        assert!(e.contains("/nonexistent/bmsgw.toml") && e.contains("cannot read"), "{e}");
+        assert!(
+            e.contains("/nonexistent/bmsgw.toml") && e.contains("cannot read"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -108,7 +108,10 @@ pub struct Observe {
 }
 
 /// Run the daemon on SocketCAN as `config` says, until `shutdown`.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
     let opts = SocketCanOptions {
         error_frames: true,
         ..SocketCanOptions::default()
@@ -143,7 +146,10 @@ pub async fn run_on<B: CanBus + 'static>(
         }
         CanInterfaces::Bridge { bms, pile } => (
             "bridge",
-            vec![("bms".to_string(), bms.clone()), ("pile".to_string(), pile.clone())],
+            vec![
+                ("bms".to_string(), bms.clone()),
+                ("pile".to_string(), pile.clone()),
+            ],
         ),
     };
     let shared = Arc::new(Shared {
@@ -180,7 +186,10 @@ pub async fn run_on<B: CanBus + 'static>(
         && !dir.exists()
     {
         use std::os::unix::fs::DirBuilderExt;
-        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir);
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir);
     }
     let control = ControlServer::bind(&config.control.socket, config.control.group.as_deref())?;
     info!(socket = %config.control.socket.display(), "control socket listening");
@@ -261,10 +270,11 @@ pub async fn run_on<B: CanBus + 'static>(
 }
 
 fn load_keys(config: &Config) -> Result<VehicleKeys, DaemonError> {
-    let own = KeyPair::load(&config.vehicle.hpke_key).map_err(|source| DaemonError::VehicleKey {
-        path: config.vehicle.hpke_key.clone(),
-        source,
-    })?;
+    let own =
+        KeyPair::load(&config.vehicle.hpke_key).map_err(|source| DaemonError::VehicleKey {
+            path: config.vehicle.hpke_key.clone(),
+            source,
+        })?;
     let cloud = PublicKey::load(&config.vehicle.cloud_public_key).map_err(|source| {
         DaemonError::CloudKey {
             path: config.vehicle.cloud_public_key.clone(),
@@ -562,7 +572,11 @@ async fn push_handler(
             Err(e) => Err(e.to_string()),
         };
         match applied {
-            Ok(r) => info!(vouchers = r.vouchers, revoked = r.revoked, "push from the cloud applied"),
+            Ok(r) => info!(
+                vouchers = r.vouchers,
+                revoked = r.revoked,
+                "push from the cloud applied"
+            ),
             Err(e) => {
                 warn!(error = %e, "push refused");
                 shared.error(format!("push refused: {e}"));
@@ -579,7 +593,11 @@ enum StoreJob {
     Record(SessionRecord),
 }
 
-async fn store_writer(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<StoreJob>, wake: Arc<Notify>) {
+async fn store_writer(
+    shared: Arc<Shared>,
+    mut jobs: mpsc::UnboundedReceiver<StoreJob>,
+    wake: Arc<Notify>,
+) {
     while let Some(job) = jobs.recv().await {
         let store = shared.store.clone();
         let outbox = shared.outbox.clone();
@@ -619,8 +637,14 @@ fn encode(record: &SessionRecord) -> (String, Zeroizing<Vec<u8>>) {
 // Credentials
 
 enum LoopMsg {
-    Credential { session: u64, result: CredentialResult },
-    Pending { session: u64, deadline: u32 },
+    Credential {
+        session: u64,
+        result: CredentialResult,
+    },
+    Pending {
+        session: u64,
+        deadline: u32,
+    },
 }
 
 /// Cloud first; a voucher when the cloud does not answer within the
@@ -700,10 +724,7 @@ async fn obtain_credential(
                 }
             }
         }
-        Some(client) => format!(
-            "cloud link is {}",
-            link_state_name(client.link().state())
-        ),
+        Some(client) => format!("cloud link is {}", link_state_name(client.link().state())),
         None => "cloud link disabled".to_string(),
     };
     let wallet = shared.wallet.clone();
@@ -721,9 +742,9 @@ async fn obtain_credential(
             credential,
             why: format!("voucher ({why})"),
         },
-        Ok(None) => CredentialResult::Unavailable(format!(
-            "{why}, and no voucher for charger {charger}"
-        )),
+        Ok(None) => {
+            CredentialResult::Unavailable(format!("{why}, and no voucher for charger {charger}"))
+        }
         Err(e) => {
             shared.error(format!("wallet: {e}"));
             CredentialResult::Unavailable(format!("{why}, and the wallet failed: {e}"))
@@ -832,7 +853,10 @@ async fn can_loop<B: CanBus>(
         result_timeout: config.session.auth_timeout,
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<LoopMsg>();
-    let mut counters = [BusCounters { up: true, ..Default::default() }; 2]; // [pile/bus, bms]
+    let mut counters = [BusCounters {
+        up: true,
+        ..Default::default()
+    }; 2]; // [pile/bus, bms]
     let mut span = tracing::Span::none();
     let mut watchdog = ctx
         .systemd

@@ -92,9 +92,8 @@ impl Store {
                 let topic = std::str::from_utf8(r.bytes(usize::from(len))?).ok()?;
                 Some((topic.to_owned(), r.rest().to_vec()))
             })();
-            let (topic, payload) = parsed.ok_or_else(|| {
-                self.corrupt(OPEN_SESSIONS, k.value(), "draft does not parse")
-            })?;
+            let (topic, payload) = parsed
+                .ok_or_else(|| self.corrupt(OPEN_SESSIONS, k.value(), "draft does not parse"))?;
             out.push(Draft {
                 record_id,
                 topic,

@@ -281,11 +281,7 @@ impl DurableWallet {
         let mut counts = std::collections::BTreeMap::<u32, usize>::new();
         for entry in table.iter().map_err(store.db_err("wallet count", WALLET))? {
             let (_, v) = entry.map_err(store.db_err("wallet count", WALLET))?;
-            if let Some(
-                e @ Entry::Unspent {
-                    charger_number, ..
-                },
-            ) = Entry::parse(v.value())
+            if let Some(e @ Entry::Unspent { charger_number, .. }) = Entry::parse(v.value())
                 && e.usable(charger_number, unix_now).is_some()
             {
                 *counts.entry(charger_number).or_default() += 1;

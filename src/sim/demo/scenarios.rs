@@ -75,7 +75,11 @@ impl Checks {
         if !passed {
             notes.insert(0, format!("NOT AS EXPECTED: {}", self.failed.join("; ")));
         }
-        let verdict = if passed { "as expected" } else { "NOT as expected" };
+        let verdict = if passed {
+            "as expected"
+        } else {
+            "NOT as expected"
+        };
         world.say("demo", format!("({name}) {title}: {verdict}"));
         ScenarioResult {
             name,
@@ -117,7 +121,10 @@ fn has(world_seen: &[Notice], f: impl Fn(&Notice) -> bool) -> bool {
 }
 
 fn credential_is(seen: &[Notice], want: CredentialKind) -> bool {
-    has(seen, |n| matches!(n, Notice::Credential { kind, .. } if *kind == want))
+    has(
+        seen,
+        |n| matches!(n, Notice::Credential { kind, .. } if *kind == want),
+    )
 }
 
 fn report_sims(c: &mut Checks, (bms, pile): &Outcomes) {
@@ -126,7 +133,10 @@ fn report_sims(c: &mut Checks, (bms, pile): &Outcomes) {
     if let Ok(s) = pile
         && s.energy_decikwh > 0
     {
-        c.note(format!("{:.1} kWh delivered", f32::from(s.energy_decikwh) / 10.0));
+        c.note(format!(
+            "{:.1} kWh delivered",
+            f32::from(s.energy_decikwh) / 10.0
+        ));
     }
 }
 
@@ -164,7 +174,10 @@ async fn online<W: Write + Send>(
     let connected = world
         .wait_status(Duration::from_secs(15), |s| s.cloud.state == "connected")
         .await;
-    c.check(connected.is_some(), "the gateway never connected to the broker");
+    c.check(
+        connected.is_some(),
+        "the gateway never connected to the broker",
+    );
     let records = world.cloud_stats().records;
     let pile = world.pile_options()?;
     let outcomes = session(world, pile).await?;
@@ -174,7 +187,9 @@ async fn online<W: Write + Send>(
         "no online ticket",
     );
     c.check(
-        has(&world.seen, |n| matches!(n, Notice::PileAuthenticated { .. })),
+        has(&world.seen, |n| {
+            matches!(n, Notice::PileAuthenticated { .. })
+        }),
         "pile not authenticated",
     );
     let uploaded = record_reaches_cloud(world, records, Duration::from_secs(10)).await;
@@ -224,11 +239,16 @@ async fn approval<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioR
     let outcomes = session(world, pile).await?;
     let owner = owner.await.map_err(|e| e.to_string()).and_then(|r| r);
     let mut c = Checks::new();
-    c.check(connected.is_some(), "the gateway never connected to the broker");
+    c.check(
+        connected.is_some(),
+        "the gateway never connected to the broker",
+    );
     report_sims(&mut c, &outcomes);
     c.check(owner.is_ok(), format!("owner app: {:?}", owner.err()));
     c.check(
-        has(&world.seen, |n| matches!(n, Notice::AwaitingApproval { .. })),
+        has(&world.seen, |n| {
+            matches!(n, Notice::AwaitingApproval { .. })
+        }),
         "the gateway never showed 'awaiting approval'",
     );
     c.check(
@@ -305,13 +325,18 @@ async fn offline<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioRe
         .as_ref()
         .and_then(|s| s.vouchers.iter().find(|v| v.charger_number == DEMO_CHARGER))
         .map_or(0, |v| v.remaining);
-    c.note(format!("{vouchers_before} voucher(s) for pile {DEMO_CHARGER} from (a)"));
+    c.note(format!(
+        "{vouchers_before} voucher(s) for pile {DEMO_CHARGER} from (a)"
+    ));
     world.broker.stop();
     world.say("broker", "stopped");
     let down = world
         .wait_status(Duration::from_secs(15), |s| s.cloud.state != "connected")
         .await;
-    c.check(down.is_some(), "the gateway never noticed the broker was gone");
+    c.check(
+        down.is_some(),
+        "the gateway never noticed the broker was gone",
+    );
     let pile = world.pile_options()?;
     let outcomes = session(world, pile).await?;
     report_sims(&mut c, &outcomes);
@@ -335,12 +360,18 @@ async fn offline<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioRe
         );
         world.say(
             "gateway",
-            format!("outbox holds {} record(s); {left} voucher(s) left", s.outbox.records),
+            format!(
+                "outbox holds {} record(s); {left} voucher(s) left",
+                s.outbox.records
+            ),
         );
     }
     let restarted = world.broker.restart();
     world.say("broker", "restarted");
-    c.check(restarted.is_ok(), format!("broker restart: {:?}", restarted.err()));
+    c.check(
+        restarted.is_ok(),
+        format!("broker restart: {:?}", restarted.err()),
+    );
     // The cloud's own link backs off up to 10 s; a fresh instance is
     // subscribed again at once.
     world.stop_cloud().await;
@@ -348,30 +379,48 @@ async fn offline<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioRe
     world.say("cloud", "reconnected");
     // A fresh instance: every record it counts arrived after the restart.
     let uploaded = record_reaches_cloud(world, 0, Duration::from_secs(30)).await;
-    c.check(uploaded.is_some(), "record never reached the cloud after the broker returned");
+    c.check(
+        uploaded.is_some(),
+        "record never reached the cloud after the broker returned",
+    );
     if let Some(d) = uploaded {
-        c.note(format!("record at the cloud {} after the broker returned", secs(d)));
+        c.note(format!(
+            "record at the cloud {} after the broker returned",
+            secs(d)
+        ));
     }
     Ok(c.finish(world, "c", "broker down: voucher"))
 }
 
 /// (d1) A forged grant on the broker.
-async fn forged_grant<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioResult, DemoError> {
-    world.begin("(d1) attack: the cloud is silenced and an intruder answers with a forged grant")?;
+async fn forged_grant<W: Write + Send>(
+    world: &mut World<'_, W>,
+) -> Result<ScenarioResult, DemoError> {
+    world
+        .begin("(d1) attack: the cloud is silenced and an intruder answers with a forged grant")?;
     world.start_daemon(Vehicle::A).await?;
     let mut c = Checks::new();
     let ready = world
         .wait_status(Duration::from_secs(20), |s| s.cloud.state == "connected")
         .await;
-    c.check(ready.is_some(), "the gateway did not reconnect to the broker");
+    c.check(
+        ready.is_some(),
+        "the gateway did not reconnect to the broker",
+    );
     let refused_before = ready.map_or(0, |s| s.cloud.refused_answers);
     world.stop_cloud().await;
     world.say("cloud", "stopped (requests now reach only the intruder)");
     let host = world.broker.host().to_string();
     let intruder =
         attacker::forge_grants(&world.pki, &host, world.broker.port(), Vehicle::A.id()).await;
-    c.check(intruder.is_ok(), format!("intruder: {:?}", intruder.as_ref().err()));
-    world.say("intruder", "subscribed to veh-a's requests, answering with forged grants");
+    c.check(
+        intruder.is_ok(),
+        format!("intruder: {:?}", intruder.as_ref().err()),
+    );
+    world.say(
+        "intruder",
+        "subscribed to veh-a's requests, answering with forged grants",
+    );
     let pile = world.pile_options()?;
     let outcomes = session(world, pile).await?;
     if let Ok(stop) = intruder {
@@ -388,7 +437,9 @@ async fn forged_grant<W: Write + Send>(world: &mut World<'_, W>) -> Result<Scena
         credential_is(&world.seen, CredentialKind::Voucher),
         "no voucher after the cloud's silence",
     );
-    c.note(format!("{refused} forged answer(s) refused; charged on a voucher"));
+    c.note(format!(
+        "{refused} forged answer(s) refused; charged on a voucher"
+    ));
     world.start_cloud().await?;
     world.say("cloud", "restarted");
     Ok(c.finish(world, "d1", "forged grant on the broker"))
@@ -401,7 +452,10 @@ async fn replayed_auth<W: Write + Send>(
 ) -> Result<ScenarioResult, DemoError> {
     world.begin("(d2) attack: an AuthRequest captured in (a) is replayed to the pile")?;
     world.stop_daemon().await?;
-    world.say("demo", "gateway stopped; a BMS and the replaying attacker sit on the pile's bus");
+    world.say(
+        "demo",
+        "gateway stopped; a BMS and the replaying attacker sit on the pile's bus",
+    );
     let mut c = Checks::new();
     let Some(request) = captured else {
         c.check(false, "no AuthRequest was captured in (a)");
@@ -427,8 +481,14 @@ async fn replayed_auth<W: Write + Send>(
         Err(SimError::Unauthenticated {
             last_rejection: Some(ResultCode::Replayed),
             ..
-        }) => world.say("pile", "refused the AuthRequest: ticket already used (replay)"),
-        other => c.check(false, format!("pile: expected a replay refusal, got {}", describe(other))),
+        }) => world.say(
+            "pile",
+            "refused the AuthRequest: ticket already used (replay)",
+        ),
+        other => c.check(
+            false,
+            format!("pile: expected a replay refusal, got {}", describe(other)),
+        ),
     }
     c.check(bms_r.is_err(), "the BMS charged without authentication");
     c.note("pile refused: Replayed; no CRM(0xAA), no charging");
@@ -459,7 +519,9 @@ async fn fake_pile<W: Write + Send>(world: &mut World<'_, W>) -> Result<Scenario
         c.check(crm_aa == 0, format!("{crm_aa} CRM(0xAA) reached the BMS"));
         let held = firewall_counter(world.status().await.as_ref(), "crm_held") - held_before;
         c.check(held > 0, "the firewall held no CRM(0xAA)");
-        c.note(format!("{held} CRM(0xAA) held back from the BMS; the BMS never charged"));
+        c.note(format!(
+            "{held} CRM(0xAA) held back from the BMS; the BMS never charged"
+        ));
     } else {
         c.note("single-bus: the gateway detects the fake pile but cannot hold CRM(0xAA)");
     }
@@ -488,9 +550,18 @@ async fn injection<W: Write + Send>(world: &mut World<'_, W>) -> Result<Scenario
     let bcl_pgn = MessageKind::Bcl.pgn().raw();
     let cml_pgn = MessageKind::Cml.pgn().raw();
     let bad: Vec<(&str, crate::can::CanFrame)> = [
-        ("proprietary PGN 0xEF00 to the BMS", attacker::frame(0xEF00, pile, bms, &[0xDE; 8])),
-        ("a BMS message (BCL) sent by the pile", attacker::frame(bcl_pgn, pile, bms, &[0; 5])),
-        ("CML with the BMS's own address as source", attacker::frame(cml_pgn, bms, pile, &cml)),
+        (
+            "proprietary PGN 0xEF00 to the BMS",
+            attacker::frame(0xEF00, pile, bms, &[0xDE; 8]),
+        ),
+        (
+            "a BMS message (BCL) sent by the pile",
+            attacker::frame(bcl_pgn, pile, bms, &[0; 5]),
+        ),
+        (
+            "CML with the BMS's own address as source",
+            attacker::frame(cml_pgn, bms, pile, &cml),
+        ),
     ]
     .into_iter()
     .filter_map(|(what, f)| f.map(|f| (what, f)))
@@ -530,14 +601,23 @@ async fn injection<W: Write + Send>(world: &mut World<'_, W>) -> Result<Scenario
         "firewall",
         format!("of 200 CML frames in a burst, {flood_through} reached the BMS (rate limit)"),
     );
-    c.check(flood_through < 100, "the rate limit did not hold the flood back");
+    c.check(
+        flood_through < 100,
+        "the rate limit did not hold the flood back",
+    );
     let after = world.status().await;
-    for key in ["dropped_not_allowed", "dropped_wrong_address", "dropped_rate_limited"] {
+    for key in [
+        "dropped_not_allowed",
+        "dropped_wrong_address",
+        "dropped_rate_limited",
+    ] {
         let d = firewall_counter(after.as_ref(), key) - firewall_counter(before.as_ref(), key);
         world.say("firewall", format!("{key}: +{d}"));
         c.check(d > 0, format!("{key} did not move"));
     }
-    c.note(format!("none of the forbidden frames reached the BMS; {flood_through}/200 of a flood"));
+    c.note(format!(
+        "none of the forbidden frames reached the BMS; {flood_through}/200 of a flood"
+    ));
     Ok(c.finish(world, "d4", "frames injected towards the BMS"))
 }
 
@@ -550,8 +630,7 @@ fn firewall_counter(status: Option<&crate::service::status::Status>, key: &str) 
 }
 
 fn is_crm_aa(frame: &crate::can::CanFrame) -> bool {
-    J1939Id::from_can_id(frame.id())
-        .is_ok_and(|id| id.pgn == MessageKind::Crm.pgn())
+    J1939Id::from_can_id(frame.id()).is_ok_and(|id| id.pgn == MessageKind::Crm.pgn())
         && frame.data().first() == Some(&0xAA)
 }
 

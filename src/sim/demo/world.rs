@@ -9,8 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{DEMO_CHARGER, DemoError, secs};
 use crate::auth::{MemoryReplayStore, PileAuthConfig, PileKeys, RootKey};
-use crate::can::{BusError, BusEvent, CanBus, CanFrame, SocketCanBus, SocketCanOptions};
 use crate::can::virtual_bus::{VirtualBus, VirtualNode};
+use crate::can::{BusError, BusEvent, CanBus, CanFrame, SocketCanBus, SocketCanOptions};
 use crate::gateway::orchestrator::Notice;
 use crate::gbt27930::timeline::{Timeline, TimelineOptions};
 use crate::gbt27930::{ChargerNumber, RegionCode};
@@ -31,21 +31,17 @@ pub(super) enum DemoBus {
 }
 
 impl CanBus for DemoBus {
-    fn send(&mut self, frame: &CanFrame) -> impl Future<Output = Result<(), BusError>> + Send {
-        async move {
-            match self {
-                DemoBus::Virtual(n) => n.send(frame).await,
-                DemoBus::Socket(s) => s.send(frame).await,
-            }
+    async fn send(&mut self, frame: &CanFrame) -> Result<(), BusError> {
+        match self {
+            DemoBus::Virtual(n) => n.send(frame).await,
+            DemoBus::Socket(s) => s.send(frame).await,
         }
     }
 
-    fn recv(&mut self) -> impl Future<Output = Result<BusEvent, BusError>> + Send {
-        async move {
-            match self {
-                DemoBus::Virtual(n) => n.recv().await,
-                DemoBus::Socket(s) => s.recv().await,
-            }
+    async fn recv(&mut self) -> Result<BusEvent, BusError> {
+        match self {
+            DemoBus::Virtual(n) => n.recv().await,
+            DemoBus::Socket(s) => s.recv().await,
         }
     }
 }
@@ -207,7 +203,8 @@ impl<'o, W: Write + Send> World<'o, W> {
         all_messages: bool,
         out: &'o mut W,
     ) -> Result<World<'o, W>, DemoError> {
-        let setup = |what: &str, e: &dyn std::fmt::Display| DemoError::Setup(format!("{what}: {e}"));
+        let setup =
+            |what: &str, e: &dyn std::fmt::Display| DemoError::Setup(format!("{what}: {e}"));
         let dir = tempfile::tempdir().map_err(|e| setup("temporary directory", &e))?;
         writeln!(out, "bmsgw demo: the whole system in one process")?;
         let pki = DevPki::generate(&DevPkiOptions::new(dir.path().join("pki")))
@@ -285,7 +282,11 @@ impl<'o, W: Write + Send> World<'o, W> {
             pile_monitor,
             bms_seen: Vec::new(),
             pile_seen: Vec::new(),
-            timeline: all_messages.then(|| Timeline::new(TimelineOptions { changes_only: false })),
+            timeline: all_messages.then(|| {
+                Timeline::new(TimelineOptions {
+                    changes_only: false,
+                })
+            }),
             t0: Instant::now(),
             seen: Vec::new(),
         };
@@ -300,7 +301,11 @@ impl<'o, W: Write + Send> World<'o, W> {
     /// Begin a scenario: a heading, a fresh clock and fresh captures.
     pub(super) fn begin(&mut self, title: &str) -> Result<(), DemoError> {
         writeln!(self.out)?;
-        writeln!(self.out, "── {title} {}", "─".repeat(60usize.saturating_sub(title.len())))?;
+        writeln!(
+            self.out,
+            "── {title} {}",
+            "─".repeat(60usize.saturating_sub(title.len()))
+        )?;
         self.t0 = Instant::now();
         self.bms_seen.clear();
         self.pile_seen.clear();
@@ -369,7 +374,9 @@ impl<'o, W: Write + Send> World<'o, W> {
 
     fn on_notice(&mut self, n: Notice) {
         let line = match &n {
-            Notice::SessionStarted { session } => format!("session {session}: the pile is talking to the BMS"),
+            Notice::SessionStarted { session } => {
+                format!("session {session}: the pile is talking to the BMS")
+            }
             Notice::ChargeRequest {
                 charger_number,
                 region_code,
@@ -377,7 +384,9 @@ impl<'o, W: Write + Send> World<'o, W> {
                 "charge request at pile {charger_number} (region {}): asking for a credential",
                 String::from_utf8_lossy(region_code)
             ),
-            Notice::AwaitingApproval { .. } => "the cloud holds the grant: awaiting the owner's approval".into(),
+            Notice::AwaitingApproval { .. } => {
+                "the cloud holds the grant: awaiting the owner's approval".into()
+            }
             Notice::Credential {
                 kind,
                 elapsed,
@@ -414,8 +423,15 @@ impl<'o, W: Write + Send> World<'o, W> {
                 recorded,
             } => format!(
                 "session ended: {result}{}{}",
-                energy_wh.map_or(String::new(), |e| format!(", {:.1} kWh", f64::from(e) / 1000.0)),
-                if *recorded { "; record queued for the cloud" } else { "" }
+                energy_wh.map_or(String::new(), |e| format!(
+                    ", {:.1} kWh",
+                    f64::from(e) / 1000.0
+                )),
+                if *recorded {
+                    "; record queued for the cloud"
+                } else {
+                    ""
+                }
             ),
         };
         self.say("gateway", line);
@@ -445,9 +461,15 @@ impl<'o, W: Write + Send> World<'o, W> {
             }
         });
         if !monitor.connected(Duration::from_secs(20)).await {
-            return Err(DemoError::Setup("the cloud service did not connect to the broker".into()));
+            return Err(DemoError::Setup(
+                "the cloud service did not connect to the broker".into(),
+            ));
         }
-        self.cloud = Some(CloudRun { monitor, stop, task });
+        self.cloud = Some(CloudRun {
+            monitor,
+            stop,
+            task,
+        });
         Ok(())
     }
 
@@ -504,7 +526,9 @@ impl<'o, W: Write + Send> World<'o, W> {
                 return self.stop_daemon().await;
             }
             if Instant::now() > give_up {
-                return Err(DemoError::Setup("the gateway's control socket never answered".into()));
+                return Err(DemoError::Setup(
+                    "the gateway's control socket never answered".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -517,7 +541,10 @@ impl<'o, W: Write + Send> World<'o, W> {
             match d.task.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    return Err(DemoError::Setup(format!("gateway of {} failed: {e}", v.id())));
+                    return Err(DemoError::Setup(format!(
+                        "gateway of {} failed: {e}",
+                        v.id()
+                    )));
                 }
                 Err(e) => return Err(DemoError::Setup(format!("gateway task: {e}"))),
             }
