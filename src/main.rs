@@ -454,8 +454,29 @@ fn pki_dev(out: PathBuf, force: bool, broker_port: u16) -> Result<(), String> {
         ..DevPkiOptions::new(out)
     };
     let pki = DevPki::generate(&opts).map_err(|e| format!("pki dev: {}", chain(&e)))?;
+    // A `bmsgw run` config for the first vehicle: bridge mode on vcan0 (BMS
+    // side) and vcan1 (pile side), state and socket next to the keys.
+    let gateway = pki.vehicle_ids().first().map(|id| {
+        let state = pki.dir.join(format!("state-{id}"));
+        pki.write_gateway_toml(
+            id,
+            &bmsgw::sim::pki::GatewayTomlOptions {
+                broker_port,
+                can: bmsgw::service::config::CanInterfaces::Bridge {
+                    bms: "vcan0".into(),
+                    pile: "vcan1".into(),
+                },
+                control_socket: state.join("control.sock"),
+                state_dir: state,
+                request_timeout: Duration::from_secs(2),
+            },
+        )
+    });
+    let gateway = gateway
+        .transpose()
+        .map_err(|e| format!("pki dev: {}", chain(&e)))?;
     let secrets = pki.secret_files();
-    for path in pki.files() {
+    for path in pki.files().into_iter().chain(gateway) {
         let note = if secrets.contains(&path) {
             " (secret, mode 0600)"
         } else {
