@@ -6,7 +6,8 @@
 //! - [`gbt27930`]: message codecs and the charger and BMS state machines (sans-IO);
 //! - [`cloud`]: cloud messages, the end-to-end envelope and the MQTT link;
 //! - [`store`]: durable state in redb (outbox, voucher wallet, replay cache);
-//! - [`service`]: what running as a service needs (logging so far);
+//! - [`gateway`]: the session observer and orchestrator, the bridge and firewall, vehicle authentication;
+//! - [`service`]: the daemon, its config, systemd, the control socket, logging;
 //! - `sim`: simulators and the demo (feature `sim`).
 #![forbid(unsafe_code)]
 
