@@ -523,6 +523,21 @@ impl Link {
         payload: Vec<u8>,
         correlation: Option<Vec<u8>>,
     ) -> Result<(), LinkError> {
+        self.publish_acked(topic, payload, correlation)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Link::publish_confirmed`], giving the reason of the PUBACK that
+    /// accepted the publish: `Success`, or `NoMatchingSubscribers` when the
+    /// broker took it but had no subscriber to give it to (MQTT v5), so that
+    /// nobody will ever receive it.
+    pub async fn publish_acked(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        correlation: Option<Vec<u8>>,
+    ) -> Result<PubAckReason, LinkError> {
         let rx = self.inner.submit_confirm(topic, payload, correlation)?;
         rx.await.unwrap_or(Err(LinkError::Stopped))
     }
@@ -704,8 +719,9 @@ struct Op {
 }
 
 enum OpKind {
-    /// `publish_confirmed` / `reply`: resolved by the PUBACK.
-    Confirm(Option<oneshot::Sender<Result<(), LinkError>>>),
+    /// `publish_acked` / `publish_confirmed` / `reply`: resolved by the
+    /// PUBACK, with its reason (`Success` or `NoMatchingSubscribers`).
+    Confirm(Option<oneshot::Sender<Result<PubAckReason, LinkError>>>),
     /// `request`: kept until the answer, which may need a re-publish.
     Request { correlation: Vec<u8>, acked: bool },
 }
@@ -904,7 +920,7 @@ impl Inner {
         topic: &str,
         payload: Vec<u8>,
         correlation: Option<Vec<u8>>,
-    ) -> Result<oneshot::Receiver<Result<(), LinkError>>, LinkError> {
+    ) -> Result<oneshot::Receiver<Result<PubAckReason, LinkError>>, LinkError> {
         self.check(topic, &payload, correlation.as_deref())?;
         let properties = correlation.map(|c| PublishProperties {
             correlation_data: Some(c.into()),
@@ -1208,7 +1224,7 @@ impl Inner {
             OpKind::Request { acked, .. } => *acked = true,
             OpKind::Confirm(tx) => {
                 if let Some(tx) = tx.take() {
-                    let _ = tx.send(Ok(()));
+                    let _ = tx.send(Ok(ack.reason));
                 }
                 book.ops.remove(&id);
             }
@@ -1728,18 +1744,21 @@ mod tests {
             r.sent(2);
             r.event(Event::Outgoing(Outgoing::AwaitAck(1)));
             r.puback(2, PubAckReason::Success);
-            assert!(matches!(done(&mut b), Some(Ok(()))));
+            assert!(matches!(done(&mut b), Some(Ok(PubAckReason::Success))));
             assert!(done(&mut a).is_none() && done(&mut c).is_none());
             // The PUBACK of id 1 resolves a; rumqttc then sends c as id 1.
             r.puback(1, PubAckReason::Success);
             r.sent(1);
-            assert!(matches!(done(&mut a), Some(Ok(()))));
+            assert!(matches!(done(&mut a), Some(Ok(PubAckReason::Success))));
             assert!(
                 done(&mut c).is_none(),
                 "c is not acknowledged by a's PUBACK"
             );
             r.puback(1, PubAckReason::NoMatchingSubscribers);
-            assert!(matches!(done(&mut c), Some(Ok(()))));
+            assert!(matches!(
+                done(&mut c),
+                Some(Ok(PubAckReason::NoMatchingSubscribers))
+            ));
             // A stray PUBACK changes nothing.
             r.puback(9, PubAckReason::Success);
             let k = r.counters();
@@ -1811,7 +1830,7 @@ mod tests {
             r.sent(1);
             r.sent(2);
             r.puback(2, PubAckReason::Success);
-            assert!(matches!(done(&mut a), Some(Ok(()))));
+            assert!(matches!(done(&mut a), Some(Ok(PubAckReason::Success))));
             let k = r.counters();
             assert_eq!((k.connects, k.connection_errors), (3, 2));
         }
