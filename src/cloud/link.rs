@@ -11,8 +11,12 @@
 //!   connection error the task sleeps an exponential [`Backoff`] with jitter
 //!   before polling again, and resets it after a successful CONNACK.
 //! - **Persistent session.** MQTT 5 Clean Start = 0 with a Session Expiry
-//!   Interval. When the broker answers without a session (it restarted, or
-//!   the session expired) the subscriptions are sent again.
+//!   Interval. The subscriptions are sent again after every CONNACK: when
+//!   the broker answers without a session (it restarted, or the session
+//!   expired) publishes wait for the SUBACK; when it kept the session they
+//!   do not, and the SUBSCRIBE only restores what a broker may have lost
+//!   (mosquitto 2.0.11 keeps a session's plain subscriptions over a
+//!   restart, but not its `$share/...` ones).
 //! - **Request and response** ([`Link::request`]) with the MQTT 5 Response
 //!   Topic and Correlation Data, a timeout per request, re-publication after
 //!   a reconnect, and duplicate answers dropped and counted.
@@ -242,8 +246,8 @@ pub struct LinkCounters {
     /// Messages that could not be handed over (receiver full or gone,
     /// payload too large, topic not UTF-8): dropped.
     pub incoming_dropped: u64,
-    /// SUBSCRIBEs sent after a CONNACK without a session (the first
-    /// connection included).
+    /// SUBSCRIBEs sent, one after each CONNACK (the first connection
+    /// included).
     pub resubscribes: u64,
 }
 
@@ -1133,7 +1137,13 @@ impl Inner {
             broker_max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
             ..Wire::default()
         };
-        let resubscribe = !ack.session_present && !self.subscriptions.is_empty();
+        // Subscribe after every CONNACK, also when the broker says it kept
+        // the session: a broker may keep a session but not all of its
+        // subscriptions (mosquitto 2.0.11 restores a persistent session's
+        // plain subscriptions after a restart, but not its `$share/...`
+        // ones). SUBSCRIBE replaces an existing subscription. Publishes wait
+        // for the SUBACK only when the session was lost.
+        let resubscribe = !self.subscriptions.is_empty();
         if resubscribe {
             match self.client.try_subscribe_many(self.subscriptions.clone()) {
                 Ok(()) => {
@@ -1142,9 +1152,10 @@ impl Inner {
                 Err(e) => error!(error = %e, "could not queue the SUBSCRIBE"),
             }
         }
+        let wait_for_suback = resubscribe && !ack.session_present;
         if book.phase != Phase::Stopping {
             book.phase = Phase::Up {
-                subscribed: !resubscribe,
+                subscribed: !wait_for_suback,
             };
         }
         // Everything without a PUBACK goes out again, oldest first; an
@@ -1172,7 +1183,7 @@ impl Inner {
             resend = resend.len(),
             "connected"
         );
-        if !resubscribe {
+        if !wait_for_suback {
             self.set_state(LinkState::Connected);
         }
     }
