@@ -624,3 +624,69 @@ async fn session_records_queued_while_the_broker_is_down_reach_the_cloud() {
     assert_eq!(stats.published, 5);
     cloud.stop().await;
 }
+
+/// mosquitto acknowledges a publish nobody is subscribed to with "no
+/// matching subscribers" and drops it: a record sent while the cloud is not
+/// subscribed stays in the outbox and reaches the cloud once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_nobody_is_subscribed_to_stays_queued_until_the_cloud_listens() {
+    let (_dir, pki) = pki_with(&[]);
+    let Some(broker) = Mosquitto::start(&pki) else {
+        return;
+    };
+    let client = vehicle(&pki, "veh-a", broker.port(), |_| {}).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path().join("state.redb")).expect("store");
+    let outbox = store.outbox(OutboxPolicy::default());
+    let wake = Arc::new(Notify::new());
+    let record = SessionRecord {
+        record_id: [7; 16],
+        vehicle_id: VehicleId::parse("veh-a").expect("id"),
+        charger_number: CHARGER,
+        credential: UsedCredential {
+            kind: CredentialKind::Voucher,
+            ticket_id: [7; 12],
+        },
+        energy_wh: 1234,
+        started_at: 1_760_000_000,
+        stopped_at: 1_760_000_600,
+        result: SessionResult::Completed,
+    };
+    enqueue_record(&outbox, &record, &wake)
+        .await
+        .expect("record committed");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut publisher = OutboxPublisher::new(outbox.clone(), client.clone(), wake.clone());
+    let publishing = tokio::spawn(async move {
+        let stats = publisher
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await;
+        (stats, publisher.stats())
+    });
+    // The broker takes the publish with no subscriber: the record stays.
+    eventually("the broker's \"no matching subscribers\" PUBACK", || {
+        broker.log().contains("rc16")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(outbox.stats().expect("stats").records, 1, "record dropped");
+
+    let cloud = Cloud::start(&pki, broker.port(), "cloud-1", |_| {}).await;
+    let monitor = cloud.monitor.clone();
+    eventually("the cloud has the record", || monitor.stats().records == 1).await;
+    eventually("the outbox is empty", || {
+        outbox.stats().map(|s| s.records == 0).unwrap_or(false)
+    })
+    .await;
+    let _ = stop.send(());
+    let (run, stats) = publishing.await.expect("task");
+    run.expect("publisher");
+    assert_eq!(
+        (stats.published, stats.unheard >= 1),
+        (1, true),
+        "{stats:?}"
+    );
+    cloud.stop().await;
+}

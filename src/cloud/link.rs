@@ -11,8 +11,12 @@
 //!   connection error the task sleeps an exponential [`Backoff`] with jitter
 //!   before polling again, and resets it after a successful CONNACK.
 //! - **Persistent session.** MQTT 5 Clean Start = 0 with a Session Expiry
-//!   Interval. When the broker answers without a session (it restarted, or
-//!   the session expired) the subscriptions are sent again.
+//!   Interval. The subscriptions are sent again after every CONNACK: when
+//!   the broker answers without a session (it restarted, or the session
+//!   expired) publishes wait for the SUBACK; when it kept the session they
+//!   do not, and the SUBSCRIBE only restores what a broker may have lost
+//!   (mosquitto 2.0.11 keeps a session's plain subscriptions over a
+//!   restart, but not its `$share/...` ones).
 //! - **Request and response** ([`Link::request`]) with the MQTT 5 Response
 //!   Topic and Correlation Data, a timeout per request, re-publication after
 //!   a reconnect, and duplicate answers dropped and counted.
@@ -242,8 +246,8 @@ pub struct LinkCounters {
     /// Messages that could not be handed over (receiver full or gone,
     /// payload too large, topic not UTF-8): dropped.
     pub incoming_dropped: u64,
-    /// SUBSCRIBEs sent after a CONNACK without a session (the first
-    /// connection included).
+    /// SUBSCRIBEs sent, one after each CONNACK (the first connection
+    /// included).
     pub resubscribes: u64,
 }
 
@@ -523,6 +527,21 @@ impl Link {
         payload: Vec<u8>,
         correlation: Option<Vec<u8>>,
     ) -> Result<(), LinkError> {
+        self.publish_acked(topic, payload, correlation)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Link::publish_confirmed`], giving the reason of the PUBACK that
+    /// accepted the publish: `Success`, or `NoMatchingSubscribers` when the
+    /// broker took it but had no subscriber to give it to (MQTT v5), so that
+    /// nobody will ever receive it.
+    pub async fn publish_acked(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        correlation: Option<Vec<u8>>,
+    ) -> Result<PubAckReason, LinkError> {
         let rx = self.inner.submit_confirm(topic, payload, correlation)?;
         rx.await.unwrap_or(Err(LinkError::Stopped))
     }
@@ -704,8 +723,9 @@ struct Op {
 }
 
 enum OpKind {
-    /// `publish_confirmed` / `reply`: resolved by the PUBACK.
-    Confirm(Option<oneshot::Sender<Result<(), LinkError>>>),
+    /// `publish_acked` / `publish_confirmed` / `reply`: resolved by the
+    /// PUBACK, with its reason (`Success` or `NoMatchingSubscribers`).
+    Confirm(Option<oneshot::Sender<Result<PubAckReason, LinkError>>>),
     /// `request`: kept until the answer, which may need a re-publish.
     Request { correlation: Vec<u8>, acked: bool },
 }
@@ -904,7 +924,7 @@ impl Inner {
         topic: &str,
         payload: Vec<u8>,
         correlation: Option<Vec<u8>>,
-    ) -> Result<oneshot::Receiver<Result<(), LinkError>>, LinkError> {
+    ) -> Result<oneshot::Receiver<Result<PubAckReason, LinkError>>, LinkError> {
         self.check(topic, &payload, correlation.as_deref())?;
         let properties = correlation.map(|c| PublishProperties {
             correlation_data: Some(c.into()),
@@ -1117,7 +1137,13 @@ impl Inner {
             broker_max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
             ..Wire::default()
         };
-        let resubscribe = !ack.session_present && !self.subscriptions.is_empty();
+        // Subscribe after every CONNACK, also when the broker says it kept
+        // the session: a broker may keep a session but not all of its
+        // subscriptions (mosquitto 2.0.11 restores a persistent session's
+        // plain subscriptions after a restart, but not its `$share/...`
+        // ones). SUBSCRIBE replaces an existing subscription. Publishes wait
+        // for the SUBACK only when the session was lost.
+        let resubscribe = !self.subscriptions.is_empty();
         if resubscribe {
             match self.client.try_subscribe_many(self.subscriptions.clone()) {
                 Ok(()) => {
@@ -1126,9 +1152,10 @@ impl Inner {
                 Err(e) => error!(error = %e, "could not queue the SUBSCRIBE"),
             }
         }
+        let wait_for_suback = resubscribe && !ack.session_present;
         if book.phase != Phase::Stopping {
             book.phase = Phase::Up {
-                subscribed: !resubscribe,
+                subscribed: !wait_for_suback,
             };
         }
         // Everything without a PUBACK goes out again, oldest first; an
@@ -1156,7 +1183,7 @@ impl Inner {
             resend = resend.len(),
             "connected"
         );
-        if !resubscribe {
+        if !wait_for_suback {
             self.set_state(LinkState::Connected);
         }
     }
@@ -1208,7 +1235,7 @@ impl Inner {
             OpKind::Request { acked, .. } => *acked = true,
             OpKind::Confirm(tx) => {
                 if let Some(tx) = tx.take() {
-                    let _ = tx.send(Ok(()));
+                    let _ = tx.send(Ok(ack.reason));
                 }
                 book.ops.remove(&id);
             }
@@ -1728,18 +1755,21 @@ mod tests {
             r.sent(2);
             r.event(Event::Outgoing(Outgoing::AwaitAck(1)));
             r.puback(2, PubAckReason::Success);
-            assert!(matches!(done(&mut b), Some(Ok(()))));
+            assert!(matches!(done(&mut b), Some(Ok(PubAckReason::Success))));
             assert!(done(&mut a).is_none() && done(&mut c).is_none());
             // The PUBACK of id 1 resolves a; rumqttc then sends c as id 1.
             r.puback(1, PubAckReason::Success);
             r.sent(1);
-            assert!(matches!(done(&mut a), Some(Ok(()))));
+            assert!(matches!(done(&mut a), Some(Ok(PubAckReason::Success))));
             assert!(
                 done(&mut c).is_none(),
                 "c is not acknowledged by a's PUBACK"
             );
             r.puback(1, PubAckReason::NoMatchingSubscribers);
-            assert!(matches!(done(&mut c), Some(Ok(()))));
+            assert!(matches!(
+                done(&mut c),
+                Some(Ok(PubAckReason::NoMatchingSubscribers))
+            ));
             // A stray PUBACK changes nothing.
             r.puback(9, PubAckReason::Success);
             let k = r.counters();
@@ -1811,7 +1841,7 @@ mod tests {
             r.sent(1);
             r.sent(2);
             r.puback(2, PubAckReason::Success);
-            assert!(matches!(done(&mut a), Some(Ok(()))));
+            assert!(matches!(done(&mut a), Some(Ok(PubAckReason::Success))));
             let k = r.counters();
             assert_eq!((k.connects, k.connection_errors), (3, 2));
         }

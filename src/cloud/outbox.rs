@@ -3,8 +3,11 @@
 //! [`enqueue_record`] commits a session record before anything is sent; the
 //! [`OutboxPublisher`] drains the outbox oldest first and removes an entry
 //! only after the broker's PUBACK for it, so a crash, a `kill -9` or a broker
-//! outage at any point leaves the record queued. Delivery is at least once:
-//! the cloud deduplicates by record id.
+//! outage at any point leaves the record queued. A PUBACK saying that the
+//! broker had no subscriber for it (the cloud not subscribed, e.g. after a
+//! broker restart that lost its subscriptions) does not count: the broker
+//! drops such a message, so the entry is kept and tried again. Delivery is
+//! at least once: the cloud deduplicates by record id.
 //!
 //! The outbox holds the plain CBOR event (no secrets: pile, energy, times,
 //! ticket id). It is sealed when published, so every attempt carries a fresh
@@ -20,7 +23,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::client::IdentityClient;
-use super::link::LinkError;
+use super::link::{LinkError, PubAckReason};
 use super::messages::{Event, Payload, SessionRecord};
 use super::topics;
 use crate::auth::SystemRng;
@@ -31,6 +34,8 @@ const WINDOW: usize = 16;
 /// How long an entry the broker refused waits before it is tried again.
 /// It is never dropped: records are kept until the cloud has them.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
+/// How long an entry that found no subscriber on the broker waits.
+const NO_SUBSCRIBER_RETRY: Duration = Duration::from_secs(10);
 
 /// Why reporting failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,9 @@ pub async fn enqueue_record(
 pub struct PublisherStats {
     pub published: u64,
     pub refused: u64,
+    /// Publishes the broker acknowledged with "no matching subscribers"
+    /// (kept and tried again).
+    pub unheard: u64,
     /// Entries that could not be decoded (a damaged store): kept, skipped.
     pub undecodable: u64,
 }
@@ -160,7 +168,7 @@ impl OutboxPublisher {
             let link = self.client.link().clone();
             tasks.spawn(async move {
                 let result = link
-                    .publish_confirmed(
+                    .publish_acked(
                         &sealed.topic,
                         sealed.payload,
                         Some(sealed.correlation.to_vec()),
@@ -173,7 +181,17 @@ impl OutboxPublisher {
         while let Some(joined) = tasks.join_next().await {
             let (id, result) = joined?;
             match result {
-                Ok(()) => {
+                Ok(PubAckReason::NoMatchingSubscribers) => {
+                    self.stats.unheard += 1;
+                    warn!(
+                        id,
+                        retry_in = ?NO_SUBSCRIBER_RETRY,
+                        "outbox entry reached the broker but no subscriber (is the cloud subscribed?); kept"
+                    );
+                    self.hold
+                        .insert(id, tokio::time::Instant::now() + NO_SUBSCRIBER_RETRY);
+                }
+                Ok(_) => {
                     let outbox = self.outbox.clone();
                     tokio::task::spawn_blocking(move || outbox.remove(id)).await??;
                     self.stats.published += 1;

@@ -21,6 +21,9 @@
 #   BMSGW_VCAN_CPUS     guest CPUs (default 2)
 #   BMSGW_VCAN_TIMEOUT  limit for the whole VM run in seconds (default 1200)
 #   BMSGW_STEP_TIMEOUT  limit for one step inside the guest (default 300)
+#   BMSGW_VCAN_ONLY     run only the steps whose name matches this bash regex
+#                       (kernel-can always runs), e.g. '^daemon-' while
+#                       working on those; the lane then reports fewer steps
 #   BMSGW_VCAN_NO_INSTALL=1  fail instead of installing missing packages
 
 set -euo pipefail
@@ -78,6 +81,8 @@ ensure_tools() {
     command -v modprobe >/dev/null || apt+=(kmod)
     # The broker for later steps (cloud link over mosquitto inside the VM).
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || apt+=(mosquitto)
+    # The daemon steps read `bmsgw status --json` with jq.
+    command -v jq >/dev/null || apt+=(jq)
     # virtme-ng builds an initramfs (Debian's kernel has virtio/9p as
     # modules) and insists on a statically linked busybox for it.
     have_static_busybox || apt+=(busybox-static)
@@ -155,6 +160,8 @@ main() {
     {
         printf 'BMSGW_ROOT=%q\n' "$ROOT"
         printf 'BMSGW_BIN=%q\n' "$ROOT/target/release/bmsgw"
+        [ -z "${BMSGW_VCAN_ONLY:-}" ] || printf 'BMSGW_VCAN_ONLY=%q\n' "$BMSGW_VCAN_ONLY"
+        [ -z "${BMSGW_STEP_TIMEOUT:-}" ] || printf 'BMSGW_STEP_TIMEOUT=%q\n' "$BMSGW_STEP_TIMEOUT"
         local t exe var
         for t in "${TEST_TARGETS[@]}"; do
             exe=$(test_executable "$t")
