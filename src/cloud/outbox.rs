@@ -178,6 +178,7 @@ impl OutboxPublisher {
             });
         }
         let mut stopped = false;
+        let mut delivered = 0u64;
         while let Some(joined) = tasks.join_next().await {
             let (id, result) = joined?;
             match result {
@@ -195,6 +196,7 @@ impl OutboxPublisher {
                     let outbox = self.outbox.clone();
                     tokio::task::spawn_blocking(move || outbox.remove(id)).await??;
                     self.stats.published += 1;
+                    delivered += 1;
                     debug!(id, "outbox entry delivered");
                 }
                 Err(LinkError::Stopped) => stopped = true,
@@ -206,8 +208,12 @@ impl OutboxPublisher {
                 }
             }
         }
-        if self.stats.published > 0 && !stopped {
-            info!(published = self.stats.published, "outbox drained a batch");
+        if delivered > 0 && !stopped {
+            info!(
+                delivered,
+                total = self.stats.published,
+                "outbox delivered a batch"
+            );
         }
         Ok(stopped)
     }

@@ -315,7 +315,7 @@ impl Orchestrator {
         });
         let draft = self.record(
             SessionResult::Failed {
-                reason: "interrupted: the gateway stopped during the session".into(),
+                reason: "interrupted: the gateway stopped unexpectedly during the session (recovered at the next start)".into(),
             },
             0,
             unix,
@@ -357,20 +357,19 @@ impl Orchestrator {
         self.notices.push_back(Notice::PileRefused { reason });
     }
 
-    /// The gateway is stopping: end the session in progress as interrupted.
+    /// The gateway is stopping: end the session in progress as interrupted,
+    /// naming the phase it had reached (energy is unknown, so 0).
     pub fn on_shutdown(&mut self, unix: u32) {
-        if self.session.is_some() {
-            self.end(
-                SessionEnd {
-                    result: EndResult::StoppedBeforeCharging("the gateway stopped".into()),
-                    energy_wh: None,
-                    charging_minutes: None,
-                    final_soc_percent: None,
-                    phase_reached: self.current().map_or(Phase::Idle, |v| v.phase),
-                },
-                unix,
-            );
-        }
+        let Some(phase) = self.current().map(|v| v.phase) else {
+            return;
+        };
+        self.finish(
+            SessionResult::Failed {
+                reason: format!("interrupted in the {phase} phase: the gateway stopped"),
+            },
+            None,
+            unix,
+        );
     }
 
     fn start(&mut self, unix: u32) {
@@ -414,20 +413,24 @@ impl Orchestrator {
                 reason: end_reason(other),
             },
         };
+        self.finish(result, end.energy_wh, unix);
+    }
+
+    fn finish(&mut self, result: SessionResult, energy_wh: Option<u32>, unix: u32) {
         let text = match &result {
             SessionResult::Completed => "completed".to_string(),
             SessionResult::Failed { reason } => format!("failed: {reason}"),
         };
-        let record = self.record(result, end.energy_wh.unwrap_or(0), unix);
+        let record = self.record(result, energy_wh.unwrap_or(0), unix);
         let recorded = record.is_some();
-        info!(result = %text, energy_wh = end.energy_wh, recorded, "session ended");
+        info!(result = %text, energy_wh, recorded, "session ended");
         if let Some(record) = record {
             self.actions.push_back(Action::Record { record });
         }
-        self.last = Some((text.clone(), end.energy_wh));
+        self.last = Some((text.clone(), energy_wh));
         self.notices.push_back(Notice::SessionEnded {
             result: text,
-            energy_wh: end.energy_wh,
+            energy_wh,
             recorded,
         });
         self.session = None;
@@ -687,8 +690,13 @@ mod tests {
         let Some(Action::Record { record }) = end.first() else {
             panic!("expected a record, got {end:?}");
         };
+        let SessionResult::Failed { reason } = &record.result else {
+            panic!("expected a failure, got {:?}", record.result);
+        };
         assert!(
-            matches!(&record.result, SessionResult::Failed { reason } if reason.contains("gateway stopped"))
+            reason.contains("interrupted in the handshake phase")
+                && reason.contains("gateway stopped"),
+            "{reason}"
         );
         assert_eq!(record.stopped_at, NOW + 3);
     }

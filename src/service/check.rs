@@ -64,13 +64,14 @@ pub fn check_files(config: &Config) -> CheckReport {
     r.push(
         "config",
         Ok(format!(
-            "{} ({} mode, vehicle {})",
+            "{}: vehicle {}, {}",
             config.path.display(),
+            config.vehicle.id,
             match &config.can.interfaces {
-                CanInterfaces::SingleBus { interface } => format!("single-bus on {interface}"),
-                CanInterfaces::Bridge { bms, pile } => format!("bridge: BMS {bms}, pile {pile}"),
-            },
-            config.vehicle.id
+                CanInterfaces::SingleBus { interface } => format!("single-bus mode on {interface}"),
+                CanInterfaces::Bridge { bms, pile } =>
+                    format!("bridge mode (BMS on {bms}, pile on {pile})"),
+            }
         )),
     );
     r.push(
@@ -128,7 +129,7 @@ pub fn check_files(config: &Config) -> CheckReport {
         } else {
             writable_dir(wallet).map(|d| {
                 format!(
-                    "{} will be created at first start (in {d})",
+                    "{} will be created at first start, in {d}",
                     wallet.display()
                 )
             })
@@ -174,7 +175,7 @@ fn writable_dir(path: &Path) -> Result<String, String> {
         Ok(m) if m.is_dir() => Ok(dir.display().to_string()),
         Ok(_) => Err(format!("{} is not a directory", dir.display())),
         Err(_) => Ok(format!(
-            "{} (missing now; systemd's StateDirectory/RuntimeDirectory create it)",
+            "{} (not there yet: systemd's StateDirectory/RuntimeDirectory or bmsgw run creates it)",
             dir.display()
         )),
     }

@@ -419,7 +419,10 @@ impl Config {
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator(ENV_SEPARATOR)
                     .separator(ENV_SEPARATOR)
-                    .try_parsing(true)
+                    // Off: it would turn "007" into 7 before serde sees it.
+                    // Numbers and booleans still parse from strings when
+                    // the field wants them.
+                    .try_parsing(false)
                     .source(Some(env.into_iter().collect())),
             )
             .build()
@@ -831,6 +834,9 @@ key = "vehicle.key"
                 ("BMSGW__CLOUD__PORT", "9883"),
                 ("BMSGW__CLOUD__REQUEST_TIMEOUT", "750ms"),
                 ("BMSGW__SESSION__REQUIRE_PILE_AUTH", "false"),
+                // Strings that look like numbers stay strings.
+                ("BMSGW__VEHICLE__ID", "007"),
+                ("BMSGW__CLOUD__CLIENT_ID", "1e3"),
                 ("OTHER__CLOUD__HOST", "ignored"),
             ],
         )
@@ -839,6 +845,8 @@ key = "vehicle.key"
         assert_eq!(c.cloud.port, 9883);
         assert_eq!(c.cloud.request_timeout, Duration::from_millis(750));
         assert!(!c.session.require_pile_auth);
+        assert_eq!(c.vehicle.id.as_str(), "007");
+        assert_eq!(c.cloud.client_id, "1e3");
     }
 
     #[test]

@@ -192,7 +192,6 @@ pub async fn run_on<B: CanBus + 'static>(
             .create(dir);
     }
     let control = ControlServer::bind(&config.control.socket, config.control.group.as_deref())?;
-    info!(socket = %config.control.socket.display(), "control socket listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {

@@ -45,9 +45,32 @@ step() {
     : >"$REASON_FILE"
     local t0 t1 rc
     t0=$(date +%s.%N)
-    # A subshell, so a step cannot change the environment of later ones.
-    ( "$fn" "$@" ) >"$log" 2>&1
+    # A subshell, so a step cannot change the environment of later ones;
+    # a watchdog ends it after STEP_TIMEOUT (+30 s, so that a cargo-test
+    # step's own timeout reports first).
+    local timed_out=$STEPS/$name.timed-out
+    rm -f "$timed_out"
+    ( "$fn" "$@" ) >"$log" 2>&1 &
+    local pid=$!
+    (
+        sleep $((STEP_TIMEOUT + 30)) &
+        wait $!
+        if kill -0 "$pid" 2>/dev/null; then
+            touch "$timed_out"
+            pkill -TERM -P "$pid"
+            kill -TERM "$pid"
+        fi
+    ) &
+    local dog=$!
+    wait "$pid"
     rc=$?
+    pkill -P "$dog" 2>/dev/null
+    kill "$dog" 2>/dev/null
+    wait "$dog" 2>/dev/null
+    if [ -e "$timed_out" ]; then
+        echo "step timed out after $((STEP_TIMEOUT + 30))s" >"$REASON_FILE"
+        rc=124
+    fi
     t1=$(date +%s.%N)
     local secs
     secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
@@ -577,9 +600,31 @@ step_daemon_start() {
         return 1
     }
 
-    # The production broker setup (TLS 1.3 only, client certificates whose
-    # CN is the username, the ACL), on 127.0.0.1.
-    cat >"$D_MOSQ_CONF" <<EOF
+    # The shipped production broker config (config/mosquitto/mosquitto.conf:
+    # TLS 1.3 only, client certificates whose CN is the username, the ACL,
+    # persistence) with only its paths and listener moved into $D.
+    local shipped=$BMSGW_ROOT/config/mosquitto/mosquitto.conf
+    sed -e "s|^listener 8883\$|listener $D_PORT 127.0.0.1|" \
+        -e "s|/etc/mosquitto/bmsgw/acl|$D_PKI/mosquitto.acl|" \
+        -e "s|/etc/mosquitto/bmsgw/|$D_PKI/|" \
+        -e "s|^persistence_location .*|persistence_location $D/mosquitto-data/|" \
+        "$shipped" >"$D_MOSQ_CONF" || {
+        echo "cannot read $shipped" >"$REASON_FILE"
+        return 1
+    }
+    grep -qx "listener $D_PORT 127.0.0.1" "$D_MOSQ_CONF" &&
+        grep -qx "acl_file $D_PKI/mosquitto.acl" "$D_MOSQ_CONF" || {
+        echo "$shipped no longer has the listener/acl_file lines the lane rewrites" >"$REASON_FILE"
+        return 1
+    }
+    # As root, mosquitto would switch to user mosquitto, which cannot read
+    # the 0600 broker key; root keeps the current user. Log to the step.
+    cat >>"$D_MOSQ_CONF" <<EOF
+user root
+log_dest stderr
+log_type all
+connection_messages true
+EOF
 # bmsgw broker for the VM lane (tests/vcan/guest.sh)
 per_listener_settings false
 allow_anonymous false
