@@ -341,6 +341,21 @@ step_auth_expired_and_loose_key() {
     [ "$rc" -ne 0 ] && echo "$out" | grep -q 'chmod 600' || { echo "loose key file was not refused" >"$REASON_FILE"; return 1; }
 }
 
+# The README's demo on real SocketCAN: the gateway bridges vcan0 (BMS side)
+# and vcan1 (pile side) while every scenario runs. Its temporary state (redb,
+# the control socket) lives on a tmpfs: $OUT is 9p and / is read-only.
+step_demo_socketcan() {
+    local tmp=$OUT/demo-tmp
+    mkdir -p "$tmp" && mount -t tmpfs -o mode=0700 tmpfs "$tmp" || {
+        echo "cannot mount a tmpfs on $tmp" >"$REASON_FILE"
+        return 1
+    }
+    local rc=0
+    TMPDIR=$tmp "$BMSGW_BIN" demo --can vcan0 --can-pile vcan1 || rc=$?
+    umount "$tmp"
+    [ "$rc" -eq 0 ] || { echo "bmsgw demo --can vcan0 --can-pile vcan1 exited $rc" >"$REASON_FILE"; return 1; }
+}
+
 step sim-session step_sim_session
 step decode-capture step_decode_capture
 BMSGW_VCAN=vcan0 BMSGW_LANE_TMP=$OUT step j1939-interop step_cargo_tests j1939 "$BMSGW_TEST_VCAN_J1939"
@@ -348,6 +363,7 @@ step auth-keys step_auth_keys
 step auth-session step_auth_session
 step auth-refused-without-gateway step_auth_refused_without_gateway
 step auth-expired-and-loose-key step_auth_expired_and_loose_key
+step demo-socketcan step_demo_socketcan
 
 # --- the daemon: real processes, as deployed ------------------------------
 # mosquitto (TLS 1.3 only, mutual TLS, the ACL of `pki dev`, persistence),
@@ -897,6 +913,15 @@ daemon_step daemon-sigterm step_daemon_sigterm
 # Whatever is still running (after a failure): stop it, so the VM can end.
 for p in daemon cloud mosquitto; do
     stop_proc "$p" TERM 10 || stop_proc "$p" KILL 5
+done
+
+# Further suites, one file per concept (benchmarks, faults, attacks): each
+# defines its step functions and runs them with `step`. They start with
+# vcan0/vcan1 up and nothing else running, and must stop what they start.
+for f in "$BMSGW_ROOT"/tests/vcan/steps/*.sh; do
+    [ -e "$f" ] || continue
+    # shellcheck source=/dev/null
+    . "$f"
 done
 
 touch "$OUT/DONE"
