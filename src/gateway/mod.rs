@@ -6,7 +6,8 @@
 //!   credential, authenticate to the pile, record the session (sans-IO);
 //! - [`vehicle_auth`]: proves the vehicle to the pile with a credential;
 //! - [`firewall`] and [`bridge`]: bridge mode's CAN firewall between the
-//!   BMS's bus and the pile's (sans-IO).
+//!   BMS's bus and the pile's (sans-IO);
+//! - [`throttle`]: how often a credential may be requested (sans-IO).
 //!
 //! `service::daemon` drives them on real buses.
 
@@ -14,4 +15,5 @@ pub mod bridge;
 pub mod firewall;
 pub mod observer;
 pub mod orchestrator;
+pub mod throttle;
 pub mod vehicle_auth;

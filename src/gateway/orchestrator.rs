@@ -24,6 +24,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::observer::{EndResult, ObserverEvent, SessionEnd};
+use super::throttle::{CredentialThrottle, ThrottleConfig};
 use super::vehicle_auth::AuthOutcome;
 use crate::auth::Credential;
 use crate::cloud::exchange::ExchangeParams;
@@ -152,6 +153,8 @@ pub struct Orchestrator {
     last: Option<(String, Option<u32>)>,
     actions: VecDeque<Action>,
     notices: VecDeque<Notice>,
+    /// Limits credential requests (restarting or fake piles).
+    throttle: CredentialThrottle,
 }
 
 impl Orchestrator {
@@ -164,7 +167,14 @@ impl Orchestrator {
             last: None,
             actions: VecDeque::new(),
             notices: VecDeque::new(),
+            throttle: CredentialThrottle::default(),
         }
+    }
+
+    /// Other limits on credential requests than the defaults.
+    pub fn with_throttle(mut self, config: ThrottleConfig) -> Self {
+        self.throttle = CredentialThrottle::new(config);
+        self
     }
 
     /// The session in progress, if any.
@@ -228,11 +238,18 @@ impl Orchestrator {
                 let mut id = [0u8; 16];
                 rng.fill(&mut id);
                 s.record_id = Some(id);
-                info!(charger = charger_number, pile = %pile, "charge request; fetching a credential");
                 self.notices.push_back(Notice::ChargeRequest {
                     charger_number,
                     region_code,
                 });
+                if let Err(throttled) = self.throttle.request(unix) {
+                    let reason = format!("no credential requested: {throttled}");
+                    warn!(charger = charger_number, pile = %pile, %reason, "charge request throttled");
+                    s.auth_failure = Some(reason.clone());
+                    self.notices.push_back(Notice::NoCredential { reason });
+                    return;
+                }
+                info!(charger = charger_number, pile = %pile, "charge request; fetching a credential");
                 self.actions.push_back(Action::FetchCredential {
                     session: s.view.session,
                     params: ExchangeParams {
@@ -417,6 +434,12 @@ impl Orchestrator {
     }
 
     fn finish(&mut self, result: SessionResult, energy_wh: Option<u32>, unix: u32) {
+        if let Some(s) = &self.session
+            && s.view.credential.is_some()
+        {
+            self.throttle
+                .on_session_end(s.view.pile_authenticated, unix);
+        }
         let text = match &result {
             SessionResult::Completed => "completed".to_string(),
             SessionResult::Failed { reason } => format!("failed: {reason}"),
@@ -699,5 +722,93 @@ mod tests {
             "{reason}"
         );
         assert_eq!(record.stopped_at, NOW + 3);
+    }
+
+    /// A fake pile restarting the session (or flipping its charger number)
+    /// gets a few credentials, then none: offline, each would be a voucher.
+    #[test]
+    fn a_pile_that_never_proves_its_key_stops_getting_credentials() {
+        let mut o = orch().with_throttle(ThrottleConfig {
+            burst: 10,
+            refill: Duration::from_secs(1),
+            max_unproven: 3,
+            cooldown: Duration::from_secs(600),
+        });
+        let mut rng = StreamRng::new(9);
+        let mut fetched = 0;
+        for attempt in 0..6u32 {
+            let unix = NOW + attempt * 20;
+            o.on_observer(
+                ObserverEvent::ChargeRequest {
+                    charger_number: 1 + attempt,
+                    region_code: *b"310",
+                    pile: PILE,
+                },
+                t(u64::from(attempt) * 20_000),
+                unix,
+                &mut rng,
+            );
+            let fetch = actions(&mut o).into_iter().find_map(|a| match a {
+                Action::FetchCredential { session, .. } => Some(session),
+                _ => None,
+            });
+            if let Some(session) = fetch {
+                fetched += 1;
+                o.on_credential(
+                    session,
+                    CredentialResult::Voucher {
+                        credential: credential(true),
+                        why: "offline".into(),
+                    },
+                    unix,
+                );
+                o.on_auth(AuthOutcome::FakePile, t(u64::from(attempt) * 20_000 + 100));
+            } else {
+                let notices: Vec<_> = std::iter::from_fn(|| o.poll_notice()).collect();
+                assert!(
+                    notices
+                        .iter()
+                        .any(|n| matches!(n, Notice::NoCredential { reason }
+                        if reason.contains("never proved their key"))),
+                    "{notices:?}"
+                );
+            }
+            o.on_observer(
+                ended(EndResult::BmsError("CRM(0xAA) timeout".into()), None),
+                t(u64::from(attempt) * 20_000 + 5_000),
+                unix + 5,
+                &mut rng,
+            );
+            let _ = actions(&mut o);
+            while o.poll_notice().is_some() {}
+        }
+        assert_eq!(fetched, 3, "three credentials, then the cooldown");
+    }
+
+    #[test]
+    fn restarts_in_quick_succession_are_rate_limited() {
+        let mut o = orch();
+        let mut rng = StreamRng::new(9);
+        let mut fetched = 0;
+        for attempt in 0..8u32 {
+            o.on_observer(
+                request(),
+                t(u64::from(attempt) * 1000),
+                NOW + attempt,
+                &mut rng,
+            );
+            fetched += actions(&mut o)
+                .iter()
+                .filter(|a| matches!(a, Action::FetchCredential { .. }))
+                .count();
+            o.on_observer(
+                ended(EndResult::PileRestarted, None),
+                t(u64::from(attempt) * 1000 + 500),
+                NOW + attempt,
+                &mut rng,
+            );
+            let _ = actions(&mut o);
+        }
+        assert_eq!(fetched, ThrottleConfig::default().burst as usize);
     }
 }
