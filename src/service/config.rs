@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::cloud::link::{LinkConfig, QoS};
 use crate::cloud::tls::TlsFiles;
 use crate::cloud::topics::{self, VehicleId};
+use crate::gateway::throttle::ThrottleConfig;
 use crate::j1939::{Address, Pgn};
 
 /// Where `bmsgw run` looks by default.
@@ -135,6 +136,8 @@ pub struct SessionConfig {
     pub require_pile_auth: bool,
     /// How long each step of the handshake with the pile may take.
     pub auth_timeout: Duration,
+    /// Limits on credential requests (see `gateway::throttle`).
+    pub throttle: ThrottleConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -245,6 +248,14 @@ struct RawSession {
     require_pile_auth: bool,
     #[serde(default = "d_auth_timeout")]
     auth_timeout: String,
+    #[serde(default = "d_request_burst")]
+    request_burst: u32,
+    #[serde(default = "d_request_interval")]
+    request_interval: String,
+    #[serde(default = "d_max_unproven")]
+    max_unproven: u32,
+    #[serde(default = "d_unproven_cooldown")]
+    unproven_cooldown: String,
 }
 
 #[derive(Deserialize)]
@@ -312,6 +323,18 @@ fn d_bus_silence() -> String {
 fn d_auth_timeout() -> String {
     "3s".into()
 }
+fn d_request_burst() -> u32 {
+    ThrottleConfig::default().burst
+}
+fn d_request_interval() -> String {
+    format!("{}s", ThrottleConfig::default().refill.as_secs())
+}
+fn d_max_unproven() -> u32 {
+    ThrottleConfig::default().max_unproven
+}
+fn d_unproven_cooldown() -> String {
+    format!("{}s", ThrottleConfig::default().cooldown.as_secs())
+}
 fn d_rate() -> u32 {
     100
 }
@@ -346,6 +369,10 @@ impl Default for RawSession {
             bus_silence: d_bus_silence(),
             require_pile_auth: true,
             auth_timeout: d_auth_timeout(),
+            request_burst: d_request_burst(),
+            request_interval: d_request_interval(),
+            max_unproven: d_max_unproven(),
+            unproven_cooldown: d_unproven_cooldown(),
         }
     }
 }
@@ -503,6 +530,23 @@ impl Checker<'_> {
             ));
         }
         Ok(d)
+    }
+
+    fn count(
+        &self,
+        key: &'static str,
+        v: u32,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> Result<u32, ConfigError> {
+        if range.contains(&v) {
+            Ok(v)
+        } else {
+            Err(self.bad(
+                key,
+                v.to_string(),
+                format!("a whole number from {} to {}", range.start(), range.end()),
+            ))
+        }
     }
 
     fn address(&self, key: &'static str, v: u8) -> Result<Address, ConfigError> {
@@ -733,6 +777,28 @@ impl Checker<'_> {
                     &raw.session.auth_timeout,
                     Duration::from_millis(100)..=Duration::from_secs(10),
                 )?,
+                throttle: ThrottleConfig {
+                    burst: self.count(
+                        "session.request_burst",
+                        raw.session.request_burst,
+                        1..=1000,
+                    )?,
+                    refill: self.duration(
+                        "session.request_interval",
+                        &raw.session.request_interval,
+                        Duration::from_secs(1)..=Duration::from_secs(3600),
+                    )?,
+                    max_unproven: self.count(
+                        "session.max_unproven",
+                        raw.session.max_unproven,
+                        1..=1000,
+                    )?,
+                    cooldown: self.duration(
+                        "session.unproven_cooldown",
+                        &raw.session.unproven_cooldown,
+                        Duration::ZERO..=Duration::from_secs(86_400),
+                    )?,
+                },
             },
             firewall: FirewallSection {
                 blank_vin: raw.firewall.blank_vin,
@@ -817,6 +883,7 @@ key = "vehicle.key"
         assert_eq!(c.store.path, PathBuf::from("/var/lib/bmsgw/state.redb"));
         assert_eq!(c.control.socket, PathBuf::from("/run/bmsgw/control.sock"));
         assert!(c.session.require_pile_auth);
+        assert_eq!(c.session.throttle, ThrottleConfig::default());
         assert!(
             c.firewall.bms_to_pile.contains(&0x0200),
             "BRM allowed by default"
@@ -860,6 +927,12 @@ key = "vehicle.key"
                 && e.contains("can.mode")
                 && e.contains("both")
                 && e.contains("bridge"),
+            "{e}"
+        );
+
+        let e = err(MINIMAL, &[("BMSGW__SESSION__REQUEST_BURST", "0")]);
+        assert!(
+            e.contains("session.request_burst") && e.contains("whole number from 1"),
             "{e}"
         );
 

@@ -845,7 +845,8 @@ async fn can_loop<B: CanBus>(
         pile: can.pile_address,
         silence: config.session.bus_silence,
     });
-    let mut orch = Orchestrator::new(config.vehicle.id.clone(), config.cloud.want_vouchers);
+    let mut orch = Orchestrator::new(config.vehicle.id.clone(), config.cloud.want_vouchers)
+        .with_throttle(config.session.throttle);
     let mut auth: Option<AuthNode> = None;
     let auth_config = crate::auth::VehicleAuthConfig {
         challenge_timeout: config.session.auth_timeout,
