@@ -177,6 +177,7 @@ pub async fn run_on<B: CanBus + 'static>(
         errors: Mutex::new(VecDeque::new()),
         healthy: AtomicBool::new(true),
         unhealthy_reason: Mutex::new(None),
+        live_session: AtomicU64::new(0),
     });
 
     // Under systemd the RuntimeDirectory exists already; elsewhere (tests,
@@ -364,6 +365,10 @@ struct Shared {
     errors: Mutex<VecDeque<ErrorEntry>>,
     healthy: AtomicBool,
     unhealthy_reason: Mutex<Option<String>>,
+    /// The session in progress (0: none), kept by the CAN loop, so that a
+    /// credential task does not spend a voucher for a session that ended
+    /// while the cloud was being asked.
+    live_session: AtomicU64,
 }
 
 /// How many errors `status` keeps.
@@ -726,6 +731,16 @@ async fn obtain_credential(
         Some(client) => format!("cloud link is {}", link_state_name(client.link().state())),
         None => "cloud link disabled".to_string(),
     };
+    if shared.live_session.load(Ordering::SeqCst) != session {
+        // Nothing was sent yet: keep the voucher for a session that can
+        // use it.
+        info!(%why, "the session ended before a credential arrived; no voucher taken");
+        let _ = tx.send(LoopMsg::Credential {
+            session,
+            result: CredentialResult::Unavailable(format!("{why}; the session had ended")),
+        });
+        return;
+    }
     let wallet = shared.wallet.clone();
     let taken = tokio::task::spawn_blocking(move || {
         wallet
@@ -938,6 +953,7 @@ async fn can_loop<B: CanBus>(
                 let _g = span.enter();
                 match action {
                     Action::FetchCredential { session, params } => {
+                        shared.live_session.store(session, Ordering::SeqCst);
                         let task = obtain_credential(
                             session,
                             ctx.client.clone(),
@@ -983,6 +999,9 @@ async fn can_loop<B: CanBus>(
                 break;
             }
         }
+        shared
+            .live_session
+            .store(orch.current().map_or(0, |v| v.session), Ordering::SeqCst);
         publish_snapshot(&shared, &orch, bridge.as_ref(), &counters);
         if stopping {
             return match shared.unhealthy_reason.lock().ok().and_then(|r| r.clone()) {
