@@ -174,13 +174,16 @@ fn check(run: &Run) -> Vec<String> {
     if let Ok(End::Timeout(k)) = &run.pile
         && run.wire.cem_from_pile == 0
     {
-        bad.push(format!("the pile timed out waiting for {k} but sent no CEM"));
+        bad.push(format!(
+            "the pile timed out waiting for {k} but sent no CEM"
+        ));
     }
     // A transfer that got a CTS ends with EndOfMsgAck or Abort from one of
     // the two; counted per direction (BMS→pile, pile→BMS).
     for (sender, receiver) in [(BMS, PILE), (PILE, BMS)] {
         let cts = run.wire.tp(receiver, 17);
-        let ended = run.wire.tp(receiver, 19) + run.wire.tp(receiver, 255) + run.wire.tp(sender, 255);
+        let ended =
+            run.wire.tp(receiver, 19) + run.wire.tp(receiver, 255) + run.wire.tp(sender, 255);
         // Each CTS answers one RTS or asks for a retry inside a transfer, so
         // only the RTS count bounds the transfers. A session that ended
         // mid-transfer leaves at most one open.
@@ -213,9 +216,7 @@ async fn loss_and_corruption_end_every_session_by_a_standard_path() {
             Ok(e) => format!("{e:?}"),
             Err(e) => e.clone(),
         };
-        *ends
-            .entry((show(&run.bms), show(&run.pile)))
-            .or_default() += 1;
+        *ends.entry((show(&run.bms), show(&run.pile))).or_default() += 1;
         for p in check(&run) {
             problems.push(format!("seed {seed}: {p}"));
         }
@@ -242,7 +243,10 @@ async fn loss_and_corruption_end_every_session_by_a_standard_path() {
             .sum::<u32>();
         let failed = ends.values().sum::<u32>() - completed;
         assert!(completed > 0, "no session survived 10% loss: {ends:?}");
-        assert!(failed > 0, "no session failed: are faults applied? {ends:?}");
+        assert!(
+            failed > 0,
+            "no session failed: are faults applied? {ends:?}"
+        );
         assert!(errors_sent > 0, "no BEM/CEM was ever sent");
         assert!(eoma > 0, "no TP transfer completed");
         assert!(faults.lost > 0 && faults.corrupted > 0, "{faults:?}");

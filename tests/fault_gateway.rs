@@ -78,12 +78,11 @@ async fn loss_and_corruption_through_the_gateway_lose_no_record_and_spend_no_vou
         let faults = FaultConfig::lossy(seed);
         rig.start_daemon(faults);
         let pile_opts = rig.pile_options();
-        let (b, p) = match tokio::time::timeout(HANG, rig.session(faults, bms_opts(), pile_opts))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => panic!("seed {seed}: the session hung for {HANG:?}"),
-        };
+        let (b, p) =
+            match tokio::time::timeout(HANG, rig.session(faults, bms_opts(), pile_opts)).await {
+                Ok(r) => r,
+                Err(_) => panic!("seed {seed}: the session hung for {HANG:?}"),
+            };
         let mut show = |r: Result<String, String>| {
             r.unwrap_or_else(|e| {
                 problems.push(format!("seed {seed}: {e}"));
@@ -131,7 +130,10 @@ async fn loss_and_corruption_through_the_gateway_lose_no_record_and_spend_no_vou
     assert_eq!((twice, lost), (0, 0), "{ledger:?}");
     assert!(spent > 0, "no voucher was used: the sessions never got far");
     let completed = ends.get(&("completed".into(), "completed".into()));
-    assert!(completed.is_some(), "no session survived 10% loss: {ends:?}");
+    assert!(
+        completed.is_some(),
+        "no session survived 10% loss: {ends:?}"
+    );
 }
 
 /// The pile's node, going silent (sending nothing more) from the moment

@@ -193,11 +193,8 @@ mod tests {
         // A marker the wrapper cannot drop: a link event.
         bus.inject(BusEvent::Link(crate::can::LinkState::Up));
         let mut got = Vec::new();
-        loop {
-            match rx.recv().await.expect("recv") {
-                BusEvent::Frame(f) => got.push(f),
-                _ => break,
-            }
+        while let BusEvent::Frame(f) = rx.recv().await.expect("recv") {
+            got.push(f);
         }
         (got, counters.stats())
     }

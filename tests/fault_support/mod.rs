@@ -14,8 +14,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bmsgw::auth::{
-    Credential, MemoryReplayStore, PileAuthConfig, PileKeys, Rng, RootKey, SystemRng,
-    VoucherWallet,
+    Credential, MemoryReplayStore, PileAuthConfig, PileKeys, Rng, RootKey, SystemRng, VoucherWallet,
 };
 use bmsgw::can::fault::{FaultConfig, FaultyBus};
 use bmsgw::can::virtual_bus::{VirtualBus, VirtualNode};
@@ -211,10 +210,10 @@ impl Rig {
             region_code: RegionCode(*b"310"),
             auth: Some(PileAuthSetup {
                 keys: PileKeys {
-                    root: RootKey::from_bytes(*bmsgw::service::keyfile::load_key(
-                        &self.pki.pile_root_key(CHARGER),
-                    )
-                    .expect("pile root key")),
+                    root: RootKey::from_bytes(
+                        *bmsgw::service::keyfile::load_key(&self.pki.pile_root_key(CHARGER))
+                            .expect("pile root key"),
+                    ),
                     charger_number: CHARGER,
                     current_offset: 0,
                     previous_offset: None,
