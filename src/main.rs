@@ -5,6 +5,7 @@ use std::process::ExitCode;
 #[cfg(feature = "sim")]
 use std::time::Duration;
 
+use bmsgw::service::logging::chain;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -312,21 +313,6 @@ fn main() -> ExitCode {
 fn fail(msg: &str) -> ExitCode {
     eprintln!("bmsgw: {msg}");
     ExitCode::FAILURE
-}
-
-/// Error chains flattened to one line: "outer: inner: root".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        src = cause.source();
-    }
-    s
 }
 
 async fn dispatch(command: Command) -> Result<(), String> {

@@ -5,8 +5,10 @@
 //! - [`virtual_bus`]: an in-process bus for tests and the demo, with an
 //!   optional bit-rate timing model.
 //! - [`candump`]: reader and writer for `candump -L` log lines.
+//! - [`fault`]: a wrapper that loses and corrupts frames, for the fault suite.
 
 pub mod candump;
+pub mod fault;
 mod frame;
 pub mod socketcan;
 pub mod virtual_bus;

@@ -140,7 +140,26 @@ struct Session {
     ticket_id: Option<[u8; 12]>,
     /// The pile refused or could not be authenticated.
     auth_failure: Option<String>,
+    /// A credential was asked for and no answer has come yet.
+    fetching: bool,
 }
+
+/// A session that ended while its credential was still being fetched. The
+/// shell's wallet spends a voucher before it hands it over, so a voucher
+/// that arrives for such a session is spent all the same, and the cloud's
+/// books balance only if it is recorded (the record says it was never used).
+#[derive(Debug)]
+struct Unanswered {
+    session: u64,
+    record_id: Id16,
+    charger_number: u32,
+    started_at: u32,
+    ended_at: u32,
+}
+
+/// How many [`Unanswered`] sessions are remembered: the credential task
+/// answers within the request timeout, long before more sessions can end.
+const UNANSWERED_KEPT: usize = 8;
 
 /// The orchestrator; see the module docs.
 #[derive(Debug)]
@@ -151,6 +170,7 @@ pub struct Orchestrator {
     session: Option<Session>,
     /// How the last session ended, and its energy.
     last: Option<(String, Option<u32>)>,
+    unanswered: VecDeque<Unanswered>,
     actions: VecDeque<Action>,
     notices: VecDeque<Notice>,
     /// Limits credential requests (restarting or fake piles).
@@ -165,6 +185,7 @@ impl Orchestrator {
             next_session: 1,
             session: None,
             last: None,
+            unanswered: VecDeque::new(),
             actions: VecDeque::new(),
             notices: VecDeque::new(),
             throttle: CredentialThrottle::default(),
@@ -231,6 +252,7 @@ impl Orchestrator {
                     return;
                 }
                 s.requested_at = Some(now);
+                s.fetching = true;
                 s.pile = Some(pile);
                 s.view.charger_number = Some(charger_number);
                 // The record id is drawn now so the draft and the final
@@ -246,6 +268,7 @@ impl Orchestrator {
                     let reason = format!("no credential requested: {throttled}");
                     warn!(charger = charger_number, pile = %pile, %reason, "charge request throttled");
                     s.auth_failure = Some(reason.clone());
+                    s.fetching = false;
                     self.notices.push_back(Notice::NoCredential { reason });
                     return;
                 }
@@ -289,14 +312,11 @@ impl Orchestrator {
             .filter(|s| s.view.session == session && s.view.credential.is_none())
         else {
             if let CredentialResult::Voucher { credential, .. } = &result {
-                warn!(
-                    session,
-                    ticket = %hex::encode(credential.ticket_id()),
-                    "a voucher arrived after its session ended; it stays spent"
-                );
+                self.late_voucher(session, credential);
             }
             return;
         };
+        s.fetching = false;
         let (credential, kind, elapsed, refused, detail) = match result {
             CredentialResult::Online {
                 credential,
@@ -410,6 +430,7 @@ impl Orchestrator {
             record_id: None,
             ticket_id: None,
             auth_failure: None,
+            fetching: false,
         });
         self.notices.push_back(Notice::SessionStarted { session });
         self.actions.push_back(Action::CloseGate);
@@ -433,12 +454,68 @@ impl Orchestrator {
         self.finish(result, end.energy_wh, unix);
     }
 
+    /// A voucher for a session that has ended: it stays spent (the wallet
+    /// never hands a voucher out twice), and is recorded as unused if the
+    /// session ended waiting for it.
+    fn late_voucher(&mut self, session: u64, credential: &Credential) {
+        let ticket_id = credential.ticket_id();
+        let Some(at) = self.unanswered.iter().position(|u| u.session == session) else {
+            warn!(
+                session,
+                ticket = %hex::encode(ticket_id),
+                "a voucher arrived after its session ended; it stays spent"
+            );
+            return;
+        };
+        let Some(u) = self.unanswered.remove(at) else {
+            return;
+        };
+        warn!(
+            session,
+            ticket = %hex::encode(ticket_id),
+            "a voucher arrived after its session ended; it stays spent and is recorded as unused"
+        );
+        self.actions.push_back(Action::Record {
+            record: SessionRecord {
+                record_id: u.record_id,
+                vehicle_id: self.vehicle_id.clone(),
+                charger_number: u.charger_number,
+                credential: UsedCredential {
+                    kind: CredentialKind::Voucher,
+                    ticket_id,
+                },
+                energy_wh: 0,
+                started_at: u.started_at,
+                stopped_at: u.ended_at,
+                result: SessionResult::Failed {
+                    reason: "the session ended before its voucher was ready; the voucher was \
+                             spent but never shown to the pile"
+                        .into(),
+                },
+            },
+        });
+    }
+
     fn finish(&mut self, result: SessionResult, energy_wh: Option<u32>, unix: u32) {
         if let Some(s) = &self.session
             && s.view.credential.is_some()
         {
             self.throttle
                 .on_session_end(s.view.pile_authenticated, unix);
+        }
+        if let Some(s) = self.session.as_ref().filter(|s| s.fetching)
+            && let (Some(record_id), Some(charger_number)) = (s.record_id, s.view.charger_number)
+        {
+            if self.unanswered.len() == UNANSWERED_KEPT {
+                self.unanswered.pop_front();
+            }
+            self.unanswered.push_back(Unanswered {
+                session: s.view.session,
+                record_id,
+                charger_number,
+                started_at: s.view.started_at,
+                ended_at: unix,
+            });
         }
         let text = match &result {
             SessionResult::Completed => "completed".to_string(),
@@ -810,5 +887,83 @@ mod tests {
             let _ = actions(&mut o);
         }
         assert_eq!(fetched, ThrottleConfig::default().burst as usize);
+    }
+
+    /// Regression (fault suite, 10% loss through the gateway): a session
+    /// ended while its voucher was being taken from the wallet; the voucher
+    /// was spent and no record said so.
+    #[test]
+    fn a_voucher_for_a_session_that_ended_waiting_for_it_is_recorded_as_unused() {
+        let mut o = orch();
+        let mut rng = StreamRng::new(9);
+        o.on_observer(request(), t(0), NOW, &mut rng);
+        let session = match actions(&mut o).pop() {
+            Some(Action::FetchCredential { session, .. }) => session,
+            other => panic!("expected a fetch, got {other:?}"),
+        };
+        o.on_observer(
+            ended(EndResult::BmsError("CRM(0xAA) timeout".into()), None),
+            t(5000),
+            NOW + 5,
+            &mut rng,
+        );
+        let end = actions(&mut o);
+        assert!(
+            !end.iter().any(|a| matches!(a, Action::Record { .. })),
+            "nothing spent yet: {end:?}"
+        );
+        let voucher = credential(true);
+        let ticket_id = voucher.ticket_id();
+        o.on_credential(
+            session,
+            CredentialResult::Voucher {
+                credential: voucher,
+                why: "voucher (cloud link disabled)".into(),
+            },
+            NOW + 6,
+        );
+        let late = actions(&mut o);
+        let [Action::Record { record }] = &late[..] else {
+            panic!("expected one record, got {late:?}");
+        };
+        assert_eq!(record.credential.kind, CredentialKind::Voucher);
+        assert_eq!(record.credential.ticket_id, ticket_id);
+        assert_eq!((record.started_at, record.stopped_at), (NOW, NOW + 5));
+        assert!(
+            matches!(&record.result, SessionResult::Failed { reason } if reason.contains("never shown to the pile")),
+            "{record:?}"
+        );
+        // Only once, and an online ticket (not spent) is not recorded.
+        o.on_credential(
+            session,
+            CredentialResult::Voucher {
+                credential: credential(true),
+                why: "again".into(),
+            },
+            NOW + 7,
+        );
+        assert!(actions(&mut o).is_empty());
+        o.on_observer(request(), t(9000), NOW + 9, &mut rng);
+        let second = match actions(&mut o).pop() {
+            Some(Action::FetchCredential { session, .. }) => session,
+            other => panic!("expected a fetch, got {other:?}"),
+        };
+        o.on_observer(
+            ended(EndResult::Silence(Duration::from_secs(10)), None),
+            t(20_000),
+            NOW + 20,
+            &mut rng,
+        );
+        let _ = actions(&mut o);
+        o.on_credential(
+            second,
+            CredentialResult::Online {
+                credential: credential(false),
+                elapsed: Duration::ZERO,
+                refused: 0,
+            },
+            NOW + 21,
+        );
+        assert!(actions(&mut o).is_empty());
     }
 }

@@ -626,7 +626,11 @@ async fn store_writer(
                 debug!(what, "store");
                 wake.notify_one();
             }
-            Ok(Err(e)) => shared.unhealthy(format!("store write failed: {e}")),
+            // The whole chain: "outbox push failed" alone does not say
+            // that the disk is full.
+            Ok(Err(e)) => {
+                shared.unhealthy(format!("store write failed: {}", super::logging::chain(&e)))
+            }
             Err(e) => shared.unhealthy(format!("store task failed: {e}")),
         }
     }
@@ -746,7 +750,10 @@ async fn obtain_credential(
         wallet
             .lock()
             .map_err(|_| "wallet lock poisoned".to_string())
-            .and_then(|mut w| w.take_for(charger, unix_now()).map_err(|e| e.to_string()))
+            .and_then(|mut w| {
+                w.take_for(charger, unix_now())
+                    .map_err(|e| super::logging::chain(&e))
+            })
     })
     .await
     .map_err(|e| e.to_string())

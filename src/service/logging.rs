@@ -25,3 +25,43 @@ pub fn init(default_level: &str) {
         let _ = builder.try_init();
     }
 }
+
+/// Error chains flattened to one line: "outer: inner: root", so that a log
+/// line or `status` names the root cause (an OS error such as ENOSPC), not
+/// only the operation that failed.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_the_root_cause_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = crate::store::StoreError::OpenFile {
+            path: "/var/lib/bmsgw/state.redb".into(),
+            source: io,
+        };
+        let text = chain(&e);
+        assert!(
+            text.starts_with("store /var/lib/bmsgw/state.redb"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("No space left on device (os error 28)"),
+            "{text}"
+        );
+    }
+}

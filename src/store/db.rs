@@ -103,6 +103,9 @@ impl Store {
                     source,
                 })?;
         }
+        // An existing file must already be a store: only a file this call
+        // creates may start empty (see `check_file`).
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -114,7 +117,7 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
-        check_file(&path, &file)?;
+        check_file(&path, &file, existed)?;
         let backend =
             redb::backends::FileBackend::new(file).map_err(|source| StoreError::Open {
                 path: path.clone(),
@@ -268,7 +271,7 @@ impl Store {
 }
 
 /// Refuse what is not a regular file of our own, or not a redb file.
-fn check_file(path: &Path, mut file: &File) -> Result<(), StoreError> {
+fn check_file(path: &Path, mut file: &File, existed: bool) -> Result<(), StoreError> {
     let meta = file.metadata().map_err(|source| StoreError::OpenFile {
         path: path.to_path_buf(),
         source,
@@ -286,7 +289,17 @@ fn check_file(path: &Path, mut file: &File) -> Result<(), StoreError> {
         });
     }
     if meta.len() == 0 {
-        // New (or created and never written): redb initialises it.
+        if existed {
+            // A store truncated to nothing (a bad copy, a file system that
+            // lost its data). Starting afresh would silently forget the
+            // spent-voucher tombstones, and a voucher imported again would
+            // then be spent twice: the operator decides (docs/operations.md).
+            return Err(StoreError::NotAStore {
+                path: path.to_path_buf(),
+                what: "the file is empty: truncated or damaged",
+            });
+        }
+        // Created just now: redb initialises it.
         return Ok(());
     }
     let mut head = Vec::with_capacity(REDB_MAGIC.len());
@@ -388,6 +401,32 @@ mod tests {
         assert!(
             err.to_string().contains(&*dir.path().to_string_lossy()),
             "{err}"
+        );
+    }
+
+    /// Regression (fault suite): an existing store truncated to 0 bytes was
+    /// taken for a new one and silently reset, forgetting spent vouchers.
+    #[test]
+    fn an_existing_empty_file_is_refused_not_reset() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        drop(Store::open(&path).expect("opens"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .expect("truncate");
+        let err = Store::open(&path).expect_err("an empty store is not a new store");
+        assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("empty") && text.contains("state.redb"),
+            "{text}"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            0,
+            "left alone"
         );
     }
 

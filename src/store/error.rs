@@ -46,16 +46,16 @@ pub enum StoreError {
     )]
     Permissions { path: PathBuf, mode: u32 },
     #[error(
-        "store {p} is not a bmsgw store ({what}); move it aside and a new store is created \
-         (the records and vouchers in it are lost)",
+        "store {p} is not a bmsgw store ({what}); bmsgw does not start on it. \
+         To recover, see \"Store recovery\" in docs/operations.md",
         p = .path.display()
     )]
     NotAStore { path: PathBuf, what: &'static str },
     #[error("store {p} is open in another process", p = .path.display())]
     InUse { path: PathBuf },
     #[error(
-        "store {p} cannot be opened (damaged?); move it aside and a new store is created \
-         (the records and vouchers in it are lost)",
+        "store {p} cannot be opened (damaged?); bmsgw does not start on it. \
+         To recover, see \"Store recovery\" in docs/operations.md",
         p = .path.display()
     )]
     Open {
