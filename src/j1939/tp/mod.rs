@@ -374,6 +374,13 @@ impl Transport {
         self.buffered
     }
 
+    /// Control frames and events waiting for the shell to collect: what an
+    /// input left queued. The shell drains both after every input, so this
+    /// stays at what one input can produce.
+    pub fn queued(&self) -> usize {
+        self.control.len() + self.events.len()
+    }
+
     /// Queues `msg` for sending from our local address (`msg.source` is
     /// ignored). Up to 8 bytes go as one frame at `msg.priority`; longer
     /// messages use RTS/CTS to a specific destination or BAM to global.
