@@ -64,8 +64,11 @@ pub struct Rig {
     /// The genuine pile's replay cache, kept across sessions as a real
     /// pile keeps it.
     replay: MemoryReplayStore,
-    daemon: Option<(oneshot::Sender<()>, JoinHandle<Result<(), DaemonError>>)>,
+    daemon: Option<DaemonRun>,
 }
+
+/// The running daemon: its stop signal and its task.
+type DaemonRun = (oneshot::Sender<()>, JoinHandle<Result<(), DaemonError>>);
 
 impl Rig {
     /// A dev PKI, the daemon running in bridge mode, and the vouchers
