@@ -192,6 +192,17 @@ pub struct FirewallCounters {
     pub crm_held: u64,
     /// Frames addressed to the gateway itself, left to the auth node.
     pub for_gateway: u64,
+    /// High-water marks of what the bridge holds after an input, before
+    /// the shell drains it: open transport sessions and the bytes of their
+    /// reassemblies (both sides together), and frames, events and messages
+    /// queued. They show that an attacker cannot make the bridge hold more
+    /// than its fixed limits (`TpConfig::gbt27930`).
+    #[serde(default)]
+    pub peak_tp_sessions: u64,
+    #[serde(default)]
+    pub peak_tp_buffered_bytes: u64,
+    #[serde(default)]
+    pub peak_queued: u64,
 }
 
 /// Why a frame or message was not forwarded.

@@ -49,6 +49,10 @@
 //!   session's first CRM, ends it as `PileRestarted` and starts a new session
 //!   with the same message, so `Started` (and `ChargeRequest` for a CRM(0x00))
 //!   follows at once.
+//! - **Recognition first**: no message of a later phase counts (it keeps
+//!   the session alive, nothing more) until CRM(0xAA) was seen, so a pile
+//!   that plays its whole part to a BMS still in recognition (a replay, a
+//!   pile the gate holds back) cannot complete a session.
 //! - After `Ended` the phase is [`Phase::Idle`] (no `PhaseChanged` for it).
 //!   Messages of the old session that keep coming (CSD repeats, BEM for its
 //!   linger time) are ignored; only the start messages above open a new one.
@@ -380,6 +384,15 @@ impl SessionObserver {
             // after the pile restarted) or out of place: it proves the bus
             // is alive, nothing more.
             debug!(%kind, phase = %s.phase, "GB/T message ahead of the session ignored");
+            return;
+        }
+        if phase > Phase::Recognition && !s.recognized {
+            // Nothing follows recognition until the pile offered CRM(0xAA)
+            // (in bridge mode: until the gate let it through). A pile, or a
+            // replay of one, that runs through its later messages while the
+            // BMS is still waiting must not make a session look charged and
+            // completed.
+            debug!(%kind, "GB/T message before recognition ignored");
             return;
         }
         if phase > s.phase {
@@ -981,6 +994,67 @@ mod tests {
         fn drain(&mut self) -> Vec<ObserverEvent> {
             std::iter::from_fn(|| self.observer.poll_event()).collect()
         }
+    }
+
+    /// Regression (attack suite): the pile's half of a captured session,
+    /// replayed at the inlet while the gate held its CRM(0xAA) (the
+    /// observer saw CRM(0x00)), walked the session phase by phase to CSD and
+    /// recorded it "completed" although the BMS never left recognition.
+    #[test]
+    fn a_pile_running_ahead_of_recognition_completes_nothing() {
+        let mut feed = Feed::new();
+        let pile_only = [
+            Message::Chm(Chm {
+                version: ProtocolVersion::V1_1,
+            }),
+            crm(Recognition::NotRecognized, 1),
+            Message::Cml(Cml {
+                max_output_voltage: DeciVolt(7500),
+                min_output_voltage: DeciVolt(2000),
+                max_output_current: Current::charging(250.0),
+                min_output_current: None,
+            }),
+            Message::Cro(Cro {
+                ready: Readiness::Ready,
+            }),
+            Message::Ccs(Ccs {
+                output_voltage: DeciVolt(3600),
+                output_current: Current::charging(100.0),
+                charging_minutes: 12,
+                charging_permitted: Some(Bits2::SET),
+            }),
+            Message::Cst(Cst {
+                bms_stopped: Bits2::SET,
+                ..Cst::default()
+            }),
+            csd(),
+        ];
+        let mut events = feed.send(pile_only);
+        feed.now = feed.now + STATISTICS_GRACE + Duration::from_millis(1);
+        feed.observer.handle_timeout(feed.now);
+        events.extend(feed.drain());
+        assert!(
+            !events.iter().any(|e| matches!(
+                e,
+                ObserverEvent::PhaseChanged(p) if *p > Phase::Recognition
+            )),
+            "{events:?}"
+        );
+        // CST while in recognition is an early stop, not a completion.
+        let ends: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                ObserverEvent::Ended(end) => Some((&end.result, end.phase_reached)),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            matches!(
+                ends[..],
+                [(EndResult::StoppedBeforeCharging(_), Phase::Recognition)]
+            ),
+            "{ends:?}"
+        );
     }
 
     #[test]

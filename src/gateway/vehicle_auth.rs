@@ -134,9 +134,27 @@ impl AuthNode {
         self.process(now);
     }
 
+    /// Only frames from the pile we talk to, addressed to us, reach our
+    /// transport. Anyone else on the inlet bus could otherwise take its
+    /// sessions and buffers (an RTS or a BAM from every address, renewed
+    /// before T2/T1) and make it refuse the pile's AuthChallenge with
+    /// `NoResources`: a legitimate session stopped by a node it never
+    /// talked to.
     pub fn handle_frame(&mut self, frame: &CanFrame, now: Timestamp) {
+        let Some(pile) = self.pile else { return };
+        let Ok(id) = J1939Id::from_can_id(frame.id()) else {
+            return;
+        };
+        if id.source != pile || id.destination != self.address {
+            return;
+        }
         self.tp.handle_frame(frame, now);
         self.process(now);
+    }
+
+    /// Open sessions of our transport (for tests and the attack suite).
+    pub fn tp_sessions(&self) -> usize {
+        self.tp.session_count()
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
@@ -300,4 +318,87 @@ fn auth_pgn() -> Pgn {
 /// transport's own priority.
 pub fn auth_priority() -> Priority {
     Priority::new(AUTH_PRIORITY).expect("AUTH_PRIORITY is a constant within 0..=7")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::RootKey;
+    use crate::j1939::tp::{Cm, MAX_TP_LEN, TP_CM};
+
+    const PILE: Address = Address(0x56);
+    const US: Address = Address(DEFAULT_VEHICLE_ADDRESS);
+
+    fn node() -> AuthNode {
+        let credential = Credential::issue(
+            &RootKey::from_bytes([9; 32]),
+            0,
+            1,
+            [1; 16],
+            0,
+            u32::MAX,
+            0,
+            false,
+            &mut SystemRng,
+        );
+        AuthNode::new(credential, US, VehicleAuthConfig::default())
+    }
+
+    fn cm(source: Address, destination: Address, cm: Cm) -> CanFrame {
+        let id = J1939Id::new(Priority::LOWEST, TP_CM, source, destination);
+        CanFrame::new(id.to_can_id(), &cm.encode()).expect("8 bytes")
+    }
+
+    fn rts(size: u16, packets: u8) -> Cm {
+        Cm::Rts {
+            size,
+            packets,
+            max_per_cts: 0xFF,
+            pgn: auth_pgn(),
+        }
+    }
+
+    /// Regression (attack suite): RTS and BAM for 1785 bytes from every other
+    /// address used to fill the node's transport, which then refused the
+    /// pile's AuthChallenge with `NoResources`.
+    #[test]
+    fn transport_abuse_from_other_nodes_cannot_starve_the_pile() {
+        let mut n = node();
+        let now = Timestamp::from_millis(10);
+        n.start(PILE, now);
+        while n.poll_transmit().is_some() {}
+        let big = u16::try_from(MAX_TP_LEN).expect("1785 fits");
+        for sa in (0..=0xFD_u8)
+            .map(Address)
+            .filter(|a| *a != PILE && *a != US)
+        {
+            n.handle_frame(&cm(sa, US, rts(big, 255)), now);
+            let bam = Cm::Bam {
+                size: big,
+                packets: 255,
+                pgn: auth_pgn(),
+            };
+            n.handle_frame(&cm(sa, Address::GLOBAL, bam), now);
+        }
+        assert_eq!(n.tp_sessions(), 1, "only our own AuthRequest is open");
+        assert!(n.poll_transmit().is_none(), "nobody else gets an answer");
+        // The pile's AuthChallenge (65 bytes, 10 packets) is granted at once.
+        n.handle_frame(&cm(PILE, US, rts(65, 10)), now);
+        let answer = n.poll_transmit().expect("an answer to the pile");
+        let id = J1939Id::from_can_id(answer.id()).expect("J1939");
+        assert_eq!(id.destination, PILE);
+        assert!(
+            matches!(Cm::parse(answer.data()), Ok(Cm::Cts { count: 10, .. })),
+            "{answer}"
+        );
+    }
+
+    #[test]
+    fn nothing_reaches_the_transport_before_the_pile_is_known() {
+        let mut n = node();
+        let now = Timestamp::from_millis(10);
+        n.handle_frame(&cm(PILE, US, rts(65, 10)), now);
+        assert_eq!(n.tp_sessions(), 0);
+        assert!(n.poll_transmit().is_none());
+    }
 }

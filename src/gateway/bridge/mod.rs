@@ -56,6 +56,19 @@ mod tests;
 /// authenticated: two CRM periods. Older, the pile has moved on or gone.
 const HELD_CRM_FRESH: Duration = Duration::from_millis(500);
 
+/// What the bridge holds at one moment: the state an attacker could try to
+/// grow. Bounded by the transports' `max_sessions` and
+/// `max_buffered_bytes` on each side, and by what one input can queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeLoad {
+    /// Open transport sessions, receive and send, on both sides.
+    pub tp_sessions: usize,
+    /// Bytes held by open reassemblies on both sides.
+    pub tp_buffered_bytes: usize,
+    /// Frames, transport events and forwarded messages waiting for the shell.
+    pub queued: usize,
+}
+
 /// The CAN firewall between the BMS bus and the pile bus.
 #[derive(Debug)]
 pub struct Bridge {
@@ -105,6 +118,7 @@ impl Bridge {
             FrameClass::Refused(_) => {}
         }
         self.process(now);
+        self.track_load();
     }
 
     /// Runs the transports' timers that are due at `now`.
@@ -112,6 +126,7 @@ impl Bridge {
         self.bms_tp.handle_timeout(now);
         self.pile_tp.handle_timeout(now);
         self.process(now);
+        self.track_load();
     }
 
     /// The next frame to send, with the side to send it on.
@@ -161,6 +176,26 @@ impl Bridge {
 
     pub fn counters(&self) -> &FirewallCounters {
         self.firewall.counters()
+    }
+
+    /// What the bridge holds right now (see [`BridgeLoad`]).
+    pub fn load(&self) -> BridgeLoad {
+        let tps = [&self.bms_tp, &self.pile_tp];
+        BridgeLoad {
+            tp_sessions: tps.iter().map(|t| t.session_count()).sum(),
+            tp_buffered_bytes: tps.iter().map(|t| t.buffered_bytes()).sum(),
+            queued: tps.iter().map(|t| t.queued()).sum::<usize>() + self.messages.len(),
+        }
+    }
+
+    /// Raises the high-water marks in the counters to the current load.
+    fn track_load(&mut self) {
+        let load = self.load();
+        let c = self.firewall.counters_mut();
+        let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        c.peak_tp_sessions = c.peak_tp_sessions.max(as_u64(load.tp_sessions));
+        c.peak_tp_buffered_bytes = c.peak_tp_buffered_bytes.max(as_u64(load.tp_buffered_bytes));
+        c.peak_queued = c.peak_queued.max(as_u64(load.queued));
     }
 
     fn transport(&mut self, side: Side) -> &mut Transport {

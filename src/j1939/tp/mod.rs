@@ -374,6 +374,13 @@ impl Transport {
         self.buffered
     }
 
+    /// Control frames and events waiting for the shell to collect: what an
+    /// input left queued. The shell drains both after every input, so this
+    /// stays at what one input can produce.
+    pub fn queued(&self) -> usize {
+        self.control.len() + self.events.len()
+    }
+
     /// Queues `msg` for sending from our local address (`msg.source` is
     /// ignored). Up to 8 bytes go as one frame at `msg.priority`; longer
     /// messages use RTS/CTS to a specific destination or BAM to global.
@@ -722,7 +729,7 @@ impl Transport {
             debug!(%source, %pgn, error = %e, "BAM ignored");
             return;
         }
-        if !self.has_room_for(usize::from(size)) {
+        if !self.has_room_for_bam(usize::from(size)) {
             debug!(%source, %pgn, size, "BAM ignored: no session or buffer free");
             return;
         }
@@ -879,6 +886,22 @@ impl Transport {
             source,
             reason,
         });
+    }
+
+    /// Broadcasts may take at most half of the sessions and half of the
+    /// buffer. A BAM costs its sender one frame, needs no answer and cannot
+    /// be refused, so any node on the bus could otherwise fill the pool with
+    /// BAM announcements from a few addresses, renewed within T1, and every
+    /// RTS meant for us would be refused with `NoResources`.
+    fn has_room_for_bam(&self, size: usize) -> bool {
+        let (sessions, bytes) = self
+            .rx
+            .iter()
+            .filter(|s| matches!(s.flow, RxFlow::Bam { .. }))
+            .fold((0usize, 0usize), |(n, b), s| (n + 1, b + s.buf.size()));
+        self.has_room_for(size)
+            && sessions < (self.config.max_sessions / 2).max(1)
+            && bytes.saturating_add(size) <= self.config.max_buffered_bytes / 2
     }
 
     fn has_room_for(&self, size: usize) -> bool {

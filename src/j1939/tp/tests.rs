@@ -754,6 +754,32 @@ fn memory_budget_refuses_rts_with_no_resources() {
     assert_eq!((tp.session_count(), tp.buffered_bytes()), (1, 90));
 }
 
+/// Regression (attack suite): BAMs for 1785 bytes from a few addresses,
+/// renewed within T1, used to fill the whole pool, and every RTS to us was
+/// refused with `NoResources` (the pile simulator lost the vehicle's
+/// AuthConfirm this way). Broadcasts now get at most half of it.
+#[test]
+fn bam_floods_cannot_take_the_room_of_connection_mode_transfers() {
+    let mut tp = Transport::new(TpConfig::gbt27930(), PILE);
+    let big = MAX_TP_LEN as u16;
+    for sa in 0..=0xFD_u8 {
+        let bam = Cm::Bam {
+            size: big,
+            packets: 255,
+            pgn: pgn(0xFE00),
+        };
+        tp.handle_frame(&cm_frame(Address(sa), Address::GLOBAL, bam), ms(0));
+    }
+    // Half of 4 x 1785 bytes: two broadcasts.
+    assert_eq!(tp.session_count(), 2);
+    assert_eq!(tp.buffered_bytes(), 2 * MAX_TP_LEN);
+    // A 46-byte transfer to us (AuthConfirm) still gets its CTS.
+    tp.handle_frame(&cm_frame(BMS, PILE, rts_for(&payload(46), 0xEF00)), ms(1));
+    let out = drain(&mut tp);
+    assert_eq!(out.len(), 1);
+    assert_eq!(as_cm(&out[0]).1, cts(7, 1, 0xEF00));
+}
+
 #[test]
 fn oversized_and_inconsistent_rts_are_aborted() {
     let mut tp = Transport::new(TpConfig::gbt27930(), PILE);
