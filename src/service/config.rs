@@ -396,7 +396,17 @@ impl Config {
     /// TOML text with paths relative to `base` and no environment (the
     /// demo, tests).
     pub fn from_toml_str(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        Self::parse(text, &base.join("<text>"), base, std::iter::empty())
+        Self::from_toml_str_with_env(text, base, std::iter::empty())
+    }
+
+    /// TOML text with paths relative to `base`, overridden by `env` only:
+    /// [`Config::load_with_env`] without the file (fuzzing, tests).
+    pub fn from_toml_str_with_env(
+        text: &str,
+        base: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Self::parse(text, &base.join("<text>"), base, env)
     }
 
     fn parse(
