@@ -860,6 +860,26 @@ key = "vehicle.key"
     }
 
     #[test]
+    fn text_with_environment_is_read_as_a_file_would_be() {
+        let env = [
+            ("BMSGW__CLOUD__PORT", "1883"),
+            ("BMSGW__VEHICLE__ID", "007"),
+        ];
+        let owned = || env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::from_toml_str_with_env(MINIMAL, Path::new("/etc/bmsgw"), owned())
+            .expect("loads");
+        assert_eq!(c.cloud.port, 1883);
+        assert_eq!(c.vehicle.id.as_str(), "007");
+        assert_eq!(
+            c.vehicle.hpke_key,
+            PathBuf::from("/etc/bmsgw/keys/vehicle-hpke.key")
+        );
+        let from_file = load(MINIMAL, &env).expect("loads");
+        assert_eq!(from_file.cloud.port, c.cloud.port);
+        assert_eq!(from_file.vehicle.id, c.vehicle.id);
+    }
+
+    #[test]
     fn errors_name_the_file_the_key_the_value_and_the_expectation() {
         let e = err(
             &MINIMAL.replace("mode = \"bridge\"", "mode = \"both\""),
