@@ -13,7 +13,7 @@ use bmsgw_fuzz::{CloudWorld, cloud_world};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Handler(CloudWorld);
+struct Handler(&'static CloudWorld);
 
 impl ControlHandler for Handler {
     async fn status(&self) -> Status {

@@ -283,7 +283,14 @@ pub struct CloudWorld {
     pub cloud: KeyPair,
 }
 
-pub fn cloud_world() -> CloudWorld {
+/// Built once per process: generating the two key pairs costs more than
+/// most executions of the targets that use them.
+pub fn cloud_world() -> &'static CloudWorld {
+    static WORLD: std::sync::OnceLock<CloudWorld> = std::sync::OnceLock::new();
+    WORLD.get_or_init(make_cloud_world)
+}
+
+fn make_cloud_world() -> CloudWorld {
     let mut rng = FixedRng::new(4);
     let cloud = KeyPair::generate(&mut rng);
     let own = KeyPair::generate(&mut rng);

@@ -184,7 +184,7 @@ fn frame_ops(frames: &[Seen], keep: impl Fn(&Seen) -> bool, side: impl Fn(&Seen)
         let op = FrameOp::Frame {
             dt_ms: dt_ms(gap),
             side: side(s),
-            frame: s.frame.clone(),
+            frame: s.frame,
         };
         write_frame_op(&mut out, &op);
         last = s.at;
@@ -416,7 +416,7 @@ fn bridge_seeds(out: &Out) {
                     &FrameOp::Frame {
                         dt_ms: dt_ms(gap),
                         side,
-                        frame: f.clone(),
+                        frame: *f,
                     },
                 );
                 *last = now;
