@@ -87,7 +87,7 @@ echo "fuzz summary (build ${built}s, sanitizer $sanitizer; logs in $logdir)"
 {
     echo "target seconds execs execs/s cov corpus rss_mb crashes"
     printf '%s\n' "${rows[@]}"
-} | column -t
+} | if command -v column >/dev/null; then column -t; else cat; fi
 total_execs=$(printf '%s\n' "${rows[@]}" | awk '{ s += $3 } END { print s + 0 }')
 echo "total: ${#targets[@]} targets, $total_execs execs, $(( $(date +%s) - start ))s"
 if [ "$failed" -ne 0 ]; then
