@@ -423,7 +423,17 @@ impl Config {
     /// TOML text with paths relative to `base` and no environment (the
     /// demo, tests).
     pub fn from_toml_str(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        Self::parse(text, &base.join("<text>"), base, std::iter::empty())
+        Self::from_toml_str_with_env(text, base, std::iter::empty())
+    }
+
+    /// TOML text with paths relative to `base`, overridden by `env` only:
+    /// [`Config::load_with_env`] without the file (fuzzing, tests).
+    pub fn from_toml_str_with_env(
+        text: &str,
+        base: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Self::parse(text, &base.join("<text>"), base, env)
     }
 
     fn parse(
@@ -914,6 +924,26 @@ key = "vehicle.key"
         assert!(!c.session.require_pile_auth);
         assert_eq!(c.vehicle.id.as_str(), "007");
         assert_eq!(c.cloud.client_id, "1e3");
+    }
+
+    #[test]
+    fn text_with_environment_is_read_as_a_file_would_be() {
+        let env = [
+            ("BMSGW__CLOUD__PORT", "1883"),
+            ("BMSGW__VEHICLE__ID", "007"),
+        ];
+        let owned = || env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::from_toml_str_with_env(MINIMAL, Path::new("/etc/bmsgw"), owned())
+            .expect("loads");
+        assert_eq!(c.cloud.port, 1883);
+        assert_eq!(c.vehicle.id.as_str(), "007");
+        assert_eq!(
+            c.vehicle.hpke_key,
+            PathBuf::from("/etc/bmsgw/keys/vehicle-hpke.key")
+        );
+        let from_file = load(MINIMAL, &env).expect("loads");
+        assert_eq!(from_file.cloud.port, c.cloud.port);
+        assert_eq!(from_file.vehicle.id, c.vehicle.id);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -275,7 +275,7 @@ impl ControlServer {
                         Ok(permit) => {
                             let handler = Arc::clone(&handler);
                             tasks.spawn(async move {
-                                serve_one(stream, &*handler).await;
+                                serve_connection(stream, &*handler).await;
                                 drop(permit);
                             });
                         }
@@ -418,9 +418,15 @@ fn response_line(r: &Response) -> Vec<u8> {
     line
 }
 
-/// Read, answer and close one connection.
-async fn serve_one<H: ControlHandler>(stream: UnixStream, handler: &H) {
-    let (mut read, mut write) = stream.into_split();
+/// Read, answer and close one connection: the whole protocol on any byte
+/// stream (the server hands it each accepted socket; the fuzz target an
+/// in-memory pipe).
+pub async fn serve_connection<S, H>(stream: S, handler: &H)
+where
+    S: AsyncRead + AsyncWrite,
+    H: ControlHandler,
+{
+    let (mut read, mut write) = tokio::io::split(stream);
     let read_result =
         tokio::time::timeout(READ_TIMEOUT, read_line(&mut read, MAX_REQUEST_LEN)).await;
     // The rest of an over-long request is read and dropped before closing:
