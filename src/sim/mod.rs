@@ -5,6 +5,7 @@
 //! in-process bus. They are test peers for the gateway and the two halves of
 //! `bmsgw demo`.
 
+pub mod bench;
 pub mod bms;
 pub mod broker;
 pub mod cloud;
