@@ -262,7 +262,10 @@ async fn measure<W: Write + Send>(
         let started = Instant::now();
         let (mut ok, mut errors) = (Vec::new(), Vec::new());
         for i in 0..opts.sessions {
-            match one_session(world, addrs).await {
+            // BMSGW_BENCH_TRACE=1: both buses of each path's first session
+            // on stderr, to see where the time goes.
+            let trace = i == 0 && std::env::var_os("BMSGW_BENCH_TRACE").is_some();
+            match one_session(world, addrs, trace).await {
                 Ok(a) => ok.push(a),
                 Err(e) => errors.push(format!("session {i}: {e}")),
             }
@@ -337,6 +340,7 @@ async fn fill_wallet<W: Write + Send>(
 async fn one_session<W: Write + Send>(
     world: &mut World<'_, W>,
     addrs: Addresses,
+    trace: bool,
 ) -> Result<Authorization, String> {
     let node = |r: Result<_, DemoError>| r.map_err(|e| e.to_string());
     let mut bms_bus = node(world.buses.bms_node())?;
@@ -383,7 +387,31 @@ async fn one_session<W: Write + Send>(
     world.seen.clear();
     bms.map_err(|e| format!("BMS: {e}"))?;
     pile.map_err(|e| format!("pile: {e}"))?;
+    if trace {
+        print_trace(&pile_seen, &bms_seen);
+    }
     critical_path::analyse(&pile_seen, &bms_seen, addrs, GBT_BITRATE).map_err(|e| e.to_string())
+}
+
+/// Both buses' frames up to the first CRM(0xAA), on one clock, to stderr.
+fn print_trace(pile: &[Seen], bms: &[Seen]) {
+    let mut all: Vec<(&str, &Seen)> = pile
+        .iter()
+        .map(|s| ("pile", s))
+        .chain(bms.iter().map(|s| ("bms ", s)))
+        .collect();
+    all.sort_by_key(|(_, s)| s.at);
+    let end = pile
+        .iter()
+        .find(|s| {
+            crate::j1939::J1939Id::from_can_id(s.frame.id())
+                .is_ok_and(|id| id.pgn == crate::gbt27930::MessageKind::Crm.pgn())
+                && s.frame.data().first() == Some(&0xAA)
+        })
+        .map_or(Duration::MAX, |s| s.at);
+    for (bus, s) in all.into_iter().take_while(|(_, s)| s.at <= end) {
+        eprintln!("{:>10.3} ms  {bus}  {}", s.at.as_secs_f64() * 1e3, s.frame);
+    }
 }
 
 #[cfg(test)]
