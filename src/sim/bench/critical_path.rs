@@ -156,10 +156,10 @@ fn transfers(frames: &[Seen], end: usize, src: Address, dst: Address, pgn: Pgn) 
                 continue;
             };
             t.frames.push(i);
-            if parse_dt(data).is_some_and(|(seq, _)| seq == *packets) {
-                if let Some((t, _)) = open.take() {
-                    done.push(t);
-                }
+            if parse_dt(data).is_some_and(|(seq, _)| seq == *packets)
+                && let Some((t, _)) = open.take()
+            {
+                done.push(t);
             }
         }
     }
@@ -389,7 +389,7 @@ mod tests {
         // The BMS's bus, on the same clock: CRM forwarded, then BRM.
         bms.frames.push(Seen {
             at: pile.frames[first_crm].at + Duration::from_micros(10),
-            frame: pile.frames[first_crm].frame.clone(),
+            frame: pile.frames[first_crm].frame,
         });
         let fwd = 0;
         let (brm_bms, _) = bms.tp(brm, BMS, PILE, 7);
