@@ -259,12 +259,16 @@ async fn measure<W: Write + Send>(
                 "the gateway never connected to the broker".into(),
             ));
         }
+        let trace_sessions: usize = std::env::var("BMSGW_BENCH_TRACE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         let started = Instant::now();
         let (mut ok, mut errors) = (Vec::new(), Vec::new());
         for i in 0..opts.sessions {
-            // BMSGW_BENCH_TRACE=1: both buses of each path's first session
-            // on stderr, to see where the time goes.
-            let trace = i == 0 && std::env::var_os("BMSGW_BENCH_TRACE").is_some();
+            // BMSGW_BENCH_TRACE=N: both buses of each path's first N
+            // sessions on stderr, to see where the time goes.
+            let trace = i < trace_sessions;
             match one_session(world, addrs, trace).await {
                 Ok(a) => ok.push(a),
                 Err(e) => errors.push(format!("session {i}: {e}")),
@@ -409,6 +413,7 @@ fn print_trace(pile: &[Seen], bms: &[Seen]) {
                 && s.frame.data().first() == Some(&0xAA)
         })
         .map_or(Duration::MAX, |s| s.at);
+    eprintln!("--- session");
     for (bus, s) in all.into_iter().take_while(|(_, s)| s.at <= end) {
         eprintln!("{:>10.3} ms  {bus}  {}", s.at.as_secs_f64() * 1e3, s.frame);
     }
