@@ -62,6 +62,12 @@ enum Command {
         #[arg(long)]
         changes: bool,
     },
+    /// Measurements for docs/performance.md (bench/run.sh runs them all).
+    #[cfg(feature = "sim")]
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Simulators for tests and benches.
     #[cfg(feature = "sim")]
     Sim {
@@ -110,6 +116,25 @@ enum TicketCommand {
         /// The daemon's control socket [default: $BMSGW_SOCKET, else /run/bmsgw/control.sock].
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+    },
+}
+
+#[cfg(feature = "sim")]
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Authorization latency, the pile's first CRM(0x00) to its CRM(0xAA),
+    /// over whole sessions in bridge mode on in-process 250 kbit/s buses,
+    /// against each session's bus-time lower bound. Use a release build.
+    Latency {
+        /// Sessions per path.
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        /// Only this path (default: online, then offline).
+        #[arg(long, value_parser = ["online", "offline"])]
+        path: Option<String>,
+        /// Also write the figures as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
 }
 
@@ -285,7 +310,7 @@ fn main() -> ExitCode {
     // logs every client disconnect as an error): only errors by default.
     #[cfg(feature = "sim")]
     let default_level = match &cli.command {
-        Command::Demo { .. } => "error,rumqttd=off",
+        Command::Demo { .. } | Command::Bench { .. } => "error,rumqttd=off",
         _ => "warn",
     };
     #[cfg(not(feature = "sim"))]
@@ -368,6 +393,8 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 .map(|_| ())
                 .map_err(|e| format!("demo: {}", chain(&e)))
         }
+        #[cfg(feature = "sim")]
+        Command::Bench { what } => bench(what).await,
         #[cfg(feature = "sim")]
         Command::Sim { role } => sim(role).await,
         #[cfg(feature = "sim")]
@@ -735,5 +762,41 @@ fn parse_region(s: &str) -> Result<[u8; 3], String> {
         _ => Err(format!(
             "'{s}' is not a region code; expected 3 ASCII characters or 6 hex digits"
         )),
+    }
+}
+
+#[cfg(feature = "sim")]
+async fn bench(what: BenchCommand) -> Result<(), String> {
+    use bmsgw::sim::bench::{LatencyOptions, Path};
+    match what {
+        BenchCommand::Latency {
+            sessions,
+            path,
+            json,
+        } => {
+            let paths = match path.as_deref() {
+                Some("online") => vec![Path::Online],
+                Some("offline") => vec![Path::Offline],
+                _ => vec![Path::Online, Path::Offline],
+            };
+            let opts = LatencyOptions { sessions, paths };
+            let mut out = std::io::stdout();
+            let measure = bmsgw::sim::bench::latency::run(&opts, &mut out);
+            let report = tokio::select! {
+                r = measure => r.map_err(|e| format!("bench latency: {}", chain(&e)))?,
+                () = ctrl_c() => return Err("bench latency: stopped by a signal".into()),
+            };
+            if let Some(file) = json {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| format!("bench latency: JSON: {e}"))?;
+                std::fs::write(&file, text + "\n")
+                    .map_err(|e| format!("bench latency: writing {}: {e}", file.display()))?;
+            }
+            let failed: usize = report.paths.iter().map(|p| p.failed).sum();
+            if failed > 0 {
+                return Err(format!("bench latency: {failed} session(s) failed"));
+            }
+            Ok(())
+        }
     }
 }

@@ -13,6 +13,15 @@
 //! transmitted, which gives senders the back-pressure of a real 250 kbit/s
 //! bus. Time is `tokio::time`, so under `tokio::time::pause()` a test runs
 //! the model deterministically and instantly.
+//!
+//! On a real clock tokio's timer fires on millisecond ticks, so each frame
+//! would end up to a millisecond late and a chain of reactions (TP's
+//! RTS → CTS → DT) would run at a fraction of the bit rate.
+//! [`VirtualBus::with_precise_timing`] is for measuring latency in real
+//! time (`bmsgw bench latency`): it sleeps to within a tick of each
+//! instant and yields until the clock reaches it, at the cost of a busy
+//! thread while the bus is busy. It must not run under a paused clock,
+//! which never moves while a task is ready.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,6 +218,9 @@ pub struct VirtualBus {
 struct Shared {
     /// `Some` when the timing model is on.
     bitrate_bps: Option<u32>,
+    /// Timed mode: wait out frame times exactly on a real clock (see the
+    /// module docs).
+    precise: bool,
     state: Mutex<State>,
     /// Timed mode only: the queue into the arbiter task.
     arbiter: Option<ArbiterLink>,
@@ -298,6 +310,7 @@ impl VirtualBus {
         VirtualBus {
             shared: Arc::new(Shared {
                 bitrate_bps: None,
+                precise: false,
                 state: Mutex::new(State::default()),
                 arbiter: None,
             }),
@@ -310,11 +323,27 @@ impl VirtualBus {
     /// # Panics
     /// If `bitrate_bps` is 0.
     pub fn with_timing(bitrate_bps: u32) -> Self {
+        Self::timed(bitrate_bps, false)
+    }
+
+    /// Like [`VirtualBus::with_timing`], but frame times are waited out to
+    /// the microsecond on a real clock instead of on tokio's millisecond
+    /// ticks. For latency measurements in real time only: under a paused
+    /// clock it never finishes a frame (see the module docs).
+    ///
+    /// # Panics
+    /// If `bitrate_bps` is 0.
+    pub fn with_precise_timing(bitrate_bps: u32) -> Self {
+        Self::timed(bitrate_bps, true)
+    }
+
+    fn timed(bitrate_bps: u32, precise: bool) -> Self {
         assert!(bitrate_bps > 0, "a CAN bit rate must be positive");
         let (tx, rx) = mpsc::unbounded_channel();
         VirtualBus {
             shared: Arc::new(Shared {
                 bitrate_bps: Some(bitrate_bps),
+                precise,
                 state: Mutex::new(State::default()),
                 arbiter: Some(ArbiterLink {
                     tx,
@@ -414,7 +443,12 @@ impl VirtualNode {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(rx) = rx {
-            tokio::spawn(run_arbiter(rx, Arc::downgrade(&self.shared), bitrate_bps));
+            tokio::spawn(run_arbiter(
+                rx,
+                Arc::downgrade(&self.shared),
+                bitrate_bps,
+                self.shared.precise,
+            ));
         }
     }
 }
@@ -476,6 +510,7 @@ async fn run_arbiter(
     mut rx: mpsc::UnboundedReceiver<TxRequest>,
     shared: Weak<Shared>,
     bitrate_bps: u32,
+    precise: bool,
 ) {
     let bit = bits_duration(1, bitrate_bps);
     // One FIFO per node with something to send.
@@ -501,7 +536,7 @@ async fn run_arbiter(
         // frame was ready at `sof` joins; with a paused clock tokio only
         // moves past `sof` once all tasks ready at that instant have run,
         // so frames queued "at once" have all arrived.
-        tokio::time::sleep_until(sof + bit).await;
+        wait_until(sof + bit, precise).await;
         drain(&mut rx, &mut queues);
         let Some(winner) = queues
             .iter()
@@ -520,7 +555,7 @@ async fn run_arbiter(
 
         let duration = frame_duration(&req.frame, bitrate_bps);
         let end = sof + duration;
-        tokio::time::sleep_until(end).await;
+        wait_until(end, precise).await;
         bus_free_at = Some(end);
         let Some(shared) = shared.upgrade() else {
             return;
@@ -534,6 +569,24 @@ async fn run_arbiter(
         }
         // The sender may have stopped waiting; the frame went out anyway.
         let _ = req.done.send(());
+    }
+}
+
+/// Sleeps until `t`: on tokio's millisecond ticks, or with `precise` to
+/// within one tick and then yielding until the clock has reached `t`.
+async fn wait_until(t: Instant, precise: bool) {
+    if !precise {
+        tokio::time::sleep_until(t).await;
+        return;
+    }
+    const TICK: Duration = Duration::from_millis(1);
+    if let Some(coarse) = t.checked_sub(TICK)
+        && coarse > Instant::now()
+    {
+        tokio::time::sleep_until(coarse).await;
+    }
+    while Instant::now() < t {
+        tokio::task::yield_now().await;
     }
 }
 
@@ -805,6 +858,45 @@ mod tests {
             assert_eq!(expect_frame(rx.try_recv()), *f);
         }
         assert_eq!(rx.try_recv(), None);
+    }
+
+    /// On a real clock (a paused one would never move), the precise bus
+    /// keeps the model: arbitration order, exact busy time, and no frame
+    /// delivered before its time on the wire has passed.
+    #[tokio::test]
+    async fn precise_timing_keeps_the_model_on_a_real_clock() {
+        let bus = VirtualBus::with_precise_timing(250_000);
+        let mut listener = bus.node();
+        let frames: Vec<CanFrame> = (0..20u8)
+            .map(|i| {
+                ext(
+                    0x1800_0000 | u32::from(20 - i),
+                    &[i, 0xA5, i, 0, 0xFF, 1, 2, 3],
+                )
+            })
+            .collect();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for f in frames.clone() {
+            let mut node = bus.node();
+            tasks.push(tokio::spawn(async move { node.send(&f).await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let elapsed = start.elapsed();
+        let expected: Duration = frames.iter().map(|f| frame_duration(f, 250_000)).sum();
+        assert_eq!(bus.stats().busy_time, expected);
+        assert!(elapsed >= expected, "{elapsed:?} < {expected:?}");
+        // The first frame queued has the idle bus to itself; the others,
+        // queued while it is on the wire, then go lowest identifier first
+        // (they were built in reverse order).
+        let order: Vec<u8> = (0..20)
+            .map(|_| expect_frame(listener.try_recv()).data()[0])
+            .collect();
+        let mut rest: Vec<u8> = (0..20).rev().filter(|&i| i != order[0]).collect();
+        rest.insert(0, order[0]);
+        assert_eq!(order, rest);
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@
 //! `bmsgw demo`.
 
 pub mod attack;
+pub mod bench;
 pub mod bms;
 pub mod broker;
 pub mod cloud;

@@ -204,3 +204,123 @@ pub async fn run<B: CanBus>(
         (Outcome::Failed { .. }, Some(_)) => SimError::check(outcome),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::auth::{Credential, RootKey};
+    use crate::can::virtual_bus::VirtualBus;
+    use crate::can::{BusEvent, CanFrame};
+    use crate::gateway::vehicle_auth::{VehicleAuthOptions, authenticate};
+    use crate::gbt27930::MessageKind;
+    use crate::j1939::J1939Id;
+    use crate::j1939::tp::TP_DT;
+    use crate::sim::bms::{self, BmsSimOptions};
+
+    const CHARGER: u32 = 31;
+
+    fn root() -> RootKey {
+        RootKey::from_bytes([0x24; 32])
+    }
+
+    /// A whole authenticated session on the 250 kbit/s timing model, with
+    /// every frame on the bus and when it finished transmitting.
+    async fn capture_session() -> Vec<(Instant, CanFrame)> {
+        let bus = VirtualBus::with_timing(250_000);
+        let (mut b, mut p, mut v, mut monitor) = (bus.node(), bus.node(), bus.node(), bus.node());
+        let pile = PileSimOptions {
+            charger_number: ChargerNumber(CHARGER),
+            auth: Some(PileAuthSetup {
+                keys: PileKeys {
+                    root: root(),
+                    charger_number: CHARGER,
+                    current_offset: 0,
+                    previous_offset: None,
+                },
+                config: PileAuthConfig::default(),
+                replay: MemoryReplayStore::default(),
+            }),
+            ..PileSimOptions::default()
+        };
+        let bms_opts = BmsSimOptions {
+            duration: Duration::from_millis(500),
+            ..BmsSimOptions::default()
+        };
+        let now = unix_now();
+        let credential = Credential::issue(
+            &root(),
+            0,
+            CHARGER,
+            [9; 16],
+            now - 60,
+            now + 600,
+            0,
+            false,
+            &mut SystemRng,
+        );
+        let never = std::future::pending::<()>;
+        let mut frames = Vec::new();
+        let session = async {
+            tokio::join!(
+                bms::run(&mut b, bms_opts, never()),
+                run(&mut p, pile, never()),
+                authenticate(&mut v, credential, VehicleAuthOptions::default(), never()),
+            )
+        };
+        let record = async {
+            while let Ok(ev) = monitor.recv().await {
+                if let BusEvent::Frame(f) = ev {
+                    frames.push((Instant::now(), f));
+                }
+            }
+        };
+        let (bms, pile, vehicle) = tokio::select! {
+            r = session => r,
+            () = record => panic!("the monitor's bus closed"),
+        };
+        vehicle.expect("vehicle authenticated");
+        bms.expect("BMS session completes");
+        pile.expect("pile session completes");
+        frames
+    }
+
+    fn id(frame: &CanFrame) -> J1939Id {
+        J1939Id::from_can_id(frame.id()).expect("every frame in the session is J1939")
+    }
+
+    /// The pile sends CRM(0xAA) as soon as it accepts AuthConfirm, not at
+    /// its next 250 ms CRM period: between the vehicle's last AuthConfirm
+    /// packet and CRM(0xAA) there is room only for the frames the pile
+    /// queued first (EndOfMsgAck, the AuthResult's first frame).
+    #[tokio::test(start_paused = true)]
+    async fn crm_aa_follows_the_accepted_auth_confirm_at_once() {
+        let frames = capture_session().await;
+        let (crm_at, crm_index) = frames
+            .iter()
+            .enumerate()
+            .find(|(_, (_, f))| {
+                id(f).pgn == MessageKind::Crm.pgn() && f.data().first() == Some(&0xAA)
+            })
+            .map(|(i, (t, _))| (*t, i))
+            .expect("the pile sent CRM(0xAA)");
+        let vehicle = Address(crate::gateway::vehicle_auth::DEFAULT_VEHICLE_ADDRESS);
+        let (confirm_at, confirm_index) = frames[..crm_index]
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, (_, f))| id(f).pgn == TP_DT && id(f).source == vehicle)
+            .map(|(i, (t, _))| (*t, i))
+            .expect("the vehicle's AuthConfirm went by TP before CRM(0xAA)");
+        let between = crm_index - confirm_index - 1;
+        let gap = crm_at - confirm_at;
+        assert!(
+            between <= 3 && gap < Duration::from_millis(5),
+            "CRM(0xAA) came {gap:?} and {between} frame(s) after AuthConfirm: {:#?}",
+            &frames[confirm_index..=crm_index]
+        );
+    }
+}

@@ -21,7 +21,7 @@
 
 mod attacker;
 mod scenarios;
-mod world;
+pub(crate) mod world;
 
 use std::future::Future;
 use std::io::Write;

@@ -25,7 +25,7 @@ use crate::sim::pile::{PileAuthSetup, PileSimOptions};
 use crate::sim::pki::{DevPki, DevPkiOptions, GatewayTomlOptions};
 
 /// A bus of either kind, so the demo runs the same code on both.
-pub(super) enum DemoBus {
+pub(crate) enum DemoBus {
     Virtual(VirtualNode),
     Socket(SocketCanBus),
 }
@@ -47,32 +47,32 @@ impl CanBus for DemoBus {
 }
 
 /// Where the BMS and the pile are.
-pub(super) enum BusSet {
+pub(crate) enum BusSet {
     InProcess { bms: VirtualBus, pile: VirtualBus },
     SocketCanBridge { bms: String, pile: String },
     SocketCanSingle(String),
 }
 
 impl BusSet {
-    pub(super) fn in_process(bitrate: u32) -> Self {
+    pub(crate) fn in_process(bitrate: u32) -> Self {
         BusSet::InProcess {
             bms: VirtualBus::with_timing(bitrate),
             pile: VirtualBus::with_timing(bitrate),
         }
     }
 
-    pub(super) fn socketcan_bridge(bms: &str, pile: &str) -> Self {
+    pub(crate) fn socketcan_bridge(bms: &str, pile: &str) -> Self {
         BusSet::SocketCanBridge {
             bms: bms.to_owned(),
             pile: pile.to_owned(),
         }
     }
 
-    pub(super) fn socketcan_single(bus: &str) -> Self {
+    pub(crate) fn socketcan_single(bus: &str) -> Self {
         BusSet::SocketCanSingle(bus.to_owned())
     }
 
-    pub(super) fn is_bridge(&self) -> bool {
+    pub(crate) fn is_bridge(&self) -> bool {
         !matches!(self, BusSet::SocketCanSingle(_))
     }
 
@@ -83,7 +83,7 @@ impl BusSet {
     }
 
     /// A node on the BMS's bus.
-    pub(super) fn bms_node(&self) -> Result<DemoBus, DemoError> {
+    pub(crate) fn bms_node(&self) -> Result<DemoBus, DemoError> {
         match self {
             BusSet::InProcess { bms, .. } => Ok(DemoBus::Virtual(bms.node())),
             BusSet::SocketCanBridge { bms, .. } => Self::open(bms),
@@ -92,7 +92,7 @@ impl BusSet {
     }
 
     /// A node on the pile's bus.
-    pub(super) fn pile_node(&self) -> Result<DemoBus, DemoError> {
+    pub(crate) fn pile_node(&self) -> Result<DemoBus, DemoError> {
         match self {
             BusSet::InProcess { pile, .. } => Ok(DemoBus::Virtual(pile.node())),
             BusSet::SocketCanBridge { pile, .. } => Self::open(pile),
@@ -156,7 +156,7 @@ struct DaemonRun {
 
 /// Which vehicle's gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Vehicle {
+pub(crate) enum Vehicle {
     /// `veh-a`: no owner approval.
     A,
     /// `veh-b`: the owner must approve every grant.
@@ -164,7 +164,7 @@ pub(super) enum Vehicle {
 }
 
 impl Vehicle {
-    pub(super) fn id(self) -> &'static str {
+    pub(crate) fn id(self) -> &'static str {
         match self {
             Vehicle::A => "veh-a",
             Vehicle::B => "veh-b",
@@ -172,33 +172,33 @@ impl Vehicle {
     }
 }
 
-pub(super) struct World<'o, W: Write + Send> {
+pub(crate) struct World<'o, W: Write + Send> {
     out: &'o mut W,
     _dir: tempfile::TempDir,
-    pub(super) pki: DevPki,
-    pub(super) broker: EmbeddedBroker,
+    pub(crate) pki: DevPki,
+    pub(crate) broker: EmbeddedBroker,
     cloud: Option<CloudRun>,
-    pub(super) buses: BusSet,
+    pub(crate) buses: BusSet,
     daemon: Option<(Vehicle, DaemonRun)>,
     configs: [Config; 2],
     notices_tx: mpsc::UnboundedSender<(crate::time::Timestamp, Notice)>,
     notices: mpsc::UnboundedReceiver<(crate::time::Timestamp, Notice)>,
-    pub(super) replay: MemoryReplayStore,
+    pub(crate) replay: MemoryReplayStore,
     /// Listens on the BMS's bus: what reached the BMS.
     bms_monitor: DemoBus,
     /// Listens on the pile's bus.
     pile_monitor: DemoBus,
     /// Frames seen on each bus since the scenario began.
-    pub(super) bms_seen: Vec<CanFrame>,
-    pub(super) pile_seen: Vec<CanFrame>,
+    pub(crate) bms_seen: Vec<CanFrame>,
+    pub(crate) pile_seen: Vec<CanFrame>,
     timeline: Option<Timeline>,
     t0: Instant,
     /// Notices since the scenario began.
-    pub(super) seen: Vec<Notice>,
+    pub(crate) seen: Vec<Notice>,
 }
 
 impl<'o, W: Write + Send> World<'o, W> {
-    pub(super) async fn start(
+    pub(crate) async fn start(
         buses: BusSet,
         all_messages: bool,
         out: &'o mut W,
@@ -294,12 +294,12 @@ impl<'o, W: Write + Send> World<'o, W> {
         Ok(world)
     }
 
-    pub(super) fn out(&mut self) -> &mut W {
+    pub(crate) fn out(&mut self) -> &mut W {
         self.out
     }
 
     /// Begin a scenario: a heading, a fresh clock and fresh captures.
-    pub(super) fn begin(&mut self, title: &str) -> Result<(), DemoError> {
+    pub(crate) fn begin(&mut self, title: &str) -> Result<(), DemoError> {
         writeln!(self.out)?;
         writeln!(
             self.out,
@@ -313,19 +313,19 @@ impl<'o, W: Write + Send> World<'o, W> {
         Ok(())
     }
 
-    pub(super) fn elapsed(&self) -> Duration {
+    pub(crate) fn elapsed(&self) -> Duration {
         self.t0.elapsed()
     }
 
     /// One line of the timeline.
-    pub(super) fn say(&mut self, who: &str, what: impl std::fmt::Display) {
+    pub(crate) fn say(&mut self, who: &str, what: impl std::fmt::Display) {
         let t = self.t0.elapsed().as_secs_f64();
         let _ = writeln!(self.out, "  {t:>7.3}  {who:<8} {what}");
     }
 
     /// Run `fut` while printing the timeline and recording what crosses
     /// both buses.
-    pub(super) async fn drive<T>(&mut self, fut: impl Future<Output = T>) -> T {
+    pub(crate) async fn drive<T>(&mut self, fut: impl Future<Output = T>) -> T {
         let mut fut = std::pin::pin!(fut);
         loop {
             tokio::select! {
@@ -350,7 +350,7 @@ impl<'o, W: Write + Send> World<'o, W> {
     }
 
     /// Let `d` pass with the timeline running.
-    pub(super) async fn pause(&mut self, d: Duration) {
+    pub(crate) async fn pause(&mut self, d: Duration) {
         self.drive(tokio::time::sleep(d)).await;
     }
 
@@ -440,7 +440,7 @@ impl<'o, W: Write + Send> World<'o, W> {
 
     // --- parts that scenarios switch ---------------------------------------
 
-    pub(super) async fn start_cloud(&mut self) -> Result<(), DemoError> {
+    pub(crate) async fn start_cloud(&mut self) -> Result<(), DemoError> {
         if self.cloud.is_some() {
             return Ok(());
         }
@@ -473,31 +473,31 @@ impl<'o, W: Write + Send> World<'o, W> {
         Ok(())
     }
 
-    pub(super) async fn stop_cloud(&mut self) {
+    pub(crate) async fn stop_cloud(&mut self) {
         if let Some(c) = self.cloud.take() {
             let _ = c.stop.send(());
             let _ = c.task.await;
         }
     }
 
-    pub(super) fn cloud_stats(&self) -> CloudStats {
+    pub(crate) fn cloud_stats(&self) -> CloudStats {
         self.cloud
             .as_ref()
             .map(|c| c.monitor.stats())
             .unwrap_or_default()
     }
 
-    pub(super) fn cloud_monitor(&self) -> Option<CloudMonitor> {
+    pub(crate) fn cloud_monitor(&self) -> Option<CloudMonitor> {
         self.cloud.as_ref().map(|c| c.monitor.clone())
     }
 
-    pub(super) fn config(&self, v: Vehicle) -> &Config {
+    pub(crate) fn config(&self, v: Vehicle) -> &Config {
         &self.configs[v as usize]
     }
 
     /// Start `v`'s gateway (stopping another one first) and wait until its
     /// control socket answers.
-    pub(super) async fn start_daemon(&mut self, v: Vehicle) -> Result<(), DemoError> {
+    pub(crate) async fn start_daemon(&mut self, v: Vehicle) -> Result<(), DemoError> {
         if self.daemon.as_ref().is_some_and(|(cur, _)| *cur == v) {
             return Ok(());
         }
@@ -535,7 +535,7 @@ impl<'o, W: Write + Send> World<'o, W> {
     }
 
     /// Stop the running gateway as SIGTERM would.
-    pub(super) async fn stop_daemon(&mut self) -> Result<(), DemoError> {
+    pub(crate) async fn stop_daemon(&mut self) -> Result<(), DemoError> {
         if let Some((v, d)) = self.daemon.take() {
             let _ = d.stop.send(());
             match d.task.await {
@@ -553,7 +553,7 @@ impl<'o, W: Write + Send> World<'o, W> {
     }
 
     /// The running gateway's `status`, through its control socket.
-    pub(super) async fn status(&self) -> Option<Status> {
+    pub(crate) async fn status(&self) -> Option<Status> {
         let (v, _) = self.daemon.as_ref()?;
         crate::service::control::request_status(&self.config(*v).control.socket)
             .await
@@ -562,7 +562,7 @@ impl<'o, W: Write + Send> World<'o, W> {
 
     /// Wait (with the timeline running) until `check` holds on the gateway's
     /// status, or `within` passes.
-    pub(super) async fn wait_status(
+    pub(crate) async fn wait_status(
         &mut self,
         within: Duration,
         check: impl Fn(&Status) -> bool,
@@ -581,7 +581,7 @@ impl<'o, W: Write + Send> World<'o, W> {
         }
     }
 
-    pub(super) fn bms_options(&self) -> BmsSimOptions {
+    pub(crate) fn bms_options(&self) -> BmsSimOptions {
         BmsSimOptions {
             soc_start: 62.0,
             soc_end: 64.0,
@@ -594,7 +594,7 @@ impl<'o, W: Write + Send> World<'o, W> {
 
     /// The genuine pile: charger 1, authentication required, its replay
     /// cache kept across sessions.
-    pub(super) fn pile_options(&self) -> Result<PileSimOptions, DemoError> {
+    pub(crate) fn pile_options(&self) -> Result<PileSimOptions, DemoError> {
         let key = crate::service::keyfile::load_key(&self.pki.pile_root_key(DEMO_CHARGER))
             .map_err(|e| DemoError::Setup(format!("pile root key: {e}")))?;
         Ok(PileSimOptions {
@@ -614,7 +614,7 @@ impl<'o, W: Write + Send> World<'o, W> {
         })
     }
 
-    pub(super) async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.stop_daemon().await;
         self.stop_cloud().await;
         self.broker.stop();
