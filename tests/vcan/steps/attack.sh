@@ -57,7 +57,7 @@ attack_flood_body() {
 
     start_capture "$cap" || return 1
     echo "--- bmsgw sim flood --can vcan1 --seconds $ATTACK_FLOOD_SECS"
-    "$BMSGW_BIN" sim flood --can vcan1 --seconds "$ATTACK_FLOOD_SECS" --seed 0x5eed \
+    "$BMSGW_BIN" sim flood --can vcan1 --seconds "$ATTACK_FLOOD_SECS" --seed 24301 \
         --bitrate 250000 >"$flood_out" 2>&1 &
     local flood=$!
     # Halfway through, the daemon still answers on its control socket.
