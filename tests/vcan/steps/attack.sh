@@ -54,6 +54,8 @@ attack_flood_body() {
     rss0=$(vm_kib "$pid" VmRSS)
     echo "daemon pid $pid before the flood: VmRSS ${rss0} KiB, VmHWM ${hwm0} KiB"
     echo "firewall before: $(status_json | jq -c '.firewall')"
+    local J_PILE_IN='.can[] | select(.role == "pile") | .frames_in' fin0 fin1
+    fin0=$(st "$J_PILE_IN")
 
     start_capture "$cap" || return 1
     echo "--- bmsgw sim flood --can vcan1 --seconds $ATTACK_FLOOD_SECS"
@@ -72,6 +74,7 @@ attack_flood_body() {
     cat "$flood_out"
     [ "$rc_flood" -eq 0 ] || { echo "sim flood exited $rc_flood: $(tail -n 1 "$flood_out")" >"$REASON_FILE"; return 1; }
 
+    fin1=$(st "$J_PILE_IN")
     local hwm1 rss1
     hwm1=$(vm_kib "$pid" VmHWM)
     rss1=$(vm_kib "$pid" VmRSS)
@@ -79,6 +82,12 @@ attack_flood_body() {
     summary=$(grep '^sim flood: ' "$flood_out")
     load=$(sed -nE 's/.* load=([0-9.]+)%.*/\1/p' <<<"$summary")
     echo "attack-flood: flooder ${summary#sim flood: }"
+    # What the daemon read of it (the rest was lost in the kernel's socket
+    # buffer before the daemon could read it). Reported, not asserted: a
+    # flood may cost frames; it must not cost the bridge its limits.
+    local sent
+    sent=$(sed -nE 's/.* frames=([0-9]+) .*/\1/p' <<<"$summary")
+    echo "attack-flood: daemon read $((fin1 - fin0)) of ${sent:-?} frames on vcan1 during the flood"
 
     # What reached the BMS side: every frame but candump's start markers.
     local onbms=$D/flood-vcan0.frames
