@@ -605,25 +605,29 @@ async fn store_writer(
     while let Some(job) = jobs.recv().await {
         let store = shared.store.clone();
         let outbox = shared.outbox.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<&'static str, StoreError> {
-            match job {
-                StoreJob::Journal(draft) => {
-                    let (topic, payload) = encode(&draft);
-                    store.journal_open(&draft.record_id, &topic, &payload)?;
-                    Ok("draft journaled")
+        let result =
+            tokio::task::spawn_blocking(move || -> Result<(&'static str, [u8; 16]), StoreError> {
+                match job {
+                    StoreJob::Journal(draft) => {
+                        let (topic, payload) = encode(&draft);
+                        store.journal_open(&draft.record_id, &topic, &payload)?;
+                        Ok(("draft journaled", draft.record_id))
+                    }
+                    StoreJob::Record(record) => {
+                        let (topic, payload) = encode(&record);
+                        outbox.push_record(&topic, &payload)?;
+                        store.journal_close(&record.record_id)?;
+                        Ok(("record queued", record.record_id))
+                    }
                 }
-                StoreJob::Record(record) => {
-                    let (topic, payload) = encode(&record);
-                    outbox.push_record(&topic, &payload)?;
-                    store.journal_close(&record.record_id)?;
-                    Ok("record queued")
-                }
-            }
-        })
-        .await;
+            })
+            .await;
         match result {
-            Ok(Ok(what)) => {
-                debug!(what, "store");
+            // Info, with the record id, once committed: an operator (and the
+            // VM lane's kill -9 check) can match every record the daemon
+            // owes the cloud against what the cloud received.
+            Ok(Ok((what, record_id))) => {
+                info!(record = %hex::encode(record_id), "{what}");
                 wake.notify_one();
             }
             // The whole chain: "outbox push failed" alone does not say
