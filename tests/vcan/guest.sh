@@ -675,6 +675,8 @@ socket = "$D_SOCK"
 [log]
 level = "info"
 EOF
+    # A suite that reuses this setup may add sections (tests/vcan/steps/).
+    [ -z "${D_GW_EXTRA:-}" ] || printf '%s\n' "$D_GW_EXTRA" >>"$D_GW"
     echo "--- bmsgw check-config"
     "$BMSGW_BIN" check-config "$D_GW" || {
         echo "bmsgw check-config $D_GW failed" >"$REASON_FILE"
