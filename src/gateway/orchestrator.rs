@@ -63,6 +63,8 @@ pub enum Action {
         params: ExchangeParams,
     },
     /// Journal `draft`: the record to report if the session never ends.
+    /// Call [`Orchestrator::on_journaled`] once it is committed; the
+    /// credential is held back until then.
     Journal { draft: SessionRecord },
     /// Run the handshake with the pile at `pile`.
     StartAuth {
@@ -142,6 +144,9 @@ struct Session {
     auth_failure: Option<String>,
     /// A credential was asked for and no answer has come yet.
     fetching: bool,
+    /// The credential and the pile to present it to, held until the shell
+    /// reports the draft journaled ([`Orchestrator::on_journaled`]).
+    held_auth: Option<(Credential, Address)>,
 }
 
 /// A session that ended while its credential was still being fetched. The
@@ -357,11 +362,36 @@ impl Orchestrator {
             0,
             unix,
         );
-        if let Some(draft) = draft {
-            self.actions.push_back(Action::Journal { draft });
+        match draft {
+            // The draft must be durable before the pile sees the
+            // credential: a crash in between would leave a session the
+            // pile accepted (and may charge) with no record of it.
+            Some(draft) => {
+                if let Some(s) = self.session.as_mut() {
+                    s.held_auth = Some((credential, pile));
+                }
+                self.actions.push_back(Action::Journal { draft });
+            }
+            None => self
+                .actions
+                .push_back(Action::StartAuth { credential, pile }),
         }
-        self.actions
-            .push_back(Action::StartAuth { credential, pile });
+    }
+
+    /// The shell committed the draft `record_id` ([`Action::Journal`]):
+    /// present the credential now, if its session is still running.
+    pub fn on_journaled(&mut self, record_id: &Id16) {
+        let Some(s) = self
+            .session
+            .as_mut()
+            .filter(|s| s.record_id.as_ref() == Some(record_id))
+        else {
+            return;
+        };
+        if let Some((credential, pile)) = s.held_auth.take() {
+            self.actions
+                .push_back(Action::StartAuth { credential, pile });
+        }
     }
 
     /// The handshake with the pile ended.
@@ -431,6 +461,7 @@ impl Orchestrator {
             ticket_id: None,
             auth_failure: None,
             fetching: false,
+            held_auth: None,
         });
         self.notices.push_back(Notice::SessionStarted { session });
         self.actions.push_back(Action::CloseGate);
@@ -648,10 +679,23 @@ mod tests {
             NOW + 1,
         );
         let next = actions(&mut o);
-        let [Action::Journal { draft }, Action::StartAuth { pile, .. }] = &next[..] else {
-            panic!("expected journal then auth, got {next:?}");
+        // The credential waits for the draft to be durable.
+        let [Action::Journal { draft }] = &next[..] else {
+            panic!("expected the journal alone, got {next:?}");
+        };
+        o.on_journaled(&[0xEE; 16]);
+        assert!(actions(&mut o).is_empty(), "another draft's commit");
+        o.on_journaled(&draft.record_id);
+        let next = actions(&mut o);
+        let [Action::StartAuth { pile, .. }] = &next[..] else {
+            panic!("expected auth after the commit, got {next:?}");
         };
         assert_eq!(*pile, PILE);
+        o.on_journaled(&draft.record_id);
+        assert!(
+            actions(&mut o).is_empty(),
+            "the credential is presented once"
+        );
         assert!(matches!(draft.result, SessionResult::Failed { .. }));
         o.on_auth(
             AuthOutcome::Accepted(Authenticated {

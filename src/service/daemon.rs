@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use zeroize::Zeroizing;
 
@@ -593,7 +593,9 @@ async fn push_handler(
 // The store writer
 
 enum StoreJob {
-    Journal(SessionRecord),
+    /// The draft, and who is told once it is committed (the loop, which
+    /// holds the credential back until then).
+    Journal(SessionRecord, oneshot::Sender<()>),
     Record(SessionRecord),
 }
 
@@ -605,25 +607,32 @@ async fn store_writer(
     while let Some(job) = jobs.recv().await {
         let store = shared.store.clone();
         let outbox = shared.outbox.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<&'static str, StoreError> {
-            match job {
-                StoreJob::Journal(draft) => {
-                    let (topic, payload) = encode(&draft);
-                    store.journal_open(&draft.record_id, &topic, &payload)?;
-                    Ok("draft journaled")
+        let result =
+            tokio::task::spawn_blocking(move || -> Result<(&'static str, [u8; 16]), StoreError> {
+                match job {
+                    StoreJob::Journal(draft, committed) => {
+                        let (topic, payload) = encode(&draft);
+                        // Not told on failure: the session then never
+                        // presents its credential (the BMS times out).
+                        store.journal_open(&draft.record_id, &topic, &payload)?;
+                        let _ = committed.send(());
+                        Ok(("draft journaled", draft.record_id))
+                    }
+                    StoreJob::Record(record) => {
+                        let (topic, payload) = encode(&record);
+                        outbox.push_record(&topic, &payload)?;
+                        store.journal_close(&record.record_id)?;
+                        Ok(("record queued", record.record_id))
+                    }
                 }
-                StoreJob::Record(record) => {
-                    let (topic, payload) = encode(&record);
-                    outbox.push_record(&topic, &payload)?;
-                    store.journal_close(&record.record_id)?;
-                    Ok("record queued")
-                }
-            }
-        })
-        .await;
+            })
+            .await;
         match result {
-            Ok(Ok(what)) => {
-                debug!(what, "store");
+            // Info, with the record id, once committed: an operator (and the
+            // VM lane's kill -9 check) can match every record the daemon
+            // owes the cloud against what the cloud received.
+            Ok(Ok((what, record_id))) => {
+                info!(record = %hex::encode(record_id), "{what}");
                 wake.notify_one();
             }
             // The whole chain: "outbox push failed" alone does not say
@@ -652,6 +661,10 @@ enum LoopMsg {
     Pending {
         session: u64,
         deadline: u32,
+    },
+    /// The draft `record_id` is committed.
+    Journaled {
+        record_id: [u8; 16],
     },
 }
 
@@ -972,7 +985,18 @@ async fn can_loop<B: CanBus>(
                         tokio::spawn(task.instrument(span.clone()));
                     }
                     Action::Journal { draft } => {
-                        let _ = ctx.jobs.send(StoreJob::Journal(draft));
+                        // The loop goes on meanwhile; the commit comes
+                        // back as a LoopMsg and releases the credential.
+                        let (committed, done) = oneshot::channel();
+                        let record_id = draft.record_id;
+                        if ctx.jobs.send(StoreJob::Journal(draft, committed)).is_ok() {
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                if done.await.is_ok() {
+                                    let _ = tx.send(LoopMsg::Journaled { record_id });
+                                }
+                            });
+                        }
                     }
                     Action::StartAuth { credential, pile } => {
                         let mut node = AuthNode::new(credential, can.address, auth_config);
@@ -1088,6 +1112,7 @@ async fn can_loop<B: CanBus>(
                     LoopMsg::Credential { session, result } => {
                         orch.on_credential(session, result, unix_now());
                     }
+                    LoopMsg::Journaled { record_id } => orch.on_journaled(&record_id),
                     LoopMsg::Pending { session, deadline } => {
                         if orch.current().is_some_and(|s| s.session == session) {
                             info!(deadline, "awaiting owner approval");

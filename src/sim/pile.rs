@@ -108,6 +108,9 @@ impl AuthHooks {
                     info!(
                         voucher = ticket.voucher,
                         energy_cap_wh = ticket.energy_cap_wh,
+                        // The pile's side of reconciliation: every ticket a
+                        // pile accepted must reach the cloud in a record.
+                        ticket = %hex::encode(ticket.ticket_id),
                         "vehicle authenticated; releasing CRM(0xAA)"
                     );
                     self.accepted = Some(ticket);

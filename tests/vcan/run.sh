@@ -37,7 +37,7 @@ LANE_TIMEOUT=${BMSGW_VCAN_TIMEOUT:-1200}
 
 # cargo test targets built for the guest; each one's executable is passed in
 # guest.env as BMSGW_TEST_<TARGET IN UPPER CASE>. Add new targets here.
-TEST_TARGETS=(vcan_socketcan vcan_j1939)
+TEST_TARGETS=(vcan_socketcan vcan_j1939 fault_disk)
 
 log() { printf '[vcan lane] %s\n' "$*" >&2; }
 now() { date +%s.%N; }
@@ -162,6 +162,8 @@ main() {
         printf 'BMSGW_BIN=%q\n' "$ROOT/target/release/bmsgw"
         [ -z "${BMSGW_VCAN_ONLY:-}" ] || printf 'BMSGW_VCAN_ONLY=%q\n' "$BMSGW_VCAN_ONLY"
         [ -z "${BMSGW_STEP_TIMEOUT:-}" ] || printf 'BMSGW_STEP_TIMEOUT=%q\n' "$BMSGW_STEP_TIMEOUT"
+        [ -z "${BMSGW_FAULT_KILLS:-}" ] || printf 'BMSGW_FAULT_KILLS=%q\n' "$BMSGW_FAULT_KILLS"
+        [ -z "${BMSGW_FAULT_SEED:-}" ] || printf 'BMSGW_FAULT_SEED=%q\n' "$BMSGW_FAULT_SEED"
         local t exe var
         for t in "${TEST_TARGETS[@]}"; do
             exe=$(test_executable "$t")

@@ -219,7 +219,12 @@ fn act(output: Output, link: &Link, monitor: &CloudMonitor) {
                     ..
                 } => {
                     bump(&monitor.granted);
-                    info!(%vehicle, charger = charger_number, vouchers, "grant issued");
+                    info!(%vehicle, charger = charger_number, vouchers = vouchers.len(), "grant issued");
+                    // One line per voucher, greppable: the VM lane's fault
+                    // suite checks that no issued voucher is spent twice.
+                    for id in vouchers {
+                        info!(%vehicle, charger = charger_number, ticket = %hex::encode(id), "voucher issued");
+                    }
                 }
                 ReplyKind::Pending {
                     deadline,
@@ -254,6 +259,9 @@ fn act(output: Output, link: &Link, monitor: &CloudMonitor) {
                 charger = record.charger_number,
                 energy_wh = record.energy_wh,
                 record = %hex::encode(record.record_id),
+                credential = ?record.credential.kind,
+                ticket = %hex::encode(record.credential.ticket_id),
+                result = ?record.result,
                 "session record received"
             );
         }

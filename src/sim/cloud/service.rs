@@ -63,7 +63,10 @@ pub enum ReplyKind {
     Granted {
         charger_number: u32,
         not_after: u32,
-        vouchers: usize,
+        /// The ticket ids of the vouchers sealed with the grant, so the
+        /// shell can log what it issued (the fault suite checks no voucher
+        /// is spent twice against this).
+        vouchers: Vec<TicketId>,
     },
     Pending {
         request_id: Id16,
@@ -324,7 +327,7 @@ impl CloudService {
             .registry
             .pile(charger_number)
             .ok_or(ServiceError::UnknownPile(charger_number))?;
-        let batch = self.vouchers(vehicle, pile, count, unix_s(now_unix_ms), rng);
+        let (batch, _) = self.vouchers(vehicle, pile, count, unix_s(now_unix_ms), rng);
         self.push(vehicle, &Push::Vouchers(batch), rng)
     }
 
@@ -592,11 +595,16 @@ impl CloudService {
             rng,
         );
         let count = usize::from(req.want_vouchers.min(s.vouchers_per_grant)).min(MAX_VOUCHERS);
-        let vouchers = (count > 0).then(|| self.vouchers(to.vehicle, pile, count, now_s, rng));
+        let (vouchers, voucher_ids) = if count > 0 {
+            let (batch, ids) = self.vouchers(to.vehicle, pile, count, now_s, rng);
+            (Some(batch), ids)
+        } else {
+            (None, Vec::new())
+        };
         let kind = ReplyKind::Granted {
             charger_number: pile.charger_number,
             not_after,
-            vouchers: count,
+            vouchers: voucher_ids,
         };
         let grant = Response::Grant(IdentityGrant::new(
             to.vehicle.clone(),
@@ -614,14 +622,15 @@ impl CloudService {
         count: usize,
         now_s: u32,
         rng: &mut dyn Rng,
-    ) -> VoucherBatch {
+    ) -> (VoucherBatch, Vec<TicketId>) {
         let s = &self.settings;
         let not_after = now_s.saturating_add(s.voucher_lifetime_s);
+        let mut ids = Vec::with_capacity(count.min(MAX_VOUCHERS));
         let vouchers = (0..count.min(MAX_VOUCHERS))
             .map(|_| {
                 // A fresh pseudonym per ticket, so piles cannot link them.
                 let pseudonym = random16(rng);
-                Voucher::from_credential(&Credential::issue(
+                let voucher = Credential::issue(
                     &pile.root,
                     pile.key_offset,
                     pile.charger_number,
@@ -631,15 +640,18 @@ impl CloudService {
                     s.voucher_energy_cap_wh,
                     true,
                     rng,
-                ))
+                );
+                ids.push(voucher.ticket_id());
+                Voucher::from_credential(&voucher)
             })
             .collect();
-        VoucherBatch {
+        let batch = VoucherBatch {
             vehicle_id: vehicle.clone(),
             batch_id: random16(rng),
             issued_at: now_s,
             vouchers,
-        }
+        };
+        (batch, ids)
     }
 
     fn deny(
@@ -865,17 +877,18 @@ mod tests {
         let mut w = world(settings);
         let a = w.a.clone();
         let (mut ex, _, out) = ask(&mut w, &a, params(PILE, 5), T0_MS);
+        let ExchangeEvent::Granted(g) = deliver(&mut ex, &out, T0).expect("accepted") else {
+            panic!("not granted");
+        };
+        // The reply names exactly the vouchers the vehicle received.
         assert_eq!(
             kind(&out),
             &ReplyKind::Granted {
                 charger_number: PILE,
                 not_after: T0 + 300,
-                vouchers: 2
+                vouchers: g.vouchers.iter().map(|v| v.ticket_id()).collect(),
             }
         );
-        let ExchangeEvent::Granted(g) = deliver(&mut ex, &out, T0).expect("accepted") else {
-            panic!("not granted");
-        };
         assert_eq!(
             (g.credential.not_before, g.credential.not_after),
             (T0, T0 + 300)
@@ -921,7 +934,7 @@ mod tests {
             ..CloudSettings::default()
         });
         let (_, _, out) = ask(&mut w, &a, params(PILE, 0), T0_MS);
-        assert!(matches!(kind(&out), ReplyKind::Granted { vouchers: 0, .. }));
+        assert!(matches!(kind(&out), ReplyKind::Granted { vouchers, .. } if vouchers.is_empty()));
     }
 
     #[test]
