@@ -495,6 +495,11 @@ impl<'o, W: Write + Send> World<'o, W> {
         &self.configs[v as usize]
     }
 
+    /// `v`'s gateway config, to change before its daemon starts.
+    pub(crate) fn config_mut(&mut self, v: Vehicle) -> &mut Config {
+        &mut self.configs[v as usize]
+    }
+
     /// Start `v`'s gateway (stopping another one first) and wait until its
     /// control socket answers.
     pub(crate) async fn start_daemon(&mut self, v: Vehicle) -> Result<(), DemoError> {
