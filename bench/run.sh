@@ -35,7 +35,7 @@ crit() { # group/name -> "ns_per_frame frames_per_s frames"
     local ns frames
     ns=$(jq '.median.point_estimate' "$dir/estimates.json")
     frames=$(jq '.throughput.Elements' "$dir/benchmark.json")
-    awk -v ns="$ns" -v n="$frames" 'BEGIN { printf "%.0f %.0f %d", ns / n, n * 1e9 / ns, n }'
+    awk -v ns="$ns" -v n="$frames" 'BEGIN { printf "%.0f %.0f %d\n", ns / n, n * 1e9 / ns, n }'
 }
 lat() { # path field
     jq -r --arg p "$1" ".paths[] | select(.path == \$p) | .$2" "$OUT/latency.json"
