@@ -17,6 +17,7 @@ pub mod cloud;
 pub mod gateway;
 pub mod gbt27930;
 pub mod j1939;
+mod prng;
 pub mod service;
 #[cfg(feature = "sim")]
 pub mod sim;

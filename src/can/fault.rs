@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{BusError, BusEvent, CanBus, CanFrame};
+use crate::prng::SplitMix64;
 
 /// How often each fault happens, in parts per million of received frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,7 +92,7 @@ impl<B: CanBus> FaultyBus<B> {
         FaultyBus {
             inner,
             config,
-            rng: SplitMix64(config.seed),
+            rng: SplitMix64::new(config.seed),
             counters: FaultCounters::default(),
         }
     }
@@ -104,11 +105,11 @@ impl<B: CanBus> FaultyBus<B> {
     /// What to do with one received frame: `None` drops it.
     fn apply(&mut self, frame: CanFrame) -> Option<CanFrame> {
         let c = &self.counters.inner;
-        if self.rng.chance(self.config.loss_ppm) {
+        if chance(&mut self.rng, self.config.loss_ppm) {
             c.lost.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        if !frame.is_empty() && self.rng.chance(self.config.corruption_ppm) {
+        if !frame.is_empty() && chance(&mut self.rng, self.config.corruption_ppm) {
             let mut data = frame.data().to_vec();
             let bit = self.rng.below(data.len() as u64 * 8);
             // `bit / 8 < data.len()` by construction of `below`.
@@ -147,28 +148,9 @@ impl<B: CanBus> CanBus for FaultyBus<B> {
     }
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, seedable, and good enough
-/// to pick which frames fail; not for anything secret.
-#[derive(Clone, Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `0..n` (`n > 0`); the modulo bias is irrelevant here.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, ppm: u32) -> bool {
-        ppm > 0 && self.below(1_000_000) < u64::from(ppm)
-    }
+/// True with probability `ppm` per million.
+fn chance(rng: &mut SplitMix64, ppm: u32) -> bool {
+    ppm > 0 && rng.below(1_000_000) < u64::from(ppm)
 }
 
 #[cfg(test)]

@@ -68,6 +68,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument, debug, error, info, warn};
 
 use super::tls::{TlsError, TlsFiles, client_config};
+use crate::prng::SplitMix64;
 
 pub use rumqttc::v5::mqttbytes::QoS;
 pub use rumqttc::v5::mqttbytes::v5::PubAckReason;
@@ -329,7 +330,7 @@ impl Backoff {
             min,
             max,
             attempt: 0,
-            rng: SplitMix64(seed),
+            rng: SplitMix64::new(seed),
         }
     }
 
@@ -346,20 +347,6 @@ impl Backoff {
     /// After a successful connection: start again from `min`.
     pub fn reset(&mut self) {
         self.attempt = 0;
-    }
-}
-
-/// A tiny, seedable generator; the jitter needs spread, not secrecy.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
     }
 }
 
