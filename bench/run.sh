@@ -11,6 +11,9 @@
 # records both, with the command behind every figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for tool in jq strip; do
+    command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install jq binutils)" >&2; exit 1; }
+done
 SESSIONS=${BENCH_SESSIONS:-1000}
 OUT=target/bench
 mkdir -p "$OUT"
