@@ -276,3 +276,70 @@ async fn pile_silent_during_authentication_ends_by_the_crm_timeout_and_is_record
     assert!(bem > 0, "the BMS sent no BEM");
     assert_one_failed_voucher_record(&ledger, &rig);
 }
+
+/// SIGTERM while the gateway waits for the cloud: the credential task has
+/// spent nothing and must spend nothing afterwards, and the daemon must not
+/// leave it running (it would hold the store and take a voucher for a
+/// session that no longer exists once the cloud's timeout expires).
+/// Real clock: the "cloud" is a TCP listener that accepts and never answers,
+/// so the link stays connecting and the request waits for its timeout.
+#[tokio::test]
+async fn sigterm_while_the_cloud_is_asked_spends_no_voucher_and_stops_the_request() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let port = listener.local_addr().expect("address").port();
+    let silent_broker = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut rig = Rig::new(Some(port));
+    rig.config.cloud.request_timeout = Duration::from_secs(4);
+    rig.add_vouchers(2);
+    rig.start_daemon(no_faults());
+
+    let (mut b, mut p) = (rig.bms.node(), rig.pile.node());
+    let pile_opts = rig.pile_options();
+    let sims = tokio::spawn(async move {
+        let never = std::future::pending::<()>;
+        tokio::join!(
+            bmsgw::sim::bms::run(&mut b, bms_opts(), never()),
+            pile::run(&mut p, pile_opts, never()),
+        )
+    });
+    let asked = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some((_, n)) = rig.notices.recv().await {
+            if matches!(
+                n,
+                bmsgw::gateway::orchestrator::Notice::ChargeRequest { .. }
+            ) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(asked, Ok(true), "no charge request reached the gateway");
+    // Well inside the 4 s the request waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rig.stop_daemon().await.expect("a clean stop");
+
+    // Nothing of the daemon may still run: the store opens at once.
+    let ledger = rig.ledger();
+    assert_eq!(ledger.remaining, 2, "no voucher spent: {ledger:?}");
+    assert!(
+        Ledger::voucher_tickets(&ledger.records).is_empty(),
+        "{ledger:?}"
+    );
+    // And stays so after the cloud's timeout would have expired.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        rig.ledger().remaining,
+        2,
+        "a voucher was spent after the stop"
+    );
+    sims.abort();
+    silent_broker.abort();
+}

@@ -748,43 +748,53 @@ async fn obtain_credential(
         Some(client) => format!("cloud link is {}", link_state_name(client.link().state())),
         None => "cloud link disabled".to_string(),
     };
-    if shared.live_session.load(Ordering::SeqCst) != session {
-        // Nothing was sent yet: keep the voucher for a session that can
-        // use it.
-        info!(%why, "the session ended before a credential arrived; no voucher taken");
-        let _ = tx.send(LoopMsg::Credential {
-            session,
-            result: CredentialResult::Unavailable(format!("{why}; the session had ended")),
-        });
-        return;
-    }
-    let wallet = shared.wallet.clone();
-    let taken = tokio::task::spawn_blocking(move || {
-        wallet
-            .lock()
-            .map_err(|_| "wallet lock poisoned".to_string())
-            .and_then(|mut w| {
-                w.take_for(charger, unix_now())
-                    .map_err(|e| super::logging::chain(&e))
-            })
+    // The liveness check, the spend and the hand-over to the loop happen
+    // under the wallet's lock: the loop, when it stops, takes that lock
+    // after clearing `live_session`, so a voucher is either handed over
+    // before the loop's last look at its messages (and recorded), or never
+    // taken.
+    let shared_b = shared.clone();
+    let tx_b = tx.clone();
+    let why_b = why.clone();
+    let handed_over = tokio::task::spawn_blocking(move || {
+        let why = why_b;
+        let mut wallet = match shared_b.wallet.lock() {
+            Ok(w) => w,
+            Err(_) => return Err("wallet lock poisoned".to_string()),
+        };
+        if shared_b.live_session.load(Ordering::SeqCst) != session {
+            // Nothing was sent yet: keep the voucher for a session that
+            // can use it.
+            info!(%why, "the session ended before a credential arrived; no voucher taken");
+            let result = CredentialResult::Unavailable(format!("{why}; the session had ended"));
+            let _ = tx_b.send(LoopMsg::Credential { session, result });
+            return Ok(());
+        }
+        let result = match wallet.take_for(charger, unix_now()) {
+            Ok(Some(credential)) => CredentialResult::Voucher {
+                credential,
+                why: format!("voucher ({why})"),
+            },
+            Ok(None) => CredentialResult::Unavailable(format!(
+                "{why}, and no voucher for charger {charger}"
+            )),
+            Err(e) => {
+                let e = super::logging::chain(&e);
+                shared_b.error(format!("wallet: {e}"));
+                CredentialResult::Unavailable(format!("{why}, and the wallet failed: {e}"))
+            }
+        };
+        let _ = tx_b.send(LoopMsg::Credential { session, result });
+        Ok(())
     })
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
-    let result = match taken {
-        Ok(Some(credential)) => CredentialResult::Voucher {
-            credential,
-            why: format!("voucher ({why})"),
-        },
-        Ok(None) => {
-            CredentialResult::Unavailable(format!("{why}, and no voucher for charger {charger}"))
-        }
-        Err(e) => {
-            shared.error(format!("wallet: {e}"));
-            CredentialResult::Unavailable(format!("{why}, and the wallet failed: {e}"))
-        }
-    };
-    let _ = tx.send(LoopMsg::Credential { session, result });
+    if let Err(e) = handed_over {
+        shared.error(format!("wallet: {e}"));
+        let result = CredentialResult::Unavailable(format!("{why}, and the wallet failed: {e}"));
+        let _ = tx.send(LoopMsg::Credential { session, result });
+    }
 }
 
 async fn store_vouchers(shared: &Shared, vouchers: Vec<crate::auth::Credential>) -> usize {
@@ -899,7 +909,10 @@ async fn can_loop<B: CanBus>(
         .map(|every| tokio::time::interval(every.max(Duration::from_millis(100))));
     let mut shutdown = std::pin::pin!(shutdown);
     let mut stopping = false;
+    let mut settled = false;
     let mut rng = SystemRng;
+    // Credential tasks in flight; settled before the loop returns.
+    let mut credential_tasks = tokio::task::JoinSet::new();
 
     loop {
         // Move everything along until nothing moves.
@@ -982,7 +995,7 @@ async fn can_loop<B: CanBus>(
                             config.cloud.request_timeout,
                             tx.clone(),
                         );
-                        tokio::spawn(task.instrument(span.clone()));
+                        credential_tasks.spawn(task.instrument(span.clone()));
                     }
                     Action::Journal { draft } => {
                         // The loop goes on meanwhile; the commit comes
@@ -1034,6 +1047,14 @@ async fn can_loop<B: CanBus>(
             .live_session
             .store(orch.current().map_or(0, |v| v.session), Ordering::SeqCst);
         publish_snapshot(&shared, &orch, bridge.as_ref(), &counters);
+        while credential_tasks.try_join_next().is_some() {}
+        if stopping && !settled {
+            // One more turn of the loop records what settling hands over
+            // (a voucher spent for the session just interrupted).
+            settled = true;
+            settle_credentials(&shared, &mut credential_tasks, &mut rx, &mut orch).await;
+            continue;
+        }
         if stopping {
             return match shared.unhealthy_reason.lock().ok().and_then(|r| r.clone()) {
                 Some(why) if !shared.healthy.load(Ordering::SeqCst) => {
@@ -1144,6 +1165,33 @@ async fn can_loop<B: CanBus>(
                     ctx.systemd.ping();
                 }
             }
+        }
+    }
+}
+
+/// At shutdown, after `live_session` went to 0: wait until no credential
+/// task is inside the wallet (a task that spent a voucher has handed it
+/// over by then, see `obtain_credential`), stop the tasks still waiting
+/// for the cloud (they have spent nothing, and a later check would find
+/// the session gone), and give the orchestrator every credential handed
+/// over, so a voucher spent for the interrupted session gets its record.
+async fn settle_credentials(
+    shared: &Arc<Shared>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    rx: &mut mpsc::UnboundedReceiver<LoopMsg>,
+    orch: &mut Orchestrator,
+) {
+    let wallet = shared.wallet.clone();
+    let _ = tokio::task::spawn_blocking(move || drop(wallet.lock())).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    while let Ok(msg) = rx.try_recv() {
+        match msg {
+            LoopMsg::Credential { session, result } => {
+                orch.on_credential(session, result, unix_now());
+            }
+            LoopMsg::Journaled { record_id } => orch.on_journaled(&record_id),
+            LoopMsg::Pending { .. } => {}
         }
     }
 }
