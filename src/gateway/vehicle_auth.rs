@@ -194,7 +194,9 @@ impl AuthNode {
                         destination: dst,
                         data,
                     };
-                    if let Err(e) = self.tp.send(msg, now) {
+                    // A retransmission replaces a copy whose transfer
+                    // stalled (waiting for a lost CTS).
+                    if let Err(e) = self.tp.send_replacing(msg, now) {
                         // The handshake's own deadline ends the attempt.
                         warn!(error = %e, "cannot send an authentication message");
                     }

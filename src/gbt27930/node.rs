@@ -130,6 +130,18 @@ impl<R: Role> Node<R> {
         Ok(())
     }
 
+    /// [`Self::send_other`] with [`Transport::send_replacing`]: a copy sent
+    /// again replaces one whose transfer stalled.
+    pub fn send_other_replacing(
+        &mut self,
+        msg: J1939Message,
+        now: Timestamp,
+    ) -> Result<(), TpError> {
+        self.tp.send_replacing(msg, now)?;
+        self.process(now);
+        Ok(())
+    }
+
     pub fn local(&self) -> Address {
         self.local
     }

@@ -896,6 +896,7 @@ async fn can_loop<B: CanBus>(
     let auth_config = crate::auth::VehicleAuthConfig {
         challenge_timeout: config.session.auth_timeout,
         result_timeout: config.session.auth_timeout,
+        ..crate::auth::VehicleAuthConfig::default()
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<LoopMsg>();
     let mut counters = [BusCounters {

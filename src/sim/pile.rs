@@ -98,7 +98,8 @@ impl AuthHooks {
                 destination: dst,
                 data,
             };
-            if let Err(e) = node.send_other(msg, now) {
+            // An answer sent again replaces a copy whose transfer stalled.
+            if let Err(e) = node.send_other_replacing(msg, now) {
                 warn!(error = %e, "cannot send an authentication message");
             }
         }

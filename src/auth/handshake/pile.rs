@@ -90,16 +90,29 @@ struct AwaitConfirm {
     challenge: Zeroizing<[u8; CHALLENGE_LEN]>,
     ticket: AcceptedTicket,
     deadline: Timestamp,
+    /// The request as received and the challenge as sent: the same request
+    /// again is the vehicle retransmitting (§4.6), and gets the same answer.
+    answered: Answered,
+}
+
+/// A message received and the reply it got, kept so that a byte-identical
+/// retransmission gets the byte-identical reply: nothing is decided, spent
+/// or counted again, and an eavesdropper learns nothing it has not seen.
+struct Answered {
+    received: Vec<u8>,
+    reply: Vec<u8>,
 }
 
 enum State {
     /// Waiting for AuthRequest.
     Idle,
     AwaitConfirm(AwaitConfirm),
-    /// The vehicle is authenticated; later requests are ignored.
+    /// The vehicle is authenticated; later requests are ignored, except a
+    /// retransmitted AuthConfirm, which gets the AuthResult again.
     Accepted {
         channel: SecureChannel,
         ticket: AcceptedTicket,
+        answered: Answered,
     },
 }
 
@@ -171,6 +184,8 @@ pub struct PileAuth {
     state: State,
     /// AuthRequests counted this GB/T session.
     attempts: u8,
+    /// Retransmitted requests and confirms answered again this session.
+    retransmissions: u32,
     transmit: VecDeque<Vec<u8>>,
     events: VecDeque<PileAuthEvent>,
     last_error: Option<PileAuthError>,
@@ -201,6 +216,7 @@ impl PileAuth {
             rng,
             state: State::Idle,
             attempts: 0,
+            retransmissions: 0,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             last_error: None,
@@ -221,9 +237,28 @@ impl PileAuth {
     /// Feed one reassembled message from the vehicle. `unix_now` is the
     /// pile's wall clock for the ticket's validity window.
     pub fn handle_message(&mut self, data: &[u8], now: Timestamp, unix_now: u32) {
+        let answered = match &self.state {
+            State::AwaitConfirm(w) => Some(&w.answered),
+            State::Accepted { answered, .. } => Some(answered),
+            State::Idle => None,
+        };
+        if let Some(a) = answered.filter(|a| a.received == data) {
+            // The vehicle did not get our answer (a frame lost on the way):
+            // the same bytes again, no new decision.
+            self.transmit.push_back(a.reply.clone());
+            self.retransmissions = self.retransmissions.saturating_add(1);
+            return;
+        }
         let parsed = AuthMessage::parse(data);
         match (std::mem::replace(&mut self.state, State::Idle), parsed) {
-            (State::Accepted { channel, ticket }, parsed) => {
+            (
+                State::Accepted {
+                    channel,
+                    ticket,
+                    answered,
+                },
+                parsed,
+            ) => {
                 // Nothing may disturb an authenticated session.
                 self.record(match parsed {
                     Ok(msg) => PileAuthError::Unexpected {
@@ -235,26 +270,36 @@ impl PileAuth {
                         source,
                     },
                 });
-                self.state = State::Accepted { channel, ticket };
+                self.state = State::Accepted {
+                    channel,
+                    ticket,
+                    answered,
+                };
             }
             (State::AwaitConfirm(mut waiting), Ok(AuthMessage::Confirm { transport })) => {
                 if waiting.confirms(&transport) {
-                    self.transmit
-                        .push_back(waiting.result(ResultCode::Accepted));
+                    let reply = waiting.result(ResultCode::Accepted);
+                    self.transmit.push_back(reply.clone());
                     self.events
                         .push_back(PileAuthEvent::Accepted(waiting.ticket.clone()));
                     self.state = State::Accepted {
                         channel: waiting.channel,
                         ticket: waiting.ticket,
+                        answered: Answered {
+                            received: data.to_vec(),
+                            reply,
+                        },
                     };
                 } else {
                     self.reject_sealed(waiting, ResultCode::ConfirmFailed);
                 }
             }
             (State::AwaitConfirm(_), Ok(AuthMessage::Request { ticket, noise })) => {
+                // A different request: not a retransmission (those were
+                // answered above).
                 // The vehicle gave up on the last attempt and started anew.
                 self.record(PileAuthError::Abandoned);
-                self.on_request(&ticket, &noise, now, unix_now);
+                self.on_request(data, &ticket, &noise, now, unix_now);
             }
             (State::AwaitConfirm(waiting), Err(source)) => {
                 // Garbage where AuthConfirm belongs ends the attempt, so the
@@ -262,7 +307,7 @@ impl PileAuth {
                 self.reject_sealed(waiting, source.code());
             }
             (State::Idle, Ok(AuthMessage::Request { ticket, noise })) => {
-                self.on_request(&ticket, &noise, now, unix_now);
+                self.on_request(data, &ticket, &noise, now, unix_now);
             }
             (State::Idle, Err(source)) => {
                 // Refused with a code (§4.4); it counts as an attempt.
@@ -317,6 +362,7 @@ impl PileAuth {
     pub fn reset(&mut self) {
         self.state = State::Idle;
         self.attempts = 0;
+        self.retransmissions = 0;
         self.transmit.clear();
         self.last_error = None;
     }
@@ -338,6 +384,11 @@ impl PileAuth {
     }
 
     /// AuthRequests counted this session.
+    /// Retransmissions from the vehicle answered again (not attempts).
+    pub fn retransmissions(&self) -> u32 {
+        self.retransmissions
+    }
+
     pub fn attempts(&self) -> u8 {
         self.attempts
     }
@@ -364,6 +415,7 @@ impl PileAuth {
     /// §4.2 steps 1–7, then Noise message 1 and the challenge.
     fn on_request(
         &mut self,
+        received: &[u8],
         ticket_bytes: &[u8; TICKET_LEN],
         noise: &[u8; NOISE_MSG1_LEN],
         now: Timestamp,
@@ -411,8 +463,8 @@ impl PileAuth {
         let transport = handshake
             .into_transport_mode()
             .expect("the handshake is complete after message 2");
-        self.transmit
-            .push_back(AuthMessage::Challenge { noise: msg2 }.encode());
+        let reply = AuthMessage::Challenge { noise: msg2 }.encode();
+        self.transmit.push_back(reply.clone());
         let body = opened.body;
         self.state = State::AwaitConfirm(AwaitConfirm {
             channel: SecureChannel(transport),
@@ -426,6 +478,10 @@ impl PileAuth {
                 key_offset: opened.key_offset,
             },
             deadline: now + self.config.confirm_timeout,
+            answered: Answered {
+                received: received.to_vec(),
+                reply,
+            },
         });
     }
 

@@ -159,7 +159,8 @@ fn vehicle_and_pile_authenticate_and_share_a_channel() {
     let mut p = pile();
     let mut v = vehicle(credential(), 0);
     v.start(T0);
-    assert_eq!(v.poll_timeout(), Some(T0 + Duration::from_secs(1)));
+    // The first retransmission is due before the deadline.
+    assert_eq!(v.poll_timeout(), Some(T0 + Duration::from_millis(300)));
     let run = pump(&mut v, &mut p, T0, NOW);
     assert_eq!(run.vehicle_events, vec![VehicleAuthEvent::Accepted]);
     let expected = AcceptedTicket {
@@ -401,9 +402,20 @@ fn unauthenticated_accept_is_a_fake_pile_in_either_wait() {
     ));
 }
 
+fn vehicle_without_retransmission(credential: Credential) -> VehicleAuth {
+    VehicleAuth::new(
+        credential,
+        VehicleAuthConfig {
+            retransmit_after: Duration::ZERO,
+            ..VehicleAuthConfig::default()
+        },
+        Box::new(StreamRng::new(1000)),
+    )
+}
+
 #[test]
 fn silent_pile_times_out_the_vehicle_at_each_deadline() {
-    let mut v = vehicle(credential(), 0);
+    let mut v = vehicle_without_retransmission(credential());
     v.start(T0);
     let deadline = T0 + Duration::from_secs(1);
     assert_eq!(v.poll_timeout(), Some(deadline));
@@ -419,7 +431,7 @@ fn silent_pile_times_out_the_vehicle_at_each_deadline() {
     assert_eq!(v.poll_timeout(), None);
 
     // The pile answers the request and then falls silent.
-    let mut v = vehicle(credential(), 0);
+    let mut v = vehicle_without_retransmission(credential());
     let mut p = pile();
     v.start(T0);
     p.handle_message(&v.poll_transmit().expect("request"), T0, NOW);
@@ -1094,4 +1106,123 @@ proptest! {
         prop_assert!(!accepted_by_pile);
         prop_assert_ne!(v.poll_event(), Some(VehicleAuthEvent::Accepted));
     }
+}
+
+/// Drain the vehicle's queue: what it would put on the bus now.
+fn sent(v: &mut VehicleAuth) -> Vec<Vec<u8>> {
+    std::iter::from_fn(|| v.poll_transmit()).collect()
+}
+
+#[test]
+fn a_silent_pile_gets_the_same_bytes_again_until_the_deadline() {
+    let mut v = vehicle(credential(), 0);
+    v.start(T0);
+    let request = sent(&mut v);
+    assert_eq!(request.len(), 1);
+    let mut copies = 0;
+    let deadline = T0 + Duration::from_secs(1);
+    while let Some(at) = v.poll_timeout() {
+        v.handle_timeout(at);
+        let again = sent(&mut v);
+        if at < deadline {
+            assert_eq!(again, request, "at {at:?}: the same request, byte for byte");
+            copies += 1;
+        } else {
+            assert!(again.is_empty());
+        }
+    }
+    // At 300, 600 and 900 ms; then the deadline ends the attempt.
+    assert_eq!(copies, 3);
+    assert_eq!(v.retransmissions(), 3);
+    assert_eq!(
+        v.poll_event(),
+        Some(VehicleAuthEvent::Timeout {
+            waiting_for: "AuthChallenge"
+        })
+    );
+}
+
+#[test]
+fn a_lost_challenge_or_result_is_recovered_by_retransmission() {
+    let store = MemoryReplayStore::default();
+    let mut p = pile_on(pile_keys(), PileAuthConfig::default(), &store, 0);
+    let mut v = vehicle(credential(), 0);
+    v.start(T0);
+    let request = sent(&mut v).remove(0);
+
+    // The pile answers; the challenge is lost on the way.
+    p.handle_message(&request, T0, NOW);
+    let challenge = p.poll_transmit().expect("challenge");
+    // The vehicle sends its request again; the pile answers with the same
+    // challenge, spends nothing more and counts no new attempt.
+    let t1 = T0 + Duration::from_millis(300);
+    v.handle_timeout(t1);
+    let again = sent(&mut v).remove(0);
+    assert_eq!(again, request);
+    p.handle_message(&again, t1, NOW);
+    assert_eq!(p.poll_transmit(), Some(challenge.clone()));
+    assert_eq!((p.attempts(), p.retransmissions()), (1, 1));
+    assert_eq!(p.poll_event(), None);
+    assert!(p.last_error().is_none(), "{:?}", p.last_error());
+
+    // The confirm gets through; the result is lost on the way.
+    v.handle_message(&challenge, t1);
+    let confirm = sent(&mut v).remove(0);
+    p.handle_message(&confirm, t1, NOW);
+    let result = p.poll_transmit().expect("result");
+    assert!(matches!(p.poll_event(), Some(PileAuthEvent::Accepted(_))));
+    let t2 = t1 + Duration::from_millis(300);
+    v.handle_timeout(t2);
+    let again = sent(&mut v).remove(0);
+    assert_eq!(again, confirm);
+    p.handle_message(&again, t2, NOW);
+    // The same sealed result, not a second Accepted.
+    assert_eq!(p.poll_transmit(), Some(result.clone()));
+    assert_eq!(p.poll_event(), None);
+    v.handle_message(&result, t2);
+    assert_eq!(v.poll_event(), Some(VehicleAuthEvent::Accepted));
+    // The ticket went into the replay cache once.
+    assert_eq!(p.replay_cache().len(), 1);
+}
+
+#[test]
+fn a_replayed_request_after_acceptance_or_a_different_one_is_not_a_retransmission() {
+    let mut p = pile();
+    let mut v = vehicle(credential(), 0);
+    v.start(T0);
+    let request = sent(&mut v).remove(0);
+    let run = {
+        p.handle_message(&request, T0, NOW);
+        let challenge = p.poll_transmit().expect("challenge");
+        v.handle_message(&challenge, T0);
+        let confirm = sent(&mut v).remove(0);
+        p.handle_message(&confirm, T0, NOW);
+        p.poll_transmit().expect("result")
+    };
+    v.handle_message(&run, T0);
+    assert_eq!(v.poll_event(), Some(VehicleAuthEvent::Accepted));
+    assert!(matches!(p.poll_event(), Some(PileAuthEvent::Accepted(_))));
+    // Once accepted, the old request is not answered at all.
+    p.handle_message(&request, T0, NOW);
+    assert_eq!(p.poll_transmit(), None);
+    assert_eq!(p.retransmissions(), 0);
+
+    // A request that differs in one byte from the one being answered is a
+    // new attempt: the same ticket is then refused as replayed.
+    let mut p = pile();
+    let mut v = vehicle(credential(), 0);
+    v.start(T0);
+    let request = sent(&mut v).remove(0);
+    p.handle_message(&request, T0, NOW);
+    let _challenge = p.poll_transmit().expect("challenge");
+    let mut other = request.clone();
+    let last = other.len() - 1;
+    other[last] ^= 1;
+    p.handle_message(&other, T0, NOW);
+    assert_eq!(p.retransmissions(), 0);
+    assert_eq!(p.attempts(), 2);
+    assert_eq!(
+        p.poll_transmit(),
+        Some(vec![0x04, ResultCode::Replayed.as_u8()])
+    );
 }

@@ -24,6 +24,9 @@ pub struct VehicleAuthConfig {
     pub challenge_timeout: Duration,
     /// From sending AuthConfirm to receiving AuthResult.
     pub result_timeout: Duration,
+    /// With no answer this long after AuthRequest or AuthConfirm, send the
+    /// same bytes again, until the deadline (§4.6). Zero: never.
+    pub retransmit_after: Duration,
 }
 
 impl Default for VehicleAuthConfig {
@@ -31,7 +34,21 @@ impl Default for VehicleAuthConfig {
         VehicleAuthConfig {
             challenge_timeout: Duration::from_secs(1),
             result_timeout: Duration::from_secs(1),
+            retransmit_after: Duration::from_millis(300),
         }
+    }
+}
+
+/// The message last sent and when to send it again if nothing answers.
+struct Resend {
+    message: Vec<u8>,
+    at: Option<Timestamp>,
+}
+
+impl Resend {
+    fn new(message: Vec<u8>, now: Timestamp, config: &VehicleAuthConfig) -> Resend {
+        let at = (!config.retransmit_after.is_zero()).then(|| now + config.retransmit_after);
+        Resend { message, at }
     }
 }
 
@@ -78,12 +95,14 @@ pub enum VehicleAuthError {
 struct AwaitChallenge {
     handshake: Box<HandshakeState>,
     deadline: Timestamp,
+    resend: Resend,
 }
 
 /// AuthConfirm sent; waiting for AuthResult.
 struct AwaitResult {
     channel: SecureChannel,
     deadline: Timestamp,
+    resend: Resend,
 }
 
 enum State {
@@ -149,10 +168,12 @@ impl AwaitChallenge {
                     .0
                     .write_message(&payload[..], &mut transport)
                     .expect("the first transport message fits its buffer");
-                out.transmit = Some(AuthMessage::Confirm { transport }.encode());
+                let confirm = AuthMessage::Confirm { transport }.encode();
+                out.transmit = Some(confirm.clone());
                 State::AwaitResult(AwaitResult {
                     channel,
                     deadline: now + config.result_timeout,
+                    resend: Resend::new(confirm, now, config),
                 })
             }
             AuthMessage::Result { code, .. } => {
@@ -240,6 +261,7 @@ pub struct VehicleAuth {
     transmit: VecDeque<Vec<u8>>,
     events: VecDeque<VehicleAuthEvent>,
     last_error: Option<VehicleAuthError>,
+    retransmissions: u32,
 }
 
 impl std::fmt::Debug for VehicleAuth {
@@ -261,6 +283,7 @@ impl VehicleAuth {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             last_error: None,
+            retransmissions: 0,
         }
     }
 
@@ -286,16 +309,16 @@ impl VehicleAuth {
             .write_message(&[], &mut noise)
             .expect("a fresh initiator writes Noise message 1");
         scrub_psk(&mut handshake);
-        self.transmit.push_back(
-            AuthMessage::Request {
-                ticket: self.credential.ticket,
-                noise,
-            }
-            .encode(),
-        );
+        let request = AuthMessage::Request {
+            ticket: self.credential.ticket,
+            noise,
+        }
+        .encode();
+        self.transmit.push_back(request.clone());
         self.state = State::AwaitChallenge(AwaitChallenge {
             handshake,
             deadline: now + self.config.challenge_timeout,
+            resend: Resend::new(request, now, &self.config),
         });
     }
 
@@ -328,11 +351,21 @@ impl VehicleAuth {
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        let waiting_for = match &self.state {
-            State::AwaitChallenge(s) if now >= s.deadline => "AuthChallenge",
-            State::AwaitResult(s) if now >= s.deadline => "AuthResult",
+        let (deadline, resend, waiting_for) = match &mut self.state {
+            State::AwaitChallenge(s) => (s.deadline, &mut s.resend, "AuthChallenge"),
+            State::AwaitResult(s) => (s.deadline, &mut s.resend, "AuthResult"),
             _ => return,
         };
+        if now < deadline {
+            if resend.at.is_some_and(|at| now >= at) {
+                // Same bytes: the pile answers a byte-identical message
+                // again without deciding anything anew.
+                self.transmit.push_back(resend.message.clone());
+                resend.at = Some(now + self.config.retransmit_after);
+                self.retransmissions = self.retransmissions.saturating_add(1);
+            }
+            return;
+        }
         self.state = State::Failed;
         self.events
             .push_back(VehicleAuthEvent::Timeout { waiting_for });
@@ -349,11 +382,17 @@ impl VehicleAuth {
 
     /// When [`Self::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        match &self.state {
-            State::AwaitChallenge(s) => Some(s.deadline),
-            State::AwaitResult(s) => Some(s.deadline),
-            _ => None,
-        }
+        let (deadline, resend) = match &self.state {
+            State::AwaitChallenge(s) => (s.deadline, &s.resend),
+            State::AwaitResult(s) => (s.deadline, &s.resend),
+            _ => return None,
+        };
+        Some(resend.at.map_or(deadline, |at| at.min(deadline)))
+    }
+
+    /// Messages sent again because nothing answered in time.
+    pub fn retransmissions(&self) -> u32 {
+        self.retransmissions
     }
 
     /// The session's secure channel, once accepted.

@@ -467,6 +467,23 @@ impl Transport {
 
     /// Feeds one received frame. Standard ids, frames for other nodes and
     /// frames from our own address (echoes) are ignored.
+    /// [`Transport::send`], first abandoning a transfer of the same PGN to
+    /// the same destination that is still running, without an Abort: by
+    /// J1939-21 the receiver acts on the latest RTS for a PGN and abandons
+    /// the earlier transfer. For a message sent again because the first
+    /// copy stalled (a lost CTS leaves it waiting T3, longer than the
+    /// caller can wait).
+    pub fn send_replacing(&mut self, msg: J1939Message, now: Timestamp) -> Result<(), TpError> {
+        let (destination, pgn) = (msg.destination, msg.pgn);
+        let before = self.tx.len();
+        self.tx
+            .retain(|s| !(s.destination == destination && s.pgn == pgn));
+        if self.tx.len() != before {
+            debug!(%destination, %pgn, "transfer abandoned for a new copy");
+        }
+        self.send(msg, now)
+    }
+
     pub fn handle_frame(&mut self, frame: &CanFrame, now: Timestamp) {
         let Ok(id) = J1939Id::from_can_id(frame.id()) else {
             return;

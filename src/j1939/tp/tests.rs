@@ -1458,3 +1458,60 @@ fn a_lost_packet_is_recovered_by_retransmission() {
         .any(|(_, f)| as_cm(f).1 == cts(1, 2, 0x0200));
     assert!(retransmit_request);
 }
+
+/// Move frames between two transports until neither sends anything.
+fn exchange(a: &mut Transport, b: &mut Transport, now: Timestamp) {
+    loop {
+        let (from_a, from_b) = (drain(a), drain(b));
+        if from_a.is_empty() && from_b.is_empty() {
+            return;
+        }
+        from_a.iter().for_each(|f| b.handle_frame(f, now));
+        from_b.iter().for_each(|f| a.handle_frame(f, now));
+    }
+}
+
+#[test]
+fn send_replacing_restarts_a_stalled_transfer_and_the_receiver_follows() {
+    let data = payload(40);
+    let mut a = Transport::new(TpConfig::j1939(), BMS);
+    let mut b = Transport::new(TpConfig::j1939(), PILE);
+    a.send(message(0xB600, BMS, PILE, data.clone()), ms(0))
+        .unwrap();
+    // The first RTS reaches the receiver; its CTS is lost.
+    for f in drain(&mut a) {
+        b.handle_frame(&f, ms(0));
+    }
+    assert_eq!(drain(&mut b).len(), 1, "the CTS");
+    // A plain send is refused while the first transfer waits for T3 ...
+    assert!(matches!(
+        a.send(message(0xB600, BMS, PILE, data.clone()), ms(300)),
+        Err(TpError::Busy { .. })
+    ));
+    // ... send_replacing abandons it (no Abort on the wire) and starts anew.
+    a.send_replacing(message(0xB600, BMS, PILE, data.clone()), ms(300))
+        .unwrap();
+    let frames = drain(&mut a);
+    assert_eq!(frames.len(), 1);
+    assert!(
+        matches!(as_cm(&frames[0]).1, Cm::Rts { .. }),
+        "a new RTS, no Abort"
+    );
+    for f in &frames {
+        b.handle_frame(f, ms(300));
+    }
+    exchange(&mut a, &mut b, ms(300));
+    let received: Vec<_> = events(&mut b)
+        .into_iter()
+        .filter_map(|e| match e {
+            TpEvent::Received(m) => Some(m.data),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(received, vec![data], "delivered once, whole");
+    assert!(events(&mut a).contains(&TpEvent::Sent {
+        pgn: pgn(0xB600),
+        destination: PILE
+    }));
+    assert_eq!((a.session_count(), b.session_count()), (0, 0));
+}
