@@ -47,7 +47,8 @@ pub enum StoreError {
     Permissions { path: PathBuf, mode: u32 },
     #[error(
         "store {p} is not a bmsgw store ({what}); bmsgw does not start on it. \
-         To recover, see \"Store recovery\" in docs/operations.md",
+         To recover, see \"Store recovery\" in docs/operations.md \
+         (/usr/share/doc/bmsgw/operations.md from the .deb)",
         p = .path.display()
     )]
     NotAStore { path: PathBuf, what: &'static str },
@@ -55,7 +56,8 @@ pub enum StoreError {
     InUse { path: PathBuf },
     #[error(
         "store {p} cannot be opened (damaged?); bmsgw does not start on it. \
-         To recover, see \"Store recovery\" in docs/operations.md",
+         To recover, see \"Store recovery\" in docs/operations.md \
+         (/usr/share/doc/bmsgw/operations.md from the .deb)",
         p = .path.display()
     )]
     Open {
