@@ -423,10 +423,12 @@ impl<'o, W: Write + Send> World<'o, W> {
                 recorded,
             } => format!(
                 "session ended: {result}{}{}",
-                energy_wh.map_or(String::new(), |e| format!(
-                    ", {:.1} kWh",
-                    f64::from(e) / 1000.0
-                )),
+                energy_wh.map_or(String::new(), |e| if e == 0 {
+                    // The demo charges for 2 s; CSD counts in 0.1 kWh steps.
+                    ", energy under CSD's 0.1 kWh step".to_string()
+                } else {
+                    format!(", {:.1} kWh", f64::from(e) / 1000.0)
+                }),
                 if *recorded {
                     "; record queued for the cloud"
                 } else {
