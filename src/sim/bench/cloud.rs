@@ -39,6 +39,21 @@
 //! Each instance count is measured `repeats` times, the counts interleaved
 //! (1, 2, 1, 2, …) so that a change in background load hits both; the
 //! figure is the median run, and the best is reported beside it.
+//!
+//! What the generator must respect in the service: a request's time may
+//! be at most `max_request_age_s` (30 s in the dev `cloud.toml`) from the
+//! cloud's when it is handled, so sealing ahead bounds a run to well under
+//! that (a stale request is denied, which fails the run); a repeated
+//! request id gets the cached answer, so every request is sealed fresh.
+//! The service has no per-vehicle rate limit to stay under.
+//!
+//! Why 2 instances are not 2 times 1 on a small machine: an instance is one
+//! serial loop on a current-thread runtime (HPKE open, ticket, HPKE seal,
+//! TLS), so it can use one core at most, while mosquitto and the generator
+//! need CPU for every grant too. From the CPU per grant of the one-instance
+//! runs the bench prints the ceiling for each count (see [`CpuPerGrant`]):
+//! on 2 cores, with an instance at ~240 µs a grant and mosquitto plus the
+//! generator at ~80 µs, 2 instances can reach at most ~1.5 times 1.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -143,8 +158,9 @@ pub enum CloudBenchError {
     #[error("vehicle {vehicle}: link: {source}")]
     Link {
         vehicle: String,
+        // Boxed: a LinkError is large, and every Result here carries it.
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("{failed} of {requests} requests got no valid grant; the first: {first}")]
     Replies {
@@ -809,7 +825,7 @@ async fn connect_vehicles(
         ];
         let link = Link::start(config).map_err(|source| CloudBenchError::Link {
             vehicle: id.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         links.push(link);
     }
