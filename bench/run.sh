@@ -168,12 +168,16 @@ fuzzing run or other builds may hold cores: the machine's busy and niced
 CPU time during each run is in the raw lines below). Each run also
 records the CPU time of each process in its window. From the runs with
 one instance, the CPU one grant costs (instances / mosquitto / generator,
-in µs: $(cloud '.cpu_per_grant | "\(.instances_us | floor) / \(.mosquitto_us | floor) / \(.generator_us | floor)"')) gives the
+in µs: $(cloud '.cpu_per_grant | "\(.instances_us | round) / \(.mosquitto_us | round) / \(.generator_us | round)"')) gives the
 ceiling in the table: an instance is one serial loop, so at most one
 core, and on $NPROC cores 2 instances must share them with mosquitto and
 the generator. Where that ceiling is below 1.8 x, the target cannot be met
 on this machine whatever the instances do; it needs the broker and the
-load generator off the instances' cores.
+load generator off the instances' cores (with these costs, 3 cores).
+Where the measured ratio is below the ceiling too, the runs did not have
+the cores to themselves: each raw line gives the CPU seconds of mosquitto,
+the instances and the generator beside the machine's busy and niced time
+in the same window; the difference is what other processes took.
 
 ## Raw output
 
