@@ -30,12 +30,14 @@ echo "== bmsgw bench latency --sessions $SESSIONS"
 CLOUD_REQUESTS=${BENCH_CLOUD_REQUESTS:-3000}
 CLOUD_REPEATS=${BENCH_CLOUD_REPEATS:-5}
 # The cloud figure is about how instances share the cores, so background
-# jobs (a fuzzing run, other builds) must not take them: as root the bench
-# and everything it starts run at real-time priority, as on a dedicated
-# machine (BENCH_CLOUD_CHRT= turns it off). The kernel still keeps 5% of
+# jobs (a fuzzing run, other builds) must not take them: where allowed the
+# bench and everything it starts run at real-time priority, as on a
+# dedicated machine (BENCH_CLOUD_CHRT= turns it off). The kernel still keeps 5% of
 # each core for other tasks.
 CLOUD_PRIO=${BENCH_CLOUD_CHRT-chrt -f 10}
-if [ -n "$CLOUD_PRIO" ] && { [ "$(id -u)" != 0 ] || ! command -v chrt >/dev/null; }; then
+# Only where it is allowed (root with CAP_SYS_NICE; not in every container).
+if [ -n "$CLOUD_PRIO" ] && ! $CLOUD_PRIO true 2>/dev/null; then
+    echo "bench/run.sh: cannot run at real-time priority ($CLOUD_PRIO); the cloud figure shares the cores" >&2
     CLOUD_PRIO=""
 fi
 CLOUD_CMD="${CLOUD_PRIO:+$CLOUD_PRIO }./target/release/bmsgw bench cloud --instances 1,2 --requests $CLOUD_REQUESTS --repeats $CLOUD_REPEATS"

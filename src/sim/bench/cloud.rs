@@ -34,7 +34,9 @@
 //! window the bench records the CPU time that mosquitto, each instance and
 //! the generator used in it (`/proc/PID/stat`), and the machine's busy and
 //! niced time (`/proc/stat`): when 2 instances do not reach 1.8 times the
-//! grants of 1, these say who held the cores.
+//! grants of 1, these say who held the cores. The kernel counts CPU time
+//! in 10 ms ticks, so runs shorter than about half a second (a few
+//! thousand requests) make these figures, and the ceilings, coarse.
 //!
 //! Each instance count is measured `repeats` times, the counts interleaved
 //! (1, 2, 1, 2, …) so that a change in background load hits both; the
