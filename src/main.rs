@@ -136,6 +136,32 @@ enum BenchCommand {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Grants per second of the reference cloud with 1 and with 2
+    /// `sim cloud` instances on a shared subscription, through a real
+    /// mosquitto (found on PATH or in /usr/sbin). Use a release build.
+    Cloud {
+        /// Instance counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        instances: Vec<usize>,
+        /// Identity requests per run.
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        /// Vehicles sending them (one TLS connection each).
+        #[arg(long, default_value_t = 8)]
+        vehicles: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Runs per instance count (the figure is the median run).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Vouchers each request asks for (0: a plain online grant).
+        #[arg(long, default_value_t = 0)]
+        vouchers: u16,
+        /// Also write the figures as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
 }
 
 #[cfg(feature = "sim")]
@@ -626,10 +652,16 @@ async fn sim(role: SimRole) -> Result<(), String> {
             if let Some(id) = client_id {
                 config.broker.client_id = id;
             }
-            run(&config, CloudMonitor::default(), terminate())
+            let s = run(&config, CloudMonitor::default(), terminate())
                 .await
-                .map(|_| ())
-                .map_err(|e| format!("sim cloud: {}", chain(&e)))
+                .map_err(|e| format!("sim cloud: {}", chain(&e)))?;
+            // What this instance did, for `bmsgw bench cloud` (each
+            // instance's share of the grants) and for whoever stopped it.
+            println!(
+                "sim cloud: stopped: granted={} pending={} denied={} pushes={} records={} rejected={} publish_failures={}",
+                s.granted, s.pending, s.denied, s.pushes, s.records, s.rejected, s.publish_failures
+            );
+            Ok(())
         }
         SimRole::CloudIssue {
             config,
@@ -849,6 +881,40 @@ async fn bench(what: BenchCommand) -> Result<(), String> {
             let failed: usize = report.paths.iter().map(|p| p.failed).sum();
             if failed > 0 {
                 return Err(format!("bench latency: {failed} session(s) failed"));
+            }
+            Ok(())
+        }
+        BenchCommand::Cloud {
+            instances,
+            requests,
+            vehicles,
+            in_flight,
+            repeats,
+            vouchers,
+            json,
+        } => {
+            let instance_binary = std::env::current_exe()
+                .map_err(|e| format!("bench cloud: cannot find this binary: {e}"))?;
+            let opts = bmsgw::sim::bench::cloud::CloudOptions {
+                instances,
+                requests,
+                vehicles,
+                in_flight,
+                repeats,
+                want_vouchers: vouchers,
+                instance_binary,
+            };
+            let mut out = std::io::stdout();
+            let measure = bmsgw::sim::bench::cloud::run(&opts, &mut out);
+            let report = tokio::select! {
+                r = measure => r.map_err(|e| format!("bench cloud: {}", chain(&e)))?,
+                () = ctrl_c() => return Err("bench cloud: stopped by a signal".into()),
+            };
+            if let Some(file) = json {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| format!("bench cloud: JSON: {e}"))?;
+                std::fs::write(&file, text + "\n")
+                    .map_err(|e| format!("bench cloud: writing {}: {e}", file.display()))?;
             }
             Ok(())
         }

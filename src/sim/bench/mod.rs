@@ -10,6 +10,7 @@
 //! The per-frame cost of the bridge is a criterion bench
 //! (`benches/bridge.rs`); `bench/run.sh` runs everything and writes the doc.
 
+pub mod cloud;
 pub mod critical_path;
 pub mod latency;
 
