@@ -5,6 +5,8 @@
 //! the caller. Without mosquitto each test prints a SKIPPED notice and
 //! returns.
 
+#![cfg(feature = "sim")]
+
 mod link_support;
 mod support;
 
