@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bmsgw::service::logging::chain;
+// Ctrl-C or SIGTERM, whichever comes first (services stop on either).
+use bmsgw::service::signals::terminate;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -773,20 +775,6 @@ async fn ctrl_c() {
     // If the handler cannot be installed, run without one.
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
-    }
-}
-
-/// Ctrl-C or SIGTERM, whichever comes first (services stop on either).
-async fn terminate() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                () = ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => ctrl_c().await,
     }
 }
 
