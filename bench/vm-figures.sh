@@ -52,8 +52,11 @@ ecu_rows() {
         idle=$(get ecu_rss_idle_kib); sess=$(get ecu_rss_session_max_kib)
         hwm=$(get ecu_hwm_after_session_kib)
         worst=$(printf '%s\n' "$idle" "$sess" "$hwm" | sort -g | tail -n 1)
-        printf '| ECU build, start to READY, median / max (%s runs, VM lane, TCG) | <= 50 ms | %s / %s ms (first run, cold cache: %s ms) | median %s, max %s | %s, bench-ecu |\n' \
-            "$n" "$med" "$max" "$first" "$(div "$med" 50)" "$(div "$max" 50)" "$cmd"
+        local slow est=""
+        slow=$(get tcg_slowdown)
+        [ -z "$slow" ] || est=$(awk -v m="$med" -v s="$slow" 'BEGIN { printf "; estimate at host speed: %.0f ms (median / the emulation slowdown %sx of a CPU-bound reference)", m / s, s }')
+        printf '| ECU build, start to READY, median / max (%s runs, VM lane, TCG) | <= 50 ms | %s / %s ms under TCG (first run, cold cache: %s ms)%s | median %s, max %s (under TCG) | %s, bench-ecu |\n' \
+            "$n" "$med" "$max" "$first" "$est" "$(div "$med" 50)" "$(div "$max" 50)" "$cmd"
         printf '| ECU build, RSS idle (cloud connected) / during a session (max VmRSS) / VmHWM after it | <= 8 MiB | %s / %s / %s MiB | %s | %s, bench-ecu |\n' \
             "$(mib "$idle")" "$(mib "$sess")" "$(mib "$hwm")" "$(div "$worst" 8192)" "$cmd"
     else
@@ -87,7 +90,11 @@ host load average before the VM booted $(get host_load_before_vm). Under TCG
 the guest runs many times slower than the hardware, so its absolute times
 (READY, frames/s) are upper bounds for the same code on real hardware, and
 only the ratio between two things measured in the same guest run compares.
-Memory does not depend on the emulation.
+Memory does not depend on the emulation. The emulation's slowdown, from a
+pure-Python loop timed on the host before the VM booted ($(get ref_ms_host) ms)
+and in the guest ($(get ref_ms_guest) ms): $(get tcg_slowdown)x. Dividing a guest
+time by it gives a rough estimate for the host's CPU, not a measurement:
+system calls, page faults and I/O slow down differently from a loop.
 
 - **Start to READY**: the ECU build (\`--no-default-features\`,
   $(get ecu_binary_bytes) bytes) runs \`bmsgw run\` with the lane's config

@@ -87,6 +87,15 @@ step_bench_start() {
     bench_out guest_kernel "$(uname -r)"
     bench_out guest_load "$(cut -d' ' -f1-3 /proc/loadavg)"
     bench_out ecu_binary_bytes "$(stat -c %s "$BMSGW_ECU_BIN")"
+    # The emulation's slowdown on a CPU-bound reference (run.sh timed the
+    # same code on the host just before the VM booted).
+    if [ -n "${BMSGW_BENCH_REF_PY:-}" ] && [ -n "${BMSGW_HOST_REF_MS:-}" ]; then
+        local ref
+        ref=$(python3 -c "$BMSGW_BENCH_REF_PY") || ref=
+        bench_out ref_ms_host "$BMSGW_HOST_REF_MS"
+        bench_out ref_ms_guest "$ref"
+        [ -z "$ref" ] || bench_out tcg_slowdown "$(awk -v g="$ref" -v h="$BMSGW_HOST_REF_MS" 'BEGIN { printf "%.1f", g / h }')"
+    fi
     touch "$D/bench-started"
 }
 
