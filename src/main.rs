@@ -771,6 +771,8 @@ async fn sim_flood(can: &str, seconds: u64, seed: u64, bitrate: u32) -> Result<(
     Ok(())
 }
 
+// Only the simulators, the demo and the benches stop on Ctrl-C alone.
+#[cfg(feature = "sim")]
 async fn ctrl_c() {
     // If the handler cannot be installed, run without one.
     if tokio::signal::ctrl_c().await.is_err() {
