@@ -4,7 +4,9 @@
 # authorization latency online and offline against the bus-time lower bound
 # (`bmsgw bench latency`), the ECU build's stripped size, and the cloud's
 # grants per second with 1 and 2 instances (`bmsgw bench cloud`, needs
-# mosquitto).
+# mosquitto). The VM lane's figures (ECU RSS and start to READY, bridge vs
+# can-gw) come from the last lane run's target/vcan-lane/bench.txt,
+# through bench/vm-figures.sh.
 #
 # usage: bench/run.sh            1000 sessions per path (about 15 min each)
 #        BENCH_SESSIONS=100 bench/run.sh    a quicker pass
@@ -116,9 +118,9 @@ the target before relying on them.
 $(row_latency online 1.5)
 $(row_latency offline 1.3)
 | ECU build, stripped binary | <= 8 MiB | $(awk -v s="$ECU_SIZE" 'BEGIN{printf "%.2f MiB", s/1048576}') | $(awk -v s="$ECU_SIZE" 'BEGIN{printf "%.2f", s/8388608}') | \`cargo build --release --no-default-features && strip\` |
-| ECU build, RSS idle / in a session, start to READY | <= 8 MiB, <= 50 ms | not measured here | | needs CAN interfaces: VM lane (not done yet) |
+$(bench/vm-figures.sh ecu-rows)
 $(row_cloud)
-| Bridge vs can-gw on vcan0 -> vcan1 | ratio | not measured yet | | VM lane |
+$(bench/vm-figures.sh bridge-rows)
 
 ## How the latency is measured
 
@@ -205,6 +207,8 @@ $(grep -E '^bridge/|time:|thrpt:' "$OUT/bridge.txt" || true)
 \`\`\`
 $(grep '^cloud' "$OUT/cloud.txt")
 \`\`\`
+
+$(bench/vm-figures.sh notes)
 DOC
 } > docs/performance.md
 echo "== wrote docs/performance.md"

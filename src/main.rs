@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bmsgw::service::logging::chain;
+// Ctrl-C or SIGTERM, whichever comes first (services stop on either).
+use bmsgw::service::signals::terminate;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -801,24 +803,12 @@ async fn sim_flood(can: &str, seconds: u64, seed: u64, bitrate: u32) -> Result<(
     Ok(())
 }
 
+// Only the simulators, the demo and the benches stop on Ctrl-C alone.
+#[cfg(feature = "sim")]
 async fn ctrl_c() {
     // If the handler cannot be installed, run without one.
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
-    }
-}
-
-/// Ctrl-C or SIGTERM, whichever comes first (services stop on either).
-async fn terminate() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                () = ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => ctrl_c().await,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Running as a service: the daemon itself ([`daemon`]), its config, systemd
-//! readiness and watchdog, the control socket and `status`, logging and key
-//! files.
+//! readiness and watchdog, the control socket and `status`, logging, key
+//! files and the stop signals.
 
 pub mod check;
 pub mod config;
@@ -8,5 +8,6 @@ pub mod control;
 pub mod daemon;
 pub mod keyfile;
 pub mod logging;
+pub mod signals;
 pub mod status;
 pub mod systemd;
