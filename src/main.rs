@@ -164,6 +164,23 @@ enum BenchCommand {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Time from starting bmsgw to its READY=1 (systemd notify), restarting
+    /// on an existing store: this binary run as `bmsgw run` does, on
+    /// in-process buses (this host may have no SocketCAN).
+    Startup {
+        /// Starts (the first, a first start, is reported apart).
+        #[arg(long, default_value_t = 21)]
+        runs: usize,
+        /// Also write the figures as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// What `bench startup` starts: `bmsgw run` on in-process buses.
+    #[command(hide = true)]
+    StartupChild {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[cfg(feature = "sim")]
@@ -345,6 +362,12 @@ fn main() -> ExitCode {
     // below, with the default level.
     let config_level = match &cli.command {
         Command::Run { config } => bmsgw::service::config::Config::load(config)
+            .ok()
+            .map(|c| c.log.level),
+        #[cfg(feature = "sim")]
+        Command::Bench {
+            what: BenchCommand::StartupChild { config },
+        } => bmsgw::service::config::Config::load(config)
             .ok()
             .map(|c| c.log.level),
         _ => None,
@@ -907,6 +930,36 @@ async fn bench(what: BenchCommand) -> Result<(), String> {
                     .map_err(|e| format!("bench cloud: writing {}: {e}", file.display()))?;
             }
             Ok(())
+        }
+        BenchCommand::Startup { runs, json } => {
+            let binary = std::env::current_exe()
+                .map_err(|e| format!("bench startup: cannot find this binary: {e}"))?;
+            let opts = bmsgw::sim::bench::startup::StartupOptions { runs, binary };
+            let mut out = std::io::stdout();
+            let report = bmsgw::sim::bench::startup::run(&opts, &mut out)
+                .await
+                .map_err(|e| format!("bench startup: {}", chain(&e)))?;
+            if let Some(file) = json {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| format!("bench startup: JSON: {e}"))?;
+                std::fs::write(&file, text + "\n")
+                    .map_err(|e| format!("bench startup: writing {}: {e}", file.display()))?;
+            }
+            Ok(())
+        }
+        BenchCommand::StartupChild { config } => {
+            use bmsgw::can::virtual_bus::VirtualBus;
+            use bmsgw::service::daemon::{Buses, Observe, run_on};
+            let config = bmsgw::service::config::Config::load(&config)
+                .map_err(|e| format!("run: {}", chain(&e)))?;
+            let (bms, pile) = (VirtualBus::new(), VirtualBus::new());
+            let buses = Buses::Bridge {
+                bms: bms.node(),
+                pile: pile.node(),
+            };
+            run_on(&config, buses, Observe::default(), terminate())
+                .await
+                .map_err(|e| format!("run: {}", chain(&e)))
         }
     }
 }

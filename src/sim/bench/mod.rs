@@ -13,6 +13,7 @@
 pub mod cloud;
 pub mod critical_path;
 pub mod latency;
+pub mod startup;
 
 pub use latency::{LatencyOptions, LatencyReport, Path, PathReport};
 
