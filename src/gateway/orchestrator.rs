@@ -45,13 +45,51 @@ pub enum CredentialResult {
         /// Answers refused on the way (forged, replayed).
         refused: u32,
     },
-    /// A voucher from the wallet, already spent durably.
-    Voucher { credential: Credential, why: String },
+    /// A voucher from the wallet, already spent durably; `journaled`: its
+    /// draft record ([`DraftBasis::draft`]) was committed with the spend, so
+    /// it can be presented at once.
+    Voucher {
+        credential: Credential,
+        why: String,
+        journaled: bool,
+    },
     /// The cloud said no (denied, owner declined or did not approve in
     /// time); no voucher is used then, since that would bypass the decision.
     Denied(String),
     /// Neither the cloud nor the wallet had a credential.
     Unavailable(String),
+}
+
+/// What a session's draft record needs besides its credential, all known
+/// at the charge request. The shell gets it with [`Action::FetchCredential`]
+/// so that it can spend a voucher and journal the draft in one commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DraftBasis {
+    pub record_id: Id16,
+    pub vehicle_id: VehicleId,
+    pub charger_number: u32,
+    pub started_at: u32,
+}
+
+impl DraftBasis {
+    /// The record to report if the session never ends (a crash, `kill -9`):
+    /// failed, no energy, stopped at `unix`. The final record replaces it.
+    pub fn draft(&self, kind: CredentialKind, ticket_id: [u8; 12], unix: u32) -> SessionRecord {
+        SessionRecord {
+            record_id: self.record_id,
+            vehicle_id: self.vehicle_id.clone(),
+            charger_number: self.charger_number,
+            credential: UsedCredential { kind, ticket_id },
+            energy_wh: 0,
+            started_at: self.started_at,
+            stopped_at: unix,
+            result: SessionResult::Failed {
+                reason: "interrupted: the gateway stopped unexpectedly during the session \
+                         (recovered at the next start)"
+                    .into(),
+            },
+        }
+    }
 }
 
 /// What the shell must do.
@@ -61,6 +99,8 @@ pub enum Action {
     FetchCredential {
         session: u64,
         params: ExchangeParams,
+        /// For the draft record, if the shell spends a voucher.
+        draft: DraftBasis,
     },
     /// Journal `draft`: the record to report if the session never ends.
     /// Call [`Orchestrator::on_journaled`] once it is committed; the
@@ -278,6 +318,12 @@ impl Orchestrator {
                     return;
                 }
                 info!(charger = charger_number, pile = %pile, "charge request; fetching a credential");
+                let draft = DraftBasis {
+                    record_id: id,
+                    vehicle_id: self.vehicle_id.clone(),
+                    charger_number,
+                    started_at: s.view.started_at,
+                };
                 self.actions.push_back(Action::FetchCredential {
                     session: s.view.session,
                     params: ExchangeParams {
@@ -285,6 +331,7 @@ impl Orchestrator {
                         region_code,
                         want_vouchers: self.want_vouchers,
                     },
+                    draft,
                 });
             }
             ObserverEvent::BmsIdentified => {}
@@ -322,6 +369,13 @@ impl Orchestrator {
             return;
         };
         s.fetching = false;
+        let journaled = matches!(
+            result,
+            CredentialResult::Voucher {
+                journaled: true,
+                ..
+            }
+        );
         let (credential, kind, elapsed, refused, detail) = match result {
             CredentialResult::Online {
                 credential,
@@ -334,9 +388,9 @@ impl Orchestrator {
                 refused,
                 "grant from the cloud".to_string(),
             ),
-            CredentialResult::Voucher { credential, why } => {
-                (credential, CredentialKind::Voucher, Duration::ZERO, 0, why)
-            }
+            CredentialResult::Voucher {
+                credential, why, ..
+            } => (credential, CredentialKind::Voucher, Duration::ZERO, 0, why),
             CredentialResult::Denied(reason) | CredentialResult::Unavailable(reason) => {
                 warn!(%reason, "no credential for this session");
                 s.auth_failure = Some(reason.clone());
@@ -355,14 +409,14 @@ impl Orchestrator {
             refused,
             detail,
         });
-        let draft = self.record(
-            SessionResult::Failed {
-                reason: "interrupted: the gateway stopped unexpectedly during the session (recovered at the next start)".into(),
-            },
-            0,
-            unix,
-        );
+        let draft = self
+            .draft_basis()
+            .map(|b| b.draft(kind, credential.ticket_id(), unix));
         match draft {
+            // Already committed with the voucher's spend.
+            Some(_) if journaled => self
+                .actions
+                .push_back(Action::StartAuth { credential, pile }),
             // The draft must be durable before the pile sees the
             // credential: a crash in between would leave a session the
             // pile accepted (and may charge) with no record of it.
@@ -569,6 +623,16 @@ impl Orchestrator {
     }
 
     /// The record of the current session, if it used a credential.
+    fn draft_basis(&self) -> Option<DraftBasis> {
+        let s = self.session.as_ref()?;
+        Some(DraftBasis {
+            record_id: s.record_id?,
+            vehicle_id: self.vehicle_id.clone(),
+            charger_number: s.view.charger_number?,
+            started_at: s.view.started_at,
+        })
+    }
+
     fn record(&self, result: SessionResult, energy_wh: u32, unix: u32) -> Option<SessionRecord> {
         let s = self.session.as_ref()?;
         Some(SessionRecord {
@@ -662,7 +726,12 @@ mod tests {
         // Repeats of CRM(0x00) do not ask again.
         o.on_observer(request(), t(500), NOW, &mut rng);
         let fetch = actions(&mut o);
-        let [Action::FetchCredential { session, params }] = &fetch[..] else {
+        let [
+            Action::FetchCredential {
+                session, params, ..
+            },
+        ] = &fetch[..]
+        else {
             panic!("expected one fetch, got {fetch:?}");
         };
         assert_eq!(params.charger_number, 1);
@@ -777,6 +846,7 @@ mod tests {
             CredentialResult::Voucher {
                 credential: credential(true),
                 why: "voucher (cloud link is backoff)".into(),
+                journaled: false,
             },
             NOW,
         );
@@ -803,11 +873,58 @@ mod tests {
             CredentialResult::Voucher {
                 credential: credential(true),
                 why: "late".into(),
+                journaled: false,
             },
             NOW + 7,
         );
         assert!(actions(&mut o).is_empty());
         assert!(o.current().is_none());
+    }
+
+    #[test]
+    fn a_voucher_journaled_with_its_spend_is_presented_at_once_under_the_same_record_id() {
+        let mut o = orch();
+        let mut rng = StreamRng::new(9);
+        o.on_observer(request(), t(0), NOW, &mut rng);
+        let fetch = actions(&mut o);
+        let Some(Action::FetchCredential { session, draft, .. }) = fetch.last() else {
+            panic!("expected a fetch, got {fetch:?}");
+        };
+        let (session, basis) = (*session, draft.clone());
+        assert_eq!(basis.charger_number, 1);
+        // What the shell journals with the spend is the orchestrator's own
+        // draft: same id, same ticket, "interrupted".
+        let cred = credential(true);
+        let shell_draft = basis.draft(CredentialKind::Voucher, cred.ticket_id(), NOW + 1);
+        assert!(matches!(shell_draft.result, SessionResult::Failed { .. }));
+        o.on_credential(
+            session,
+            CredentialResult::Voucher {
+                credential: cred.clone(),
+                why: "voucher (cloud link is backoff)".into(),
+                journaled: true,
+            },
+            NOW + 1,
+        );
+        let next = actions(&mut o);
+        let [Action::StartAuth { pile, .. }] = &next[..] else {
+            panic!("expected auth at once, no second journal, got {next:?}");
+        };
+        assert_eq!(*pile, PILE);
+        o.on_observer(
+            ended(EndResult::Completed, Some(800)),
+            t(9000),
+            NOW + 9,
+            &mut rng,
+        );
+        let end = actions(&mut o);
+        let Some(Action::Record { record }) = end.first() else {
+            panic!("expected a record, got {end:?}");
+        };
+        // The final record replaces the journaled draft (same id).
+        assert_eq!(record.record_id, shell_draft.record_id);
+        assert_eq!(record.credential.ticket_id, cred.ticket_id());
+        assert_eq!(record.result, SessionResult::Completed);
     }
 
     #[test]
@@ -880,6 +997,7 @@ mod tests {
                     CredentialResult::Voucher {
                         credential: credential(true),
                         why: "offline".into(),
+                        journaled: false,
                     },
                     unix,
                 );
@@ -963,6 +1081,7 @@ mod tests {
             CredentialResult::Voucher {
                 credential: voucher,
                 why: "voucher (cloud link disabled)".into(),
+                journaled: false,
             },
             NOW + 6,
         );
@@ -983,6 +1102,7 @@ mod tests {
             CredentialResult::Voucher {
                 credential: credential(true),
                 why: "again".into(),
+                journaled: false,
             },
             NOW + 7,
         );

@@ -8,9 +8,10 @@
 //!   other tasks it talks to through channels, so a slow broker or a slow
 //!   SD card never delays a frame. It also pings the systemd watchdog, and
 //!   only while the daemon is healthy;
-//! - a **credential task** per session (cloud first, voucher fallback);
-//! - the **store writer**, which journals drafts and queues records in
-//!   order;
+//! - a **credential task** per session (cloud first, voucher fallback; a
+//!   voucher is spent and its session's draft journaled in one commit);
+//! - the **store writer**, which journals the drafts of online sessions and
+//!   queues records in order;
 //! - the **outbox publisher** and the **push handler** on the cloud link;
 //! - the **control socket**.
 //!
@@ -48,10 +49,13 @@ use crate::cloud::topics;
 use crate::gateway::bridge::Bridge;
 use crate::gateway::firewall::{FirewallConfig, RateLimit, Side};
 use crate::gateway::observer::{ObserverConfig, SessionObserver};
-use crate::gateway::orchestrator::{Action, CredentialResult, Notice, Orchestrator, SessionView};
+use crate::gateway::orchestrator::{
+    Action, CredentialResult, DraftBasis, Notice, Orchestrator, SessionView,
+};
 use crate::gateway::vehicle_auth::AuthNode;
 use crate::j1939::Pgn;
 use crate::j1939::monitor::{Monitor, MonitorEvent};
+use crate::store::journal::Draft;
 use crate::store::{DurableWallet, Outbox, OutboxPolicy, Store, StoreError};
 use crate::time::{Clock, Timestamp, unix_now};
 
@@ -678,6 +682,7 @@ async fn obtain_credential(
     client: Option<IdentityClient>,
     shared: Arc<Shared>,
     params: ExchangeParams,
+    draft: DraftBasis,
     timeout: Duration,
     tx: mpsc::UnboundedSender<LoopMsg>,
 ) {
@@ -770,11 +775,29 @@ async fn obtain_credential(
             let _ = tx_b.send(LoopMsg::Credential { session, result });
             return Ok(());
         }
-        let result = match wallet.take_for(charger, unix_now()) {
-            Ok(Some(credential)) => CredentialResult::Voucher {
-                credential,
-                why: format!("voucher ({why})"),
-            },
+        // The draft record goes into the spend's own commit: the voucher is
+        // spent exactly when its session has a record to report.
+        let now = unix_now();
+        let taken = wallet.take_journaled(charger, now, |credential| {
+            let record = draft.draft(CredentialKind::Voucher, credential.ticket_id(), now);
+            let (topic, payload) = encode(&record);
+            Draft {
+                record_id: record.record_id,
+                topic,
+                payload: payload.to_vec(),
+            }
+        });
+        let result = match taken {
+            Ok(Some(credential)) => {
+                // Greppable like the store writer's: the VM lane's kill -9
+                // check matches every record owed against the cloud's.
+                info!(record = %hex::encode(draft.record_id), "draft journaled");
+                CredentialResult::Voucher {
+                    credential,
+                    why: format!("voucher ({why})"),
+                    journaled: true,
+                }
+            }
             Ok(None) => CredentialResult::Unavailable(format!(
                 "{why}, and no voucher for charger {charger}"
             )),
@@ -986,13 +1009,18 @@ async fn can_loop<B: CanBus>(
                 moved = true;
                 let _g = span.enter();
                 match action {
-                    Action::FetchCredential { session, params } => {
+                    Action::FetchCredential {
+                        session,
+                        params,
+                        draft,
+                    } => {
                         shared.live_session.store(session, Ordering::SeqCst);
                         let task = obtain_credential(
                             session,
                             ctx.client.clone(),
                             shared.clone(),
                             params,
+                            draft,
                             config.cloud.request_timeout,
                             tx.clone(),
                         );

@@ -43,6 +43,20 @@ impl Store {
         topic: &str,
         payload: &[u8],
     ) -> Result<(), StoreError> {
+        self.write("journal open", OPEN_SESSIONS, |txn| {
+            self.journal_in(txn, record_id, topic, payload)
+        })
+    }
+
+    /// [`Store::journal_open`] inside the caller's transaction (the wallet
+    /// spends a voucher and journals its session's draft in one commit).
+    pub(super) fn journal_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        record_id: &[u8; 16],
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
         let topic_len = u16::try_from(topic.len()).map_err(|_| StoreError::TopicTooLong {
             path: self.path_buf(),
             len: topic.len(),
@@ -51,12 +65,10 @@ impl Store {
         value.extend_from_slice(&topic_len.to_be_bytes());
         value.extend_from_slice(topic.as_bytes());
         value.extend_from_slice(payload);
-        self.write("journal open", OPEN_SESSIONS, |txn| {
-            self.table(txn, OPEN_SESSIONS)?
-                .insert(&record_id[..], value.as_slice())
-                .map_err(self.db_err("journal open", OPEN_SESSIONS))?;
-            Ok(())
-        })
+        self.table(txn, OPEN_SESSIONS)?
+            .insert(&record_id[..], value.as_slice())
+            .map_err(self.db_err("journal open", OPEN_SESSIONS))?;
+        Ok(())
     }
 
     /// The session ended and its final record is queued: drop the draft.

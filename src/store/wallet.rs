@@ -34,6 +34,7 @@ use crate::auth::{Credential, Rng, SessionKey, SystemRng, TICKET_LEN, VoucherWal
 use super::codec::Reader;
 use super::db::{META, Store, WALLET};
 use super::error::StoreError;
+use super::journal::Draft;
 
 const TAG_UNSPENT: u8 = 1;
 const TAG_SPENT: u8 = 2;
@@ -290,7 +291,15 @@ impl DurableWallet {
         Ok(counts.into_iter().collect())
     }
 
-    fn take(&self, charger_number: u32, unix_now: u32) -> Result<Option<Credential>, StoreError> {
+    /// Spend the voucher for `charger_number` that expires first; with
+    /// `journal`, also journal the draft record it builds for that voucher,
+    /// in the same transaction.
+    fn take(
+        &self,
+        charger_number: u32,
+        unix_now: u32,
+        journal: Option<&dyn Fn(&Credential) -> Draft>,
+    ) -> Result<Option<Credential>, StoreError> {
         let store = &self.store;
         store.write("wallet take", WALLET, |txn| {
             let mut table = store.table(txn, WALLET)?;
@@ -354,6 +363,10 @@ impl DurableWallet {
             table
                 .insert(&id[..], &tombstone(not_after)[..])
                 .map_err(store.db_err("wallet spend", WALLET))?;
+            if let Some(journal) = journal {
+                let draft = journal(&credential);
+                store.journal_in(txn, &draft.record_id, &draft.topic, &draft.payload)?;
+            }
             Ok(Ok(Some(credential)))
         })?
     }
@@ -407,6 +420,23 @@ impl DurableWallet {
     }
 }
 
+impl DurableWallet {
+    /// [`VoucherWallet::take_for`], and in the same committed transaction
+    /// the session's draft record (see [`super::journal`]) that `draft`
+    /// builds for the voucher taken: a voucher is spent exactly when its
+    /// session has a record to report, whatever crashes when. It also saves
+    /// the session one commit before it can present the voucher.
+    pub fn take_journaled(
+        &mut self,
+        charger_number: u32,
+        unix_now: u32,
+        draft: impl Fn(&Credential) -> Draft,
+    ) -> Result<Option<Credential>, WalletError> {
+        self.take(charger_number, unix_now, Some(&draft))
+            .map_err(|e| store_error("take_journaled", e))
+    }
+}
+
 fn store_error(operation: &'static str, e: StoreError) -> WalletError {
     WalletError::Store {
         operation,
@@ -424,7 +454,7 @@ impl VoucherWallet for DurableWallet {
         charger_number: u32,
         unix_now: u32,
     ) -> Result<Option<Credential>, WalletError> {
-        self.take(charger_number, unix_now)
+        self.take(charger_number, unix_now, None)
             .map_err(|e| store_error("take_for", e))
     }
 
@@ -640,6 +670,54 @@ mod tests {
         let got = wallet.take_for(7, NOW).expect("ok").expect("b is left");
         assert_eq!(got.ticket_id(), b.ticket_id());
         assert!(wallet.take_for(7, NOW).expect("ok").is_none());
+    }
+
+    #[test]
+    fn a_voucher_and_its_draft_are_one_commit() {
+        let (_dir, path) = setup();
+        let mut rng = StreamRng::new(5);
+        let v = voucher(7, NOW + 600, &mut rng);
+        let mut wallet = open(&path);
+        wallet.add(v.clone()).expect("added");
+        let draft = |c: &Credential| Draft {
+            record_id: [0x11; 16],
+            topic: "bmsgw/v1/veh-a/events".into(),
+            payload: c.ticket_id().to_vec(),
+        };
+        let got = wallet
+            .take_journaled(7, NOW, draft)
+            .expect("taken")
+            .expect("a voucher");
+        assert_eq!(got.ticket_id(), v.ticket_id());
+        drop(wallet);
+        // After a restart: spent, and its draft is there to recover.
+        let store = Store::open(&path).expect("opens");
+        let drafts = store.journal_drafts().expect("drafts");
+        assert_eq!(drafts.len(), 1);
+        assert_eq!(drafts[0].record_id, [0x11; 16]);
+        assert_eq!(drafts[0].payload, v.ticket_id().to_vec());
+        let mut wallet = store.wallet(Zeroizing::new(KEY)).expect("wallet");
+        assert!(wallet.take_for(7, NOW).expect("reads").is_none(), "spent");
+
+        // A draft that cannot be written undoes the spend with it.
+        let w = voucher(7, NOW + 600, &mut rng);
+        wallet.add(w.clone()).expect("added");
+        let too_long = |_: &Credential| Draft {
+            record_id: [0x22; 16],
+            topic: "t".repeat(70_000),
+            payload: Vec::new(),
+        };
+        let err = wallet
+            .take_journaled(7, NOW, too_long)
+            .expect_err("the draft fails");
+        assert!(err.to_string().contains("take_journaled"), "{err}");
+        assert_eq!(wallet.remaining_for(7, NOW), 1, "the voucher is not spent");
+        assert_eq!(store.journal_drafts().expect("drafts").len(), 1);
+        let again = wallet
+            .take_for(7, NOW)
+            .expect("reads")
+            .expect("still there");
+        assert_eq!(again.ticket_id(), w.ticket_id());
     }
 
     #[test]
