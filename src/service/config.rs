@@ -40,6 +40,12 @@ pub enum ConfigError {
     /// Syntax, a wrong type or an unknown key, as the parser saw it.
     #[error("{path}: {message} (environment overrides: BMSGW__SECTION__KEY)")]
     Parse { path: PathBuf, message: String },
+    /// An override whose name is not `BMSGW__SECTION__KEY`.
+    #[error(
+        "environment variable {name:?}: after BMSGW__ only letters, digits and '_' may \
+         follow (BMSGW__SECTION__KEY)"
+    )]
+    EnvName { name: String },
     #[error("{path}: `{key}` = {value:?}: expected {expected}")]
     Invalid {
         path: PathBuf,
@@ -442,10 +448,21 @@ impl Config {
         base: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
         let env: HashMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+            .filter(|(k, _)| k.starts_with(&prefix))
             .collect();
+        // The config crate reads `[n]` and `.` in a name as a path: a name
+        // like BMSGW__X[99999999999] made it allocate an array that long and
+        // abort (found by fuzzing). Our keys need neither.
+        if let Some(name) = env.keys().find(|k| {
+            !k[prefix.len()..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        }) {
+            return Err(ConfigError::EnvName { name: name.clone() });
+        }
         let parse_err = |e: config::ConfigError| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
@@ -924,6 +941,31 @@ key = "vehicle.key"
         assert!(!c.session.require_pile_auth);
         assert_eq!(c.vehicle.id.as_str(), "007");
         assert_eq!(c.cloud.client_id, "1e3");
+    }
+
+    /// Found by `fuzz/run.sh 600` (target config): the config crate reads
+    /// `[n]` in a variable's name as an array index and allocated a vector
+    /// of that length, so this aborted the process.
+    #[test]
+    fn an_environment_name_with_a_path_in_it_is_refused_by_name() {
+        for name in [
+            "BMSGW__KF0000[0][222222222222221]",
+            "BMSGW__CLOUD__PORT[3]",
+            "BMSGW__CLOUD.PORT",
+            "BMSGW__CLOUD__PORT-X",
+        ] {
+            let env = [(name.to_string(), "1".to_string())];
+            let err = Config::from_toml_str_with_env(MINIMAL, Path::new("/etc/bmsgw"), env)
+                .expect_err(name);
+            assert!(
+                matches!(&err, ConfigError::EnvName { name: n } if n == name),
+                "{name}: {err}"
+            );
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        // Other variables are none of ours, whatever their names.
+        let env = [("PATH[0]".to_string(), "/bin".to_string())];
+        Config::from_toml_str_with_env(MINIMAL, Path::new("/etc/bmsgw"), env).expect("loads");
     }
 
     #[test]
