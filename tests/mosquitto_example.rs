@@ -59,30 +59,8 @@ impl Drop for Broker {
 /// as shipped.
 fn test_config(pki: &DevPki, dir: &Path, acl: &Path, port: u16) -> String {
     let shipped = std::fs::read_to_string(example("mosquitto.conf")).unwrap();
-    let p = |path: &Path| path.display().to_string();
-    let mut replaced = 0;
-    let mut out: Vec<String> = shipped
-        .lines()
-        .map(|line| {
-            let key = line.split_whitespace().next().unwrap_or("");
-            let value = match key {
-                "acl_file" => p(acl),
-                "persistence_location" => format!("{}/", dir.display()),
-                "listener" => format!("{port} 127.0.0.1"),
-                "cafile" => p(&pki.ca_cert),
-                "certfile" => p(&pki.broker_cert),
-                "keyfile" => p(&pki.broker_key),
-                _ => return line.to_owned(),
-            };
-            replaced += 1;
-            format!("{key} {value}")
-        })
-        .collect();
-    assert_eq!(replaced, 6, "the shipped file changed shape:\n{shipped}");
-    // As root, mosquitto would switch to user `mosquitto`, which cannot read
-    // the test's 0600 keys; `root` keeps the current user.
-    out.push("user root".into());
-    out.join("\n") + "\n"
+    bmsgw::sim::mosquitto::shipped_config(&shipped, pki, acl, dir, port)
+        .unwrap_or_else(|e| panic!("the shipped file changed shape ({e}):\n{shipped}"))
 }
 
 fn start(pki: &DevPki, dir: &Path) -> Option<Broker> {

@@ -75,19 +75,31 @@ impl DraftBasis {
     /// The record to report if the session never ends (a crash, `kill -9`):
     /// failed, no energy, stopped at `unix`. The final record replaces it.
     pub fn draft(&self, kind: CredentialKind, ticket_id: [u8; 12], unix: u32) -> SessionRecord {
+        let result = SessionResult::Failed {
+            reason: "interrupted: the gateway stopped unexpectedly during the session \
+                     (recovered at the next start)"
+                .into(),
+        };
+        self.record(UsedCredential { kind, ticket_id }, result, 0, unix)
+    }
+
+    /// The session's record, draft or final.
+    fn record(
+        &self,
+        credential: UsedCredential,
+        result: SessionResult,
+        energy_wh: u32,
+        unix: u32,
+    ) -> SessionRecord {
         SessionRecord {
             record_id: self.record_id,
             vehicle_id: self.vehicle_id.clone(),
             charger_number: self.charger_number,
-            credential: UsedCredential { kind, ticket_id },
-            energy_wh: 0,
+            credential,
+            energy_wh,
             started_at: self.started_at,
             stopped_at: unix,
-            result: SessionResult::Failed {
-                reason: "interrupted: the gateway stopped unexpectedly during the session \
-                         (recovered at the next start)"
-                    .into(),
-            },
+            result,
         }
     }
 }
@@ -635,19 +647,14 @@ impl Orchestrator {
 
     fn record(&self, result: SessionResult, energy_wh: u32, unix: u32) -> Option<SessionRecord> {
         let s = self.session.as_ref()?;
-        Some(SessionRecord {
-            record_id: s.record_id?,
-            vehicle_id: self.vehicle_id.clone(),
-            charger_number: s.view.charger_number?,
-            credential: UsedCredential {
-                kind: s.view.credential?,
-                ticket_id: s.ticket_id?,
-            },
-            energy_wh,
-            started_at: s.view.started_at,
-            stopped_at: unix,
-            result,
-        })
+        let credential = UsedCredential {
+            kind: s.view.credential?,
+            ticket_id: s.ticket_id?,
+        };
+        Some(
+            self.draft_basis()?
+                .record(credential, result, energy_wh, unix),
+        )
     }
 }
 

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod cloud;
 pub mod demo;
 pub mod driver;
+pub mod mosquitto;
 pub mod pile;
 pub mod pki;
 mod wallclock;

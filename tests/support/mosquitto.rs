@@ -37,8 +37,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(10);
 /// Set to 1 to fail, rather than skip, when mosquitto is missing.
 pub const REQUIRE_ENV: &str = "BMSGW_REQUIRE_MOSQUITTO";
-/// The mosquitto binary to use instead of the one on PATH.
-pub const BINARY_ENV: &str = "BMSGW_MOSQUITTO";
 
 /// A mosquitto process. Dropping it kills it.
 pub struct Mosquitto {
@@ -51,21 +49,9 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    /// The mosquitto binary: `$BMSGW_MOSQUITTO` if set, else on PATH or in
-    /// Debian's /usr/sbin (not on a normal user's PATH).
+    /// The mosquitto binary (see [`bmsgw::sim::mosquitto::find_binary`]).
     pub fn binary() -> Option<PathBuf> {
-        if let Some(path) = std::env::var_os(BINARY_ENV) {
-            let path = PathBuf::from(path);
-            return path.is_file().then_some(path);
-        }
-        let on_path = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-            .unwrap_or_default();
-        on_path
-            .into_iter()
-            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-            .map(|d| d.join("mosquitto"))
-            .find(|p| p.is_file())
+        bmsgw::sim::mosquitto::find_binary()
     }
 
     /// Start mosquitto for `pki` and wait until it accepts connections, or

@@ -1477,7 +1477,7 @@ fn send_replacing_restarts_a_stalled_transfer_and_the_receiver_follows() {
     let mut a = Transport::new(TpConfig::j1939(), BMS);
     let mut b = Transport::new(TpConfig::j1939(), PILE);
     a.send(message(0xB600, BMS, PILE, data.clone()), ms(0))
-        .unwrap();
+        .expect("the first copy is queued");
     // The first RTS reaches the receiver; its CTS is lost.
     for f in drain(&mut a) {
         b.handle_frame(&f, ms(0));
@@ -1490,7 +1490,7 @@ fn send_replacing_restarts_a_stalled_transfer_and_the_receiver_follows() {
     ));
     // ... send_replacing abandons it (no Abort on the wire) and starts anew.
     a.send_replacing(message(0xB600, BMS, PILE, data.clone()), ms(300))
-        .unwrap();
+        .expect("the stalled copy is replaced");
     let frames = drain(&mut a);
     assert_eq!(frames.len(), 1);
     assert!(

@@ -76,15 +76,10 @@ use crate::cloud::link::{Incoming, Link, LinkConfig, LinkError, LinkState, QoS};
 use crate::cloud::tls::TlsFiles;
 use crate::cloud::topics::{self, VehicleId};
 use crate::sim::cloud::{CloudConfig, ConfigError};
+use crate::sim::mosquitto::{self, BINARY_ENV, SHIPPED_CONF as SHIPPED_MOSQUITTO_CONF};
 use crate::sim::pki::{DevPki, DevPkiOptions, PkiError};
 use crate::time::unix_now;
 
-/// The shipped broker configuration; the bench runs it with only its paths
-/// and port replaced.
-const SHIPPED_MOSQUITTO_CONF: &str = include_str!("../../../config/mosquitto/mosquitto.conf");
-/// The environment variable naming another mosquitto binary (as for the
-/// tests in `tests/support/mosquitto.rs`).
-pub const MOSQUITTO_ENV: &str = "BMSGW_MOSQUITTO";
 /// The pile every request names.
 const CHARGER: u32 = 1;
 /// An instance's incoming channel (`LinkConfig::incoming_capacity`):
@@ -127,11 +122,11 @@ pub enum CloudBenchError {
     Option { flag: &'static str, problem: String },
     #[error(
         "mosquitto not found on PATH, in /usr/sbin or /usr/local/sbin \
-         (apt-get install mosquitto, or set {MOSQUITTO_ENV}=/path/to/mosquitto)"
+         (apt-get install mosquitto, or set {BINARY_ENV}=/path/to/mosquitto)"
     )]
     NoMosquitto,
     #[error("config/mosquitto/mosquitto.conf changed shape: {0}")]
-    ShippedConfig(String),
+    ShippedConfig(#[from] mosquitto::ShapeError),
     #[error("dev PKI: {0}")]
     Pki(#[from] PkiError),
     #[error("cloud.toml: {0}")]
@@ -328,7 +323,7 @@ impl CloudOptions {
 /// Measure; one line per run and a summary on `out`.
 pub async fn run(opts: &CloudOptions, out: &mut dyn Write) -> Result<CloudReport, CloudBenchError> {
     opts.check()?;
-    let mosquitto = find_mosquitto().ok_or(CloudBenchError::NoMosquitto)?;
+    let mosquitto = mosquitto::find_binary().ok_or(CloudBenchError::NoMosquitto)?;
     let tmp = tempfile::Builder::new()
         .prefix("bmsgw-bench-cloud-")
         .tempdir()
@@ -511,23 +506,6 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// The mosquitto binary: `$BMSGW_MOSQUITTO` if set, else on PATH or in
-/// Debian's /usr/sbin (not on a normal user's PATH).
-pub fn find_mosquitto() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os(MOSQUITTO_ENV) {
-        let path = PathBuf::from(path);
-        return path.is_file().then_some(path);
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
-}
-
 /// The shipped `mosquitto.conf` with its paths and port replaced, and
 /// logging that shows SUBSCRIBEs (how the bench knows an instance listens).
 /// Everything that shapes the traffic (TLS, ACL, persistence, queues) stays
@@ -538,36 +516,10 @@ pub fn broker_config(
     data_dir: &Path,
     port: u16,
 ) -> Result<String, CloudBenchError> {
-    let p = |path: &Path| path.display().to_string();
-    let mut replaced = 0;
-    let mut out: Vec<String> = shipped
-        .lines()
-        .map(|line| {
-            let key = line.split_whitespace().next().unwrap_or("");
-            let value = match key {
-                "acl_file" => p(&pki.mosquitto_acl),
-                "persistence_location" => format!("{}/", data_dir.display()),
-                "listener" => format!("{port} 127.0.0.1"),
-                "cafile" => p(&pki.ca_cert),
-                "certfile" => p(&pki.broker_cert),
-                "keyfile" => p(&pki.broker_key),
-                _ => return line.to_owned(),
-            };
-            replaced += 1;
-            format!("{key} {value}")
-        })
-        .collect();
-    if replaced != 6 {
-        return Err(CloudBenchError::ShippedConfig(format!(
-            "expected 6 lines to replace (acl_file, persistence_location, listener, cafile, \
-             certfile, keyfile), found {replaced}"
-        )));
-    }
+    let conf = mosquitto::shipped_config(shipped, pki, &pki.mosquitto_acl, data_dir, port)?;
+    let mut out: Vec<String> = conf.lines().map(String::from).collect();
     out.extend(
         [
-            // As root, mosquitto would switch to user `mosquitto`, which
-            // cannot read the PKI's 0600 keys; `root` keeps the current user.
-            "user root",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
