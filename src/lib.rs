@@ -16,6 +16,7 @@ pub mod can;
 pub mod cloud;
 pub mod gateway;
 pub mod gbt27930;
+pub mod interop;
 pub mod j1939;
 mod prng;
 pub mod service;

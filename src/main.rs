@@ -258,6 +258,11 @@ enum SimRole {
         /// The pile's J1939 address.
         #[arg(long, default_value = "0x56", value_parser = parse_u8)]
         pile_address: u8,
+        /// How the pile's deviations from GB/T 27930 and J1939-21 are met:
+        /// "field" (accepted where the reading is unambiguous and safe, and
+        /// counted) or "strict" (refused, naming the deviation). See docs/interop.md.
+        #[arg(long, default_value = "field", value_name = "PROFILE")]
+        profile: bmsgw::interop::Profile,
     },
     /// Play the charging pile (charger role).
     Pile {
@@ -299,6 +304,11 @@ enum SimRole {
         /// Clock skew tolerated on ticket validity.
         #[arg(long, default_value = "300s", value_parser = bmsgw::time::parse_duration)]
         skew: Duration,
+        /// How the BMS's deviations from GB/T 27930 and J1939-21 are met:
+        /// "field" (accepted where the reading is unambiguous and safe, and
+        /// counted) or "strict" (refused, naming the deviation). See docs/interop.md.
+        #[arg(long, default_value = "field", value_name = "PROFILE")]
+        profile: bmsgw::interop::Profile,
     },
     /// Play the vehicle side of authentication with a credential from a file
     /// (stands in for the gateway daemon).
@@ -581,6 +591,7 @@ async fn sim(role: SimRole) -> Result<(), String> {
             wait,
             address,
             pile_address,
+            profile,
         } => {
             let opts = bms::BmsSimOptions {
                 soc_start,
@@ -590,14 +601,16 @@ async fn sim(role: SimRole) -> Result<(), String> {
                 charger_wait: Some(wait),
                 address: Address(address),
                 pile_address: Address(pile_address),
+                profile,
                 ..Default::default()
             };
             opts.validate().map_err(|e| format!("sim bms: {e}"))?;
             let mut bus = SocketCanBus::open(&can, SocketCanOptions::default())
                 .map_err(|e| format!("sim bms: {}", chain(&e)))?;
-            let s = bms::run(&mut bus, opts, ctrl_c())
-                .await
-                .map_err(|e| format!("sim bms: {}", chain(&e)))?;
+            let log = opts.deviations.clone();
+            let result = bms::run(&mut bus, opts, ctrl_c()).await;
+            println!("sim bms: pile deviations ({profile} profile): {}", log.get());
+            let s = result.map_err(|e| format!("sim bms: {}", chain(&e)))?;
             println!(
                 "sim bms: session completed: final SOC {}%, {} min, {:.1} kWh",
                 s.final_soc_percent,
@@ -620,6 +633,7 @@ async fn sim(role: SimRole) -> Result<(), String> {
             key_offset,
             previous_key_offset,
             skew,
+            profile,
         } => {
             let auth = match (require_auth, root_key_file, key_offset) {
                 (true, Some(file), Some(offset)) => {
@@ -655,13 +669,15 @@ async fn sim(role: SimRole) -> Result<(), String> {
                 duration,
                 address: Address(address),
                 bms_address: Address(bms_address),
+                profile,
                 ..Default::default()
             };
             let mut bus = SocketCanBus::open(&can, SocketCanOptions::default())
                 .map_err(|e| format!("sim pile: {}", chain(&e)))?;
-            let s = pile::run(&mut bus, opts, ctrl_c())
-                .await
-                .map_err(|e| format!("sim pile: {}", chain(&e)))?;
+            let log = opts.deviations.clone();
+            let result = pile::run(&mut bus, opts, ctrl_c()).await;
+            println!("sim pile: BMS deviations ({profile} profile): {}", log.get());
+            let s = result.map_err(|e| format!("sim pile: {}", chain(&e)))?;
             println!(
                 "sim pile: session completed: BMS final SOC {}%, {} min, {:.1} kWh delivered",
                 s.final_soc_percent,

@@ -590,6 +590,7 @@ async fn session_records_queued_while_the_broker_is_down_reach_the_cloud() {
             started_at: 1_760_000_000,
             stopped_at: 1_760_000_600,
             result: SessionResult::Completed,
+            deviations: Default::default(),
         };
         enqueue_record(&outbox, &record, &wake)
             .await
@@ -651,6 +652,7 @@ async fn a_record_nobody_is_subscribed_to_stays_queued_until_the_cloud_listens()
         started_at: 1_760_000_000,
         stopped_at: 1_760_000_600,
         result: SessionResult::Completed,
+        deviations: Default::default(),
     };
     enqueue_record(&outbox, &record, &wake)
         .await

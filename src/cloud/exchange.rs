@@ -971,6 +971,7 @@ pub(crate) mod tests {
             started_at: NOW,
             stopped_at: NOW + 1800,
             result: SessionResult::Completed,
+            deviations: Default::default(),
         }
     }
 

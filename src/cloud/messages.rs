@@ -25,6 +25,7 @@ use zeroize::Zeroizing;
 use super::topics::VehicleId;
 use crate::auth::ticket::TICKET_LEN;
 use crate::auth::{Credential, ResultCode, SessionKey, TicketHeader};
+use crate::interop::LinkDeviations;
 
 /// The largest payload accepted (before the envelope adds its 49 bytes).
 pub const MAX_PAYLOAD_LEN: usize = 64 * 1024;
@@ -195,6 +196,11 @@ pub struct SessionRecord {
     pub started_at: u32,
     pub stopped_at: u32,
     pub result: SessionResult,
+    /// What the BMS and the pile deviated in from the standards during the
+    /// session (docs/interop.md), so that a fleet operator can see which
+    /// piles deviate. Absent when neither did.
+    #[serde(default, skip_serializing_if = "LinkDeviations::is_empty")]
+    pub deviations: LinkDeviations,
 }
 
 /// cloud → vehicle on `vouchers`: tickets the vehicle must no longer use.
@@ -888,7 +894,8 @@ pub(crate) mod tests {
     prop_compose! {
         pub(crate) fn record()(record_id: Id16, vehicle_id in vehicle_id_strategy(), charger_number: u32,
                     voucher: bool, ticket_id: TicketId, energy_wh: u32, started_at: u32, stopped_at: u32,
-                    failed in prop::option::of(text())) -> SessionRecord {
+                    failed in prop::option::of(text()),
+                    deviations in link_deviations()) -> SessionRecord {
             SessionRecord {
                 record_id, vehicle_id, charger_number,
                 credential: UsedCredential {
@@ -897,8 +904,24 @@ pub(crate) mod tests {
                 },
                 energy_wh, started_at, stopped_at,
                 result: failed.map_or(SessionResult::Completed, |reason| SessionResult::Failed { reason }),
+                deviations,
             }
         }
+    }
+
+    /// Deviations of either side, accepted or refused, some of them repeated.
+    fn link_deviations() -> impl Strategy<Value = LinkDeviations> {
+        use crate::interop::Deviation;
+        prop::collection::vec((any::<bool>(), any::<bool>(), 0..Deviation::ALL.len()), 0..6)
+            .prop_map(|seen| {
+                let mut out = LinkDeviations::default();
+                for (bms, refused, i) in seen {
+                    let side = if bms { &mut out.bms } else { &mut out.pile };
+                    let counts = if refused { &mut side.refused } else { &mut side.accepted };
+                    counts.add(Deviation::ALL[i]);
+                }
+                out
+            })
     }
 
     prop_compose! {

@@ -44,6 +44,7 @@ use tracing::debug;
 
 use crate::can::CanFrame;
 use crate::gbt27930::{Message, MessageKind, Sender};
+use crate::interop::Profile;
 use crate::j1939::tp::{Cm, J1939Message, TP_CM, TP_DT};
 use crate::j1939::{Address, J1939Id, Pgn};
 use crate::time::Timestamp;
@@ -116,6 +117,10 @@ pub struct FirewallConfig {
     /// Hold the pile's CRM(0xAA) (forward it rewritten as CRM(0x00)) until
     /// `Bridge::set_pile_authenticated(true)`.
     pub gate_recognition: bool,
+    /// How the BMS's deviations from the standards are met (docs/interop.md).
+    pub bms_profile: Profile,
+    /// How the pile's deviations from the standards are met.
+    pub pile_profile: Profile,
 }
 
 impl FirewallConfig {
@@ -132,6 +137,16 @@ impl FirewallConfig {
             rate: RateLimit::default(),
             blank_vin: true,
             gate_recognition: true,
+            bms_profile: Profile::Field,
+            pile_profile: Profile::Field,
+        }
+    }
+
+    /// The profile for `side`'s peer.
+    pub fn profile(&self, side: Side) -> Profile {
+        match side {
+            Side::Bms => self.bms_profile,
+            Side::Pile => self.pile_profile,
         }
     }
 
@@ -192,6 +207,16 @@ pub struct FirewallCounters {
     pub crm_held: u64,
     /// Frames addressed to the gateway itself, left to the auth node.
     pub for_gateway: u64,
+    /// Copies of a BMS's early BCP sent to the pile after CRM(0xAA), for a
+    /// BMS that sent BCP only before it (field profile, docs/interop.md).
+    #[serde(default)]
+    pub bcp_replayed: u64,
+    /// Messages of either side not forwarded because they could not be
+    /// acted on: a deviation the strict profile refuses, a current sign
+    /// that cannot be settled, a value that cannot be right. Each got the
+    /// standard's error message (CEM to the BMS, BEM to the pile).
+    #[serde(default)]
+    pub refused: u64,
     /// High-water marks of what the bridge holds after an input, before
     /// the shell drains it: open transport sessions and the bytes of their
     /// reassemblies (both sides together), and frames, events and messages

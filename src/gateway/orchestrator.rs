@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::firewall::Side;
 use super::observer::{EndResult, ObserverEvent, SessionEnd};
 use super::throttle::{CredentialThrottle, ThrottleConfig};
 use super::vehicle_auth::AuthOutcome;
@@ -31,6 +32,7 @@ use crate::cloud::exchange::ExchangeParams;
 use crate::cloud::messages::{CredentialKind, Id16, SessionRecord, SessionResult, UsedCredential};
 use crate::cloud::topics::VehicleId;
 use crate::gbt27930::session::Phase;
+use crate::interop::{Deviation, LinkDeviations};
 use crate::j1939::Address;
 use crate::time::Timestamp;
 
@@ -100,6 +102,7 @@ impl DraftBasis {
             started_at: self.started_at,
             stopped_at: unix,
             result,
+            deviations: LinkDeviations::default(),
         }
     }
 }
@@ -161,6 +164,11 @@ pub enum Notice {
     PileRefused {
         reason: String,
     },
+    /// The gateway refused a message of the BMS or the pile (a deviation
+    /// the strict profile refuses, or a value that cannot be right).
+    Refused {
+        reason: String,
+    },
     /// CRM(0xAA): the pile recognised the vehicle and charging can start.
     Recognized {
         since_request: Option<Duration>,
@@ -199,6 +207,11 @@ struct Session {
     /// The credential and the pile to present it to, held until the shell
     /// reports the draft journaled ([`Orchestrator::on_journaled`]).
     held_auth: Option<(Credential, Address)>,
+    /// What the BMS and the pile deviated in, for the record.
+    deviations: LinkDeviations,
+    /// A message the bridge refused (strict profile, implausible value):
+    /// why the session failed.
+    refusal: Option<String>,
 }
 
 /// A session that ended while its credential was still being fetched. The
@@ -528,6 +541,8 @@ impl Orchestrator {
             auth_failure: None,
             fetching: false,
             held_auth: None,
+            deviations: LinkDeviations::default(),
+            refusal: None,
         });
         self.notices.push_back(Notice::SessionStarted { session });
         self.actions.push_back(Action::CloseGate);
@@ -539,6 +554,11 @@ impl Orchestrator {
         };
         let result = match (&end.result, &s.auth_failure) {
             (EndResult::Completed, _) => SessionResult::Completed,
+            // What the gateway refused explains the end better than the
+            // error or timeout the refusal caused.
+            _ if s.refusal.is_some() => SessionResult::Failed {
+                reason: s.refusal.clone().unwrap_or_default(),
+            },
             // The pile's refusal explains the end better than the timeout
             // it caused.
             (_, Some(why)) => SessionResult::Failed {
@@ -589,6 +609,7 @@ impl Orchestrator {
                              spent but never shown to the pile"
                         .into(),
                 },
+                deviations: LinkDeviations::default(),
             },
         });
     }
@@ -651,10 +672,45 @@ impl Orchestrator {
             kind: s.view.credential?,
             ticket_id: s.ticket_id?,
         };
-        Some(
-            self.draft_basis()?
-                .record(credential, result, energy_wh, unix),
-        )
+        let mut record = self
+            .draft_basis()?
+            .record(credential, result, energy_wh, unix);
+        record.deviations = s.deviations.clone();
+        Some(record)
+    }
+
+    /// `side`'s peer showed `deviation`, accepted or refused: counted in the
+    /// session's record.
+    pub fn on_deviation(&mut self, side: Side, deviation: Deviation, refused: bool) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let d = match side {
+            Side::Bms => &mut s.deviations.bms,
+            Side::Pile => &mut s.deviations.pile,
+        };
+        if refused {
+            d.refused.add(deviation);
+        } else {
+            d.accepted.add(deviation);
+        }
+    }
+
+    /// The bridge refused a message of `side`'s peer and took the
+    /// standard's error path: the first such refusal is why the session
+    /// failed.
+    pub fn on_refusal(&mut self, side: Side, why: &str) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if s.refusal.is_none() {
+            let reason = format!("the gateway refused the {side}'s message: {why}");
+            warn!(%side, %reason, "session refused");
+            self.notices.push_back(Notice::Refused {
+                reason: reason.clone(),
+            });
+            s.refusal = Some(reason);
+        }
     }
 }
 

@@ -5,15 +5,22 @@
 //! the charger falls silent. The battery itself is outside: the shell reports
 //! its state with [`Bms::set_battery`] and asks for a stop with
 //! [`Bms::request_stop`].
+//!
+//! The charger's messages reach it through a [`PeerCheck`] (see
+//! [`super::field`]): a charger that counts current positive is read the
+//! standard's way, and CML/CCS values that cannot be right end the session
+//! with BEM.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use super::field::{Limits, PeerCheck};
 use super::messages::*;
 use super::session::{
     FailureReason, Outcome, Phase, Role, RoleCore, SessionEvent, Summary, Timeouts,
 };
 use super::units::{CentiVolt, Current, DeciKwh, DeciPercent, DeciVolt, Temperature};
+use crate::interop::Profile;
 use crate::time::Timestamp;
 
 /// What the BMS announces about its battery, and how it behaves.
@@ -33,6 +40,8 @@ pub struct BmsConfig {
     pub charger_wait: Option<Duration>,
     /// Send BMV and BMT (every 10 s) while charging.
     pub send_cell_details: bool,
+    /// How the charger's deviations are met (see [`super::field`]).
+    pub profile: Profile,
 }
 
 impl Default for BmsConfig {
@@ -61,6 +70,7 @@ impl Default for BmsConfig {
             timeouts: Timeouts::default(),
             charger_wait: None,
             send_cell_details: true,
+            profile: Profile::Field,
         }
     }
 }
@@ -301,11 +311,13 @@ impl Bms {
 
     fn bem_for_failure(&self) -> Bem {
         let mut bem = Bem::default();
-        let waiting_for = match &self.core.failure {
-            Some((_, FailureReason::Timeout { waiting_for }, _)) => *waiting_for,
+        // 01 for a timeout, 10 ("unreliable") for a message that came but
+        // cannot be acted on.
+        let (waiting_for, flag) = match &self.core.failure {
+            Some((_, FailureReason::Timeout { waiting_for }, _)) => (*waiting_for, Bits2::SET),
+            Some((_, FailureReason::Peer(fault), _)) => (fault.kind, Bits2::ALT),
             _ => return bem,
         };
-        let flag = Bits2::SET;
         match (waiting_for, self.state) {
             (MessageKind::Crm, State::Recognition) => bem.crmaa_timeout = flag,
             (MessageKind::Crm, _) => bem.crm00_timeout = flag,
@@ -445,6 +457,36 @@ impl Role for Bms {
         };
         // Send what the new state starts with now, not at the next tick.
         self.handle_timeout(now);
+    }
+
+    fn refuse(&mut self, reason: FailureReason, now: Timestamp) {
+        if self.started_at.is_none() || self.state == State::Ended || self.core.failure.is_some()
+        {
+            return;
+        }
+        match &reason {
+            FailureReason::Peer(fault)
+                if matches!(fault.kind, MessageKind::Cml | MessageKind::Ccs) =>
+            {
+                self.core.fail_with_error(MessageKind::Bem, reason, now);
+                self.handle_timeout(now);
+            }
+            _ => {
+                self.core.fail(reason);
+                self.state = State::Ended;
+            }
+        }
+    }
+
+    fn peer_check(&self) -> PeerCheck {
+        PeerCheck::for_charger(
+            self.config.profile,
+            Some(Limits {
+                min_voltage: None,
+                max_voltage: Some(self.config.max_charging_voltage),
+                max_current: Some(self.config.max_charging_current),
+            }),
+        )
     }
 
     fn handle_timeout(&mut self, now: Timestamp) {

@@ -3,16 +3,33 @@
 //! Drives the session from the charger's side: CHM → CRM(0x00) → CRM(0xAA)
 //! → CTS/CML → CRO → CCS while charging → CST → CSD, with the standard's
 //! periods and receive timeouts, and CEM when the BMS falls silent.
+//!
+//! The BMS's messages reach it through a [`PeerCheck`] (see
+//! [`super::field`]). With the field profile the charger also meets two
+//! deviations of BMS behaviour:
+//! - **BCP only before CRM(0xAA)**: an early BCP is kept, and acted on as
+//!   soon as CRM(0xAA) has gone out, as if it had been repeated;
+//! - **a BMS that waits for CCS before its first BCL**: after CRO(0xAA),
+//!   [`CCS_NUDGE_AFTER`] without a BCL starts CCS with the output off, so
+//!   a BMS of that kind starts too. The output stays off until a BCL.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use super::field::{FaultReason, Limits, PeerCheck, PeerFault};
 use super::messages::*;
 use super::session::{
     FailureReason, Outcome, Phase, Role, RoleCore, SessionEvent, Summary, Timeouts,
 };
 use super::units::{Current, DeciKwh, DeciVolt};
+use crate::interop::{Deviation, Profile, Refusal};
 use crate::time::Timestamp;
+
+/// Field profile: how long after CRO(0xAA) the charger waits for a first
+/// BCL before it starts CCS (output off) to wake a BMS that waits for CCS.
+/// Half the BMS's 1 s CCS timeout, and long after a standard BMS's first
+/// BCL (it follows CRO(0xAA) within one 50 ms period).
+pub const CCS_NUDGE_AFTER: Duration = Duration::from_millis(500);
 
 /// What the charger offers and how it behaves.
 #[derive(Clone, Debug)]
@@ -33,6 +50,8 @@ pub struct ChargerConfig {
     /// Keep CRM at 0x00 after BRM until [`Charger::release_recognition`] is
     /// called. This is where vehicle authentication slots in.
     pub hold_recognition: bool,
+    /// How the BMS's deviations are met (see the module docs).
+    pub profile: Profile,
 }
 
 impl Default for ChargerConfig {
@@ -56,6 +75,7 @@ impl Default for ChargerConfig {
             },
             timeouts: Timeouts::default(),
             hold_recognition: false,
+            profile: Profile::Field,
         }
     }
 }
@@ -78,9 +98,11 @@ enum State {
     Recognition {
         identified: bool,
     },
-    /// Sending CTS/CML, waiting for BRO(0xAA); then CRO(0xAA), waiting for BCL.
+    /// Sending CTS/CML, waiting for BRO(0xAA); then CRO(0xAA), waiting for
+    /// BCL. `ready_at`: when BRO(0xAA) came (the CCS nudge counts from it).
     Configuration {
         bms_ready: bool,
+        ready_at: Option<Timestamp>,
     },
     /// BCL is watched by the core's deadline (1 s); BCS by `bcs_by` (5 s).
     Charging {
@@ -118,6 +140,13 @@ pub struct Charger {
     /// The BMS's identity (BRM), once received.
     bms_identity: Option<Box<Brm>>,
     started: bool,
+    /// A BCP that came before CRM(0xAA) (field profile), for when it goes out.
+    early_bcp: Option<Bcp>,
+    /// CCS is being sent before the first BCL (field profile).
+    nudging: bool,
+    /// Anything heard from the BMS since CRO(0xAA): tells a BMS that waits
+    /// for CCS from a silent one when BCL times out.
+    heard_since_ready: bool,
 }
 
 impl Charger {
@@ -137,6 +166,9 @@ impl Charger {
             bms_soc_percent: 0,
             bms_identity: None,
             started: false,
+            early_bcp: None,
+            nudging: false,
+            heard_since_ready: false,
         }
     }
 
@@ -157,6 +189,41 @@ impl Charger {
             // Send CRM(0xAA) at once rather than at the next 250 ms tick.
             self.core.schedule.set(&[MessageKind::Crm], now);
             self.core.wait_for(MessageKind::Bcp, now);
+        }
+    }
+
+    /// The charger's own output range, against which the BMS is judged.
+    fn limits(&self) -> Limits {
+        Limits {
+            min_voltage: Some(self.config.min_output_voltage),
+            max_voltage: Some(self.config.max_output_voltage),
+            max_current: Some(self.config.max_output_current),
+        }
+    }
+
+    /// BCP accepted: into configuration, or refused when the BMS's maximum
+    /// voltage is below what this charger can give.
+    fn configure(&mut self, bcp: Bcp, now: Timestamp) -> State {
+        if bcp.max_charging_voltage < self.config.min_output_voltage {
+            self.core.fail_with_error(
+                MessageKind::Cem,
+                FailureReason::Incompatible(format!(
+                    "BMS max voltage {} is below the charger's minimum {}",
+                    bcp.max_charging_voltage, self.config.min_output_voltage
+                )),
+                now,
+            );
+            return State::Ended;
+        }
+        self.core.enter(
+            Phase::Configuration,
+            &[MessageKind::Cts, MessageKind::Cml],
+            now,
+        );
+        self.core.wait_for(MessageKind::Bro, now);
+        State::Configuration {
+            bms_ready: false,
+            ready_at: None,
         }
     }
 
@@ -287,8 +354,15 @@ impl Charger {
 
     fn cem_for_failure(&self) -> Cem {
         let mut cem = Cem::default();
-        if let Some((_, FailureReason::Timeout { waiting_for }, _)) = &self.core.failure {
-            let flag = Bits2::SET;
+        // 01 for a timeout, 10 ("unreliable") for a message that came but
+        // cannot be acted on, in the field of the message at fault.
+        let at_fault = match &self.core.failure {
+            Some((_, FailureReason::Timeout { waiting_for }, _)) => Some((*waiting_for, Bits2::SET)),
+            Some((_, FailureReason::Peer(fault), _)) => Some((fault.kind, Bits2::ALT)),
+            Some((_, FailureReason::Incompatible(_), _)) => Some((MessageKind::Bcp, Bits2::ALT)),
+            _ => None,
+        };
+        if let Some((waiting_for, flag)) = at_fault {
             match waiting_for {
                 MessageKind::Brm => cem.brm_timeout = flag,
                 MessageKind::Bcp => cem.bcp_timeout = flag,
@@ -304,7 +378,28 @@ impl Charger {
     }
 
     fn on_timeout_expired(&mut self, kind: MessageKind, now: Timestamp) {
-        let reason = FailureReason::Timeout { waiting_for: kind };
+        let reason = if kind == MessageKind::Bcl
+            && self.config.profile.is_strict()
+            && self.heard_since_ready
+            && matches!(
+                self.state,
+                State::Configuration {
+                    bms_ready: true,
+                    ..
+                }
+            ) {
+            // Strict (the field profile would have started CCS): the BMS
+            // is alive but sends no BCL, the mark of a BMS waiting for CCS.
+            FailureReason::Peer(PeerFault {
+                kind: MessageKind::Bcl,
+                reason: FaultReason::Deviation(Refusal::new(
+                    Deviation::BclWaitsForCcs,
+                    "no BCL within 1 s of CRO(0xAA) while the BMS kept sending; probably a BMS that waits for the first CCS",
+                )),
+            })
+        } else {
+            FailureReason::Timeout { waiting_for: kind }
+        };
         match kind {
             // No CEM field exists for a missing BHM: end without one.
             MessageKind::Bhm => self.core.fail(reason),
@@ -319,6 +414,13 @@ impl Role for Charger {
         if matches!(self.state, State::Ended) || !self.started {
             return;
         }
+        let was_ready = matches!(
+            self.state,
+            State::Configuration {
+                bms_ready: true,
+                ..
+            }
+        );
         // Errors and early stops from the BMS end the session in any phase.
         match &msg {
             Message::Bem(bem) => {
@@ -363,32 +465,43 @@ impl Role for Charger {
             (State::Recognition { identified: true }, Message::Bcp(bcp))
                 if self.recognition_allowed() =>
             {
-                if bcp.max_charging_voltage < self.config.min_output_voltage {
-                    self.core.fail(FailureReason::Incompatible(format!(
-                        "BMS max voltage {} is below the charger's minimum {}",
-                        bcp.max_charging_voltage, self.config.min_output_voltage
-                    )));
-                    State::Ended
-                } else {
-                    self.core.enter(
-                        Phase::Configuration,
-                        &[MessageKind::Cts, MessageKind::Cml],
-                        now,
-                    );
-                    self.core.wait_for(MessageKind::Bro, now);
-                    State::Configuration { bms_ready: false }
-                }
+                self.early_bcp = None;
+                self.configure(bcp, now)
             }
-            (State::Configuration { bms_ready: false }, Message::Bro(bro)) => {
+            // Before CRM(0xAA): the check let it through, so the field
+            // profile keeps it for when CRM(0xAA) goes out.
+            (state @ State::Recognition { .. }, Message::Bcp(bcp)) => {
+                self.early_bcp = Some(bcp);
+                state
+            }
+            (
+                State::Configuration {
+                    bms_ready: false, ..
+                },
+                Message::Bro(bro),
+            ) => {
                 if bro.ready == Readiness::Ready {
                     self.core.schedule.set(&[MessageKind::Cro], now);
                     self.core.wait_for(MessageKind::Bcl, now);
-                    State::Configuration { bms_ready: true }
+                    self.heard_since_ready = false;
+                    State::Configuration {
+                        bms_ready: true,
+                        ready_at: Some(now),
+                    }
                 } else {
-                    State::Configuration { bms_ready: false }
+                    State::Configuration {
+                        bms_ready: false,
+                        ready_at: None,
+                    }
                 }
             }
-            (State::Configuration { bms_ready: true }, Message::Bcl(bcl)) => {
+            (
+                State::Configuration {
+                    bms_ready: true, ..
+                },
+                Message::Bcl(bcl),
+            ) => {
+                self.nudging = false;
                 self.demand = Some(bcl);
                 self.charging_since = Some(now);
                 self.last_ccs_at = Some(now);
@@ -427,13 +540,60 @@ impl Role for Charger {
             }
             (state, _) => state,
         };
+        if was_ready
+            && let State::Configuration {
+                bms_ready: true, ..
+            } = self.state
+        {
+            self.heard_since_ready = true;
+        }
         // Send what the new state starts with now, not at the next tick.
         self.handle_timeout(now);
+    }
+
+    fn refuse(&mut self, reason: FailureReason, now: Timestamp) {
+        if matches!(self.state, State::Ended) || !self.started {
+            return;
+        }
+        self.state = State::Ended;
+        let kind = match &reason {
+            FailureReason::Peer(fault) => fault.kind,
+            _ => {
+                // No CEM field for a transport that will not carry BRM or BCP.
+                self.core.fail(reason);
+                return;
+            }
+        };
+        match kind {
+            MessageKind::Bcp | MessageKind::Bcl | MessageKind::Bcs | MessageKind::Brm => {
+                self.core.fail_with_error(MessageKind::Cem, reason, now);
+            }
+            // No CEM field for BHM; a refused BEM is itself the BMS's error.
+            _ => self.core.fail(reason),
+        }
+        self.handle_timeout(now);
+    }
+
+    fn peer_check(&self) -> PeerCheck {
+        PeerCheck::for_bms(self.config.profile, Some(self.limits()))
     }
 
     fn handle_timeout(&mut self, now: Timestamp) {
         if !self.started || self.core.phase == Phase::Done {
             return;
+        }
+        if self.config.profile == Profile::Field
+            && !self.nudging
+            && let State::Configuration {
+                bms_ready: true,
+                ready_at: Some(at),
+            } = self.state
+            && now.saturating_since(at) >= CCS_NUDGE_AFTER
+        {
+            self.nudging = true;
+            self.core
+                .schedule
+                .set(&[MessageKind::Cro, MessageKind::Ccs], now);
         }
         if self.core.finish_error_if_due(now) {
             return;
@@ -454,6 +614,14 @@ impl Role for Charger {
         for kind in self.core.schedule.due(now) {
             if let Some(msg) = self.build(kind, now) {
                 self.out.push_back(msg);
+            }
+            if kind == MessageKind::Crm
+                && self.recognised()
+                && let Some(bcp) = self.early_bcp.take()
+            {
+                // CRM(0xAA) is out: act on the BCP the BMS sent before it.
+                self.state = self.configure(bcp, now);
+                break;
             }
             if kind == MessageKind::Csd
                 && let State::Statistics { csd_left, bsd } = &mut self.state
@@ -483,6 +651,16 @@ impl Role for Charger {
 
     fn poll_timeout(&self) -> Option<Timestamp> {
         let mut next = self.core.next_timeout();
+        if self.config.profile == Profile::Field
+            && !self.nudging
+            && let State::Configuration {
+                bms_ready: true,
+                ready_at: Some(at),
+            } = self.state
+        {
+            let t = at + CCS_NUDGE_AFTER;
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
         if let State::Charging { started, bcs_by } = &self.state {
             let mut t = *bcs_by;
             if let Some(limit) = self.config.max_charging_time {

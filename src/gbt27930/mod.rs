@@ -9,6 +9,7 @@
 pub mod bms;
 pub mod charger;
 pub mod codec;
+pub mod field;
 mod display;
 pub mod messages;
 pub mod node;

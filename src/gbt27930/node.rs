@@ -2,12 +2,19 @@
 //! still sans-IO. It turns CAN frames into typed messages for the role and
 //! the role's messages back into frames (single frame or TP), so the async
 //! shell only moves frames and sleeps until [`Node::poll_timeout`].
+//!
+//! Between the decoder and the role sits the role's [`PeerCheck`]: the role
+//! only ever sees the standard's reading of the peer's messages, and the
+//! peer's deviations (in its messages or its transport) are reported as
+//! [`NodeEvent::Deviation`] and counted ([`Node::deviations`]).
 
 use std::collections::VecDeque;
 
 use super::codec::DecodeError;
+use super::field::{PeerCheck, Verdict};
 use super::messages::{Message, MessageKind};
-use super::session::{Role, SessionEvent};
+use super::session::{FailureReason, Role, SessionEvent};
+use crate::interop::{Deviation, Refusal, SideDeviations};
 use crate::can::CanFrame;
 use crate::j1939::tp::{J1939Message, TpConfig, TpError, TpEvent, Transport};
 use crate::j1939::{Address, Pgn};
@@ -34,12 +41,23 @@ pub enum NodeEvent {
     /// A message addressed to us (or broadcast) that is not GB/T 27930, from
     /// any source: what the layer above (vehicle authentication) handles.
     Other(J1939Message),
+    /// The peer showed a known deviation: accepted (field profile) or
+    /// refused (strict; the session then fails with it).
+    Deviation {
+        deviation: Deviation,
+        refused: bool,
+        detail: String,
+    },
+    /// The peer's message could not be acted on; the session fails with it.
+    Refused(super::field::PeerFault),
 }
 
 /// A role bound to its addresses and a J1939 transport.
 #[derive(Debug)]
 pub struct Node<R> {
     role: R,
+    check: PeerCheck,
+    deviations: SideDeviations,
     tp: Transport,
     local: Address,
     peer: Address,
@@ -49,6 +67,8 @@ pub struct Node<R> {
 impl<R: Role> Node<R> {
     pub fn new(role: R, local: Address, peer: Address, tp: TpConfig) -> Self {
         Node {
+            check: role.peer_check(),
+            deviations: SideDeviations::default(),
             role,
             tp: Transport::new(tp, local),
             local,
@@ -59,6 +79,11 @@ impl<R: Role> Node<R> {
 
     pub fn role(&self) -> &R {
         &self.role
+    }
+
+    /// The peer's deviations so far, accepted and refused.
+    pub fn deviations(&self) -> &SideDeviations {
+        &self.deviations
     }
 
     /// Act on the role directly (start, stop requests); call
@@ -106,6 +131,19 @@ impl<R: Role> Node<R> {
                     other @ (TpEvent::SendAborted { .. } | TpEvent::ReceiveAborted { .. }) => {
                         self.events.push_back(NodeEvent::TransportAborted(other));
                     }
+                    TpEvent::Deviation {
+                        peer,
+                        deviation,
+                        refused,
+                        detail,
+                    } if peer == self.peer => {
+                        self.note_deviation(deviation, refused, detail.clone());
+                        if refused {
+                            let reason = FailureReason::Transport(Refusal::new(deviation, detail));
+                            self.role.refuse(reason, now);
+                        }
+                    }
+                    TpEvent::Deviation { .. } => {}
                 }
             }
             while let Some(msg) = self.role.poll_message() {
@@ -156,18 +194,49 @@ impl<R: Role> Node<R> {
         if m.source != self.peer {
             return;
         }
-        match Message::decode(m.pgn, &m.data) {
-            Ok(msg) => {
+        let msg = match Message::decode(m.pgn, &m.data) {
+            Ok(msg) => msg,
+            Err(error) => {
+                self.events
+                    .push_back(NodeEvent::Malformed { pgn: m.pgn, error });
+                return;
+            }
+        };
+        let verdict = self.check.inbound(msg, m.data.len(), now);
+        while let Some((deviation, detail)) = self.check.poll_deviation() {
+            self.note_deviation(deviation, false, detail);
+        }
+        match verdict {
+            Verdict::Pass(msg) => {
                 self.events.push_back(NodeEvent::Received(msg.clone()));
                 self.role.handle_message(msg, now);
             }
-            Err(error) => self
-                .events
-                .push_back(NodeEvent::Malformed { pgn: m.pgn, error }),
+            Verdict::Drop => {}
+            Verdict::Refuse(fault) => {
+                if let Some(d) = fault.reason.deviation() {
+                    self.deviations.refused.add(d);
+                }
+                self.events.push_back(NodeEvent::Refused(fault.clone()));
+                self.role.refuse(FailureReason::Peer(fault), now);
+            }
         }
     }
 
+    fn note_deviation(&mut self, deviation: Deviation, refused: bool, detail: String) {
+        if refused {
+            self.deviations.refused.add(deviation);
+        } else {
+            self.deviations.accepted.add(deviation);
+        }
+        self.events.push_back(NodeEvent::Deviation {
+            deviation,
+            refused,
+            detail,
+        });
+    }
+
     fn send(&mut self, msg: Message, now: Timestamp) {
+        self.check.context(&msg, now);
         let kind = msg.kind();
         let out = J1939Message {
             priority: kind.priority(),

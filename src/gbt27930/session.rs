@@ -4,7 +4,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::field::{PeerCheck, PeerFault};
 use super::messages::{Bem, Cem, Message, MessageKind};
+use crate::interop::Refusal;
 use crate::time::Timestamp;
 
 /// The phases of a charging session (GB/T 27930-2015, section 9).
@@ -87,6 +89,12 @@ pub enum FailureReason {
     Incompatible(String),
     /// The shell ended the session (shutdown, bus lost).
     Aborted(String),
+    /// A message of the peer could not be acted on: a deviation the strict
+    /// profile refuses, a current sign that cannot be settled, or an
+    /// implausible value.
+    Peer(PeerFault),
+    /// The peer's transport showed a deviation the strict profile refuses.
+    Transport(Refusal),
 }
 
 impl fmt::Display for FailureReason {
@@ -108,6 +116,8 @@ impl fmt::Display for FailureReason {
             FailureReason::StoppedEarly { by } => write!(f, "peer sent {by} before charging began"),
             FailureReason::Incompatible(why) => write!(f, "incompatible parameters: {why}"),
             FailureReason::Aborted(why) => write!(f, "aborted: {why}"),
+            FailureReason::Peer(fault) => write!(f, "refused {fault}"),
+            FailureReason::Transport(refusal) => write!(f, "transport: {refusal}"),
         }
     }
 }
@@ -164,6 +174,13 @@ pub enum SessionEvent {
 /// it next needs to be woken.
 pub trait Role {
     fn handle_message(&mut self, msg: Message, now: Timestamp);
+    /// Ends the session for `reason` (a [`FailureReason::Peer`] or
+    /// [`FailureReason::Transport`]), with the standard's error message
+    /// where it has one for the fault.
+    fn refuse(&mut self, reason: FailureReason, now: Timestamp);
+    /// The check the peer's messages go through before
+    /// [`Role::handle_message`] (see [`super::field`]).
+    fn peer_check(&self) -> PeerCheck;
     fn handle_timeout(&mut self, now: Timestamp);
     fn poll_message(&mut self) -> Option<Message>;
     fn poll_event(&mut self) -> Option<SessionEvent>;

@@ -3,15 +3,24 @@
 //! Used by `bmsgw decode` on `candump -L` captures and by the demo. Frames go
 //! through the passive J1939 [`Monitor`], so TP messages (BRM, BCP, BCS …)
 //! are reassembled whichever direction they travel.
+//!
+//! Each message is also judged as its receiver would judge it under the
+//! field profile ([`LinkWatch`]), and each transfer as its sender would
+//! ([`Monitor`]): the deviations a capture holds (docs/interop.md) are
+//! listed where they occur (`!! deviation …`) and counted per side in the
+//! summary (`deviations: …`), with values a peer would refuse
+//! (`!! refused …`), so a field failure can be diagnosed from a capture.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use super::messages::{BMS_ADDRESS, CHARGER_ADDRESS, Message, MessageKind};
+use super::field::{Finding, LinkWatch};
+use super::messages::{BMS_ADDRESS, CHARGER_ADDRESS, Message, MessageKind, Sender};
 use super::session::Phase;
 use crate::can::CanFrame;
 use crate::can::candump::{LogEntry, LogReader};
+use crate::interop::DeviationCounts;
 use crate::j1939::monitor::{Monitor, MonitorEvent};
 use crate::j1939::{Address, tp::J1939Message};
 use crate::time::Timestamp;
@@ -37,6 +46,12 @@ pub struct Timeline {
     repeats_hidden: usize,
     malformed: usize,
     bad_lines: usize,
+    watch: LinkWatch,
+    /// Deviations found, of the BMS and of the pile.
+    bms_deviations: DeviationCounts,
+    pile_deviations: DeviationCounts,
+    /// Messages a receiver would refuse.
+    refusals: usize,
 }
 
 impl Timeline {
@@ -52,6 +67,22 @@ impl Timeline {
             repeats_hidden: 0,
             malformed: 0,
             bad_lines: 0,
+            watch: LinkWatch::default(),
+            bms_deviations: DeviationCounts::default(),
+            pile_deviations: DeviationCounts::default(),
+            refusals: 0,
+        }
+    }
+
+    /// The deviations found so far: the BMS's, then the pile's.
+    pub fn deviations(&self) -> (&DeviationCounts, &DeviationCounts) {
+        (&self.bms_deviations, &self.pile_deviations)
+    }
+
+    fn counts_of(&mut self, by: Sender) -> &mut DeviationCounts {
+        match by {
+            Sender::Bms => &mut self.bms_deviations,
+            Sender::Charger => &mut self.pile_deviations,
         }
     }
 
@@ -80,6 +111,28 @@ impl Timeline {
                     if let Some(line) = self.message_line(rel, &m) {
                         lines.push(line);
                     }
+                    lines.extend(self.judge(rel, &m));
+                }
+                MonitorEvent::Deviation {
+                    by,
+                    sender,
+                    pgn,
+                    deviation,
+                    detail,
+                } => {
+                    let side = match by.0 {
+                        BMS_ADDRESS => Some(Sender::Bms),
+                        CHARGER_ADDRESS => Some(Sender::Charger),
+                        _ => None,
+                    };
+                    if let Some(side) = side {
+                        self.counts_of(side).add(deviation);
+                    }
+                    lines.push(format!(
+                        "{:>10.3}  {:<9} !! deviation {deviation}: {detail} (transfer of PGN {pgn})",
+                        rel.as_secs_f64(),
+                        direction(by, sender),
+                    ));
                 }
                 MonitorEvent::Incomplete {
                     source,
@@ -134,6 +187,38 @@ impl Timeline {
         })
     }
 
+    /// What the receiver of `m` would find in it (see the module docs).
+    fn judge(&mut self, rel: Duration, m: &J1939Message) -> Vec<String> {
+        let Some(kind) = MessageKind::from_pgn(m.pgn) else {
+            return Vec::new();
+        };
+        let Ok(msg) = Message::decode(m.pgn, &m.data) else {
+            return Vec::new();
+        };
+        let by = kind.sender();
+        let now = Timestamp::ZERO + rel;
+        let dir = direction(m.source, m.destination);
+        let t = rel.as_secs_f64();
+        let mut lines = Vec::new();
+        for finding in self.watch.message(by, &msg, m.data.len(), now) {
+            match finding {
+                Finding::Deviation {
+                    by,
+                    deviation,
+                    detail,
+                } => {
+                    self.counts_of(by).add(deviation);
+                    lines.push(format!("{t:>10.3}  {dir:<9} !! deviation {deviation}: {detail}"));
+                }
+                Finding::Fault { fault, .. } => {
+                    self.refusals += 1;
+                    lines.push(format!("{t:>10.3}  {dir:<9} !! refused: {fault}"));
+                }
+            }
+        }
+        lines
+    }
+
     /// Phases in the order they first appeared.
     pub fn phases(&self) -> &[Phase] {
         &self.phases
@@ -167,6 +252,13 @@ impl Timeline {
         }
         if self.bad_lines > 0 {
             out.push(format!("bad log lines: {}", self.bad_lines));
+        }
+        out.push(format!(
+            "deviations: BMS {}; pile {}",
+            self.bms_deviations, self.pile_deviations
+        ));
+        if self.refusals > 0 {
+            out.push(format!("messages a receiver would refuse: {}", self.refusals));
         }
         out
     }

@@ -26,6 +26,7 @@ use super::tp::{
 };
 use super::{Address, J1939Id, Pgn, Priority};
 use crate::can::CanFrame;
+use crate::interop::Deviation;
 use crate::time::Timestamp;
 
 /// Why a transfer seen on the bus produced no message.
@@ -60,6 +61,17 @@ pub enum MonitorEvent {
         received: u8,
         total: u8,
     },
+    /// `by` showed a known transport deviation (see [`crate::interop`]) in
+    /// the transfer of `pgn` it receives from `sender`; reported once per
+    /// transfer. A monitor judges nothing: it follows the transfer as the
+    /// sender would under the field profile.
+    Deviation {
+        by: Address,
+        sender: Address,
+        pgn: Pgn,
+        deviation: Deviation,
+        detail: String,
+    },
 }
 
 #[derive(Debug)]
@@ -71,6 +83,8 @@ struct Session {
     priority: Priority,
     buf: Reassembly,
     deadline: Timestamp,
+    /// Deviations already reported for this transfer.
+    reported: Vec<Deviation>,
 }
 
 /// Watches a bus and reassembles every J1939 message on it.
@@ -161,8 +175,39 @@ impl Monitor {
             }
             // CTS and EndOfMsgAck go from the receiver back to the sender.
             Cm::Cts { count, pgn, .. } => {
-                if let Some(s) = self.find_mut(id.destination, id.source, pgn) {
-                    s.deadline = now + if count == 0 { T4 } else { T2 };
+                let interval = cm.cts_interval_ms();
+                // Without a PGN the CTS can only be for the one transfer
+                // the sender has open to this receiver.
+                let i = match pgn {
+                    Some(pgn) => self.position(id.destination, id.source, pgn),
+                    None => self.position_any(id.destination, id.source),
+                };
+                let Some(i) = i else { return };
+                let mut found = Vec::new();
+                if pgn.is_none() {
+                    found.push((Deviation::CtsWithoutPgn, "CTS without a PGN".to_string()));
+                }
+                if let Some(ms) = interval {
+                    found.push((
+                        Deviation::CtsPacketInterval,
+                        format!("CTS asks for {ms} ms between packets"),
+                    ));
+                }
+                let Some(s) = self.sessions.get_mut(i) else {
+                    return;
+                };
+                s.deadline = now + if count == 0 { T4 } else { T2 };
+                for (deviation, detail) in found {
+                    if !s.reported.contains(&deviation) {
+                        s.reported.push(deviation);
+                        self.events.push_back(MonitorEvent::Deviation {
+                            by: id.source,
+                            sender: id.destination,
+                            pgn: s.pgn,
+                            deviation,
+                            detail,
+                        });
+                    }
                 }
             }
             Cm::EndOfMsgAck { pgn, .. } => {
@@ -228,6 +273,7 @@ impl Monitor {
             priority: id.priority,
             buf,
             deadline,
+            reported: Vec::new(),
         });
     }
 
@@ -268,15 +314,12 @@ impl Monitor {
             .position(|s| s.source == source && s.destination == destination && s.pgn == pgn)
     }
 
-    fn find_mut(
-        &mut self,
-        source: Address,
-        destination: Address,
-        pgn: Pgn,
-    ) -> Option<&mut Session> {
+    /// The connection-mode transfer from `source` to `destination`, if one
+    /// is open (there is at most one per ordered pair).
+    fn position_any(&self, source: Address, destination: Address) -> Option<usize> {
         self.sessions
-            .iter_mut()
-            .find(|s| s.source == source && s.destination == destination && s.pgn == pgn)
+            .iter()
+            .position(|s| s.source == source && s.destination == destination)
     }
 
     /// Drops session `i` (just looked up) and reports it.

@@ -20,6 +20,7 @@ use crate::cloud::link::{LinkConfig, QoS};
 use crate::cloud::tls::TlsFiles;
 use crate::cloud::topics::{self, VehicleId};
 use crate::gateway::throttle::ThrottleConfig;
+use crate::interop::Profile;
 use crate::j1939::{Address, Pgn};
 
 /// Where `bmsgw run` looks by default.
@@ -67,7 +68,16 @@ pub struct Config {
     pub control: ControlConfig,
     pub session: SessionConfig,
     pub firewall: FirewallSection,
+    pub interop: InteropConfig,
     pub log: LogConfig,
+}
+
+/// How the gateway meets each peer's deviations from GB/T 27930 and
+/// J1939-21 (docs/interop.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InteropConfig {
+    pub bms: Profile,
+    pub pile: Profile,
 }
 
 #[derive(Clone, Debug)]
@@ -178,7 +188,31 @@ struct Raw {
     #[serde(default)]
     firewall: RawFirewall,
     #[serde(default)]
+    interop: RawInterop,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterop {
+    #[serde(default = "d_profile")]
+    bms: String,
+    #[serde(default = "d_profile")]
+    pile: String,
+}
+
+impl Default for RawInterop {
+    fn default() -> Self {
+        RawInterop {
+            bms: d_profile(),
+            pile: d_profile(),
+        }
+    }
+}
+
+fn d_profile() -> String {
+    Profile::Field.name().to_owned()
 }
 
 #[derive(Deserialize)]
@@ -842,8 +876,17 @@ impl Checker<'_> {
                     crate::gateway::firewall::default_pile_to_bms(),
                 )?,
             },
+            interop: InteropConfig {
+                bms: self.profile("interop.bms", &raw.interop.bms)?,
+                pile: self.profile("interop.pile", &raw.interop.pile)?,
+            },
             log: LogConfig { level },
         })
+    }
+
+    fn profile(&self, key: &'static str, v: &str) -> Result<Profile, ConfigError> {
+        v.parse()
+            .map_err(|_| self.bad(key, v, "\"field\" or \"strict\""))
     }
 }
 

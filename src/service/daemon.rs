@@ -33,7 +33,8 @@ use zeroize::Zeroizing;
 use super::config::{CanInterfaces, Config};
 use super::control::{ControlHandler, ControlServer, ImportReport};
 use super::status::{
-    CanLinkStatus, CloudStatus, ErrorEntry, OutboxStatus, SessionStatus, Status, VoucherCount,
+    CanLinkStatus, CloudStatus, ErrorEntry, OutboxStatus, ProfileStatus, SessionStatus, Status,
+    VoucherCount,
 };
 use super::systemd::Systemd;
 use crate::auth::{Rng, SystemRng, VoucherWallet};
@@ -46,7 +47,7 @@ use crate::cloud::messages::{CredentialKind, Event, Payload, SessionRecord};
 use crate::cloud::outbox::OutboxPublisher;
 use crate::cloud::ticket_file::TicketFile;
 use crate::cloud::topics;
-use crate::gateway::bridge::Bridge;
+use crate::gateway::bridge::{Bridge, BridgeEvent};
 use crate::gateway::firewall::{FirewallConfig, RateLimit, Side};
 use crate::gateway::observer::{ObserverConfig, SessionObserver};
 use crate::gateway::orchestrator::{
@@ -165,6 +166,7 @@ pub async fn run_on<B: CanBus + 'static>(
         outbox: outbox.clone(),
         link: std::sync::OnceLock::new(),
         cloud_enabled: config.cloud.enabled,
+        profiles: config.interop,
         cloud: CloudCounters::default(),
         snapshot: Mutex::new(Snapshot {
             can: can_names
@@ -351,12 +353,14 @@ struct Snapshot {
     session: Option<SessionStatus>,
     last_session: Option<SessionStatus>,
     firewall: Option<crate::gateway::firewall::FirewallCounters>,
+    deviations: crate::interop::LinkDeviations,
     awaiting_approval: bool,
 }
 
 struct Shared {
     started: Instant,
     mode: &'static str,
+    profiles: super::config::InteropConfig,
     keys: VehicleKeys,
     store: Store,
     wallet: Arc<Mutex<DurableWallet>>,
@@ -518,6 +522,11 @@ impl ControlHandler for Shared {
                 .firewall
                 .as_ref()
                 .and_then(|f| serde_json::to_value(f).ok()),
+            profiles: ProfileStatus {
+                bms: self.profiles.bms.to_string(),
+                pile: self.profiles.pile.to_string(),
+            },
+            deviations: snap.deviations.clone(),
             last_errors: self
                 .errors
                 .lock()
@@ -902,12 +911,18 @@ async fn can_loop<B: CanBus>(
             },
             blank_vin: fw.blank_vin,
             gate_recognition: config.session.require_pile_auth,
+            bms_profile: config.interop.bms,
+            pile_profile: config.interop.pile,
         }))
     } else {
         None
     };
-    // Single-bus: watch the BMS and the pile without taking part.
+    // Single-bus: watch the BMS and the pile without taking part, and
+    // count their deviations as a receiver would find them (the gateway
+    // relays nothing here, so it refuses nothing either).
     let mut monitor = bridge.is_none().then(|| Monitor::new(16));
+    let mut watch = crate::gbt27930::field::LinkWatch::default();
+    let mut watched = crate::interop::LinkDeviations::default();
     let mut observer = SessionObserver::new(ObserverConfig {
         bms: can.bms_address,
         pile: can.pile_address,
@@ -965,12 +980,42 @@ async fn can_loop<B: CanBus>(
                     moved = true;
                     observer.handle_message(&msg, now);
                 }
+                // Before the observer's events: a refusal explains the
+                // session's end better than the error message it caused.
+                while let Some(ev) = b.poll_event() {
+                    moved = true;
+                    let _g = span.enter();
+                    match ev {
+                        BridgeEvent::Deviation {
+                            side,
+                            deviation,
+                            refused,
+                            ..
+                        } => orch.on_deviation(side, deviation, refused),
+                        BridgeEvent::Refused { side, reason } => orch.on_refusal(side, &reason),
+                    }
+                }
             }
             if let Some(m) = monitor.as_mut() {
                 while let Some(ev) = m.poll_event() {
                     moved = true;
-                    if let MonitorEvent::Message(msg) = ev {
-                        observer.handle_message(&msg, now);
+                    match ev {
+                        MonitorEvent::Message(msg) => {
+                            observer.handle_message(&msg, now);
+                            for (side, deviation) in watch_message(&mut watch, can, &msg, now) {
+                                watched_side(&mut watched, side).accepted.add(deviation);
+                                orch.on_deviation(side, deviation, false);
+                            }
+                        }
+                        MonitorEvent::Deviation { by, deviation, detail, .. } => {
+                            let side = if by == can.bms_address { Side::Bms } else { Side::Pile };
+                            if by == can.bms_address || by == can.pile_address {
+                                info!(%side, %deviation, "{detail}");
+                                watched_side(&mut watched, side).accepted.add(deviation);
+                                orch.on_deviation(side, deviation, false);
+                            }
+                        }
+                        MonitorEvent::Incomplete { .. } => {}
                     }
                 }
             }
@@ -1075,7 +1120,7 @@ async fn can_loop<B: CanBus>(
         shared
             .live_session
             .store(orch.current().map_or(0, |v| v.session), Ordering::SeqCst);
-        publish_snapshot(&shared, &orch, bridge.as_ref(), &counters);
+        publish_snapshot(&shared, &orch, bridge.as_ref(), &counters, &watched);
         while credential_tasks.try_join_next().is_some() {}
         if stopping && !settled {
             // One more turn of the loop records what settling hands over
@@ -1238,6 +1283,7 @@ fn on_notice(shared: &Shared, notice: &Notice) {
     match notice {
         Notice::NoCredential { reason } => shared.error(format!("no credential: {reason}")),
         Notice::PileRefused { reason } => shared.error(format!("pile authentication: {reason}")),
+        Notice::Refused { reason } => shared.error(reason.clone()),
         Notice::SessionEnded { .. } => {
             if let Ok(mut snap) = shared.snapshot.lock() {
                 snap.awaiting_approval = false;
@@ -1273,11 +1319,58 @@ fn session_status(v: &SessionView) -> SessionStatus {
     }
 }
 
+/// What the receiver of a watched message would find in it (single-bus
+/// mode): each deviation with the side that showed it.
+fn watch_message(
+    watch: &mut crate::gbt27930::field::LinkWatch,
+    can: &super::config::CanConfig,
+    msg: &crate::j1939::tp::J1939Message,
+    now: crate::time::Timestamp,
+) -> Vec<(Side, crate::interop::Deviation)> {
+    use crate::gbt27930::field::Finding;
+    use crate::gbt27930::{Message, MessageKind, Sender};
+    let Some(kind) = MessageKind::from_pgn(msg.pgn) else {
+        return Vec::new();
+    };
+    let (by, side) = match kind.sender() {
+        Sender::Bms if msg.source == can.bms_address => (Sender::Bms, Side::Bms),
+        Sender::Charger if msg.source == can.pile_address => (Sender::Charger, Side::Pile),
+        _ => return Vec::new(),
+    };
+    let Ok(decoded) = Message::decode(msg.pgn, &msg.data) else {
+        return Vec::new();
+    };
+    watch
+        .message(by, &decoded, msg.data.len(), now)
+        .into_iter()
+        .filter_map(|f| match f {
+            Finding::Deviation {
+                deviation, detail, ..
+            } => {
+                info!(%side, %deviation, "{detail}");
+                Some((side, deviation))
+            }
+            Finding::Fault { fault, .. } => {
+                warn!(%side, %fault, "a message the receiver would refuse");
+                None
+            }
+        })
+        .collect()
+}
+
+fn watched_side(d: &mut crate::interop::LinkDeviations, side: Side) -> &mut crate::interop::SideDeviations {
+    match side {
+        Side::Bms => &mut d.bms,
+        Side::Pile => &mut d.pile,
+    }
+}
+
 fn publish_snapshot(
     shared: &Shared,
     orch: &Orchestrator,
     bridge: Option<&Bridge>,
     counters: &[BusCounters; 2],
+    watched: &crate::interop::LinkDeviations,
 ) {
     let Ok(mut snap) = shared.snapshot.lock() else {
         return;
@@ -1305,4 +1398,5 @@ fn publish_snapshot(
         status.up = c.up;
     }
     snap.firewall = bridge.map(|b| b.counters().clone());
+    snap.deviations = bridge.map_or_else(|| watched.clone(), |b| b.deviations().clone());
 }

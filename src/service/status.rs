@@ -30,8 +30,22 @@ pub struct Status {
     /// The bridge's firewall counters (bridge mode only), as their JSON
     /// object: the CLI shows whatever counters the daemon has.
     pub firewall: Option<serde_json::Value>,
+    /// How the BMS's and the pile's deviations are met (`interop.bms`,
+    /// `interop.pile`: "field" or "strict").
+    pub profiles: ProfileStatus,
+    /// The deviations from the standards the BMS and the pile showed since
+    /// the daemon started, per kind (docs/interop.md).
+    pub deviations: crate::interop::LinkDeviations,
     /// The most recent errors, oldest first.
     pub last_errors: Vec<ErrorEntry>,
+}
+
+/// The compatibility profile of each side.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ProfileStatus {
+    pub bms: String,
+    pub pile: String,
 }
 
 /// One CAN interface.
@@ -231,6 +245,19 @@ impl Status {
             }
         }
 
+        let p = &self.profiles;
+        line(
+            &mut out,
+            format_args!(
+                "\nDeviations from the standards (profiles: BMS {}, pile {})",
+                clean(&p.bms),
+                clean(&p.pile)
+            ),
+        );
+        for (who, d) in [("BMS", &self.deviations.bms), ("pile", &self.deviations.pile)] {
+            line(&mut out, format_args!("  {who:<5} {d}"));
+        }
+
         out.push_str("\nLast errors\n");
         if self.last_errors.is_empty() {
             out.push_str("  none\n");
@@ -424,6 +451,18 @@ pub(crate) mod tests {
                 dropped_events: 0,
             },
             firewall: Some(serde_json::json!({"dropped_not_allowed": 4, "vin_blanked": 1})),
+            profiles: ProfileStatus {
+                bms: "field".into(),
+                pile: "strict".into(),
+            },
+            deviations: {
+                use crate::interop::Deviation;
+                let mut d = crate::interop::LinkDeviations::default();
+                d.bms.accepted.add(Deviation::BcpBeforeRecognition);
+                d.bms.accepted.add(Deviation::PositiveCurrent);
+                d.pile.refused.add(Deviation::CtsWithoutPgn);
+                d
+            },
             last_errors: vec![ErrorEntry {
                 at: 1_760_000_100,
                 message: "cloud: timeout\u{1b}[31m".into(),
@@ -461,6 +500,9 @@ pub(crate) mod tests {
             "2 records, 2 events, 640 bytes waiting; 0 events dropped",
             "dropped_not_allowed  4",
             "vin_blanked          1",
+            "Deviations from the standards (profiles: BMS field, pile strict)",
+            "BMS   accepted bcp-before-recognition×1, positive-current×1",
+            "pile  accepted none; refused cts-without-pgn×1",
             "2025-10-09 08:55:00 UTC  cloud: timeout\\u{1b}[31m",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

@@ -5,13 +5,14 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::driver::{OnTick, SimError, run_node};
+use super::driver::{DeviationLog, OnTick, SimError, run_node};
 use crate::can::CanBus;
 use crate::gbt27930::bms::{BatteryState, Bms, BmsConfig, BmsStopReason};
 use crate::gbt27930::node::Node;
 use crate::gbt27930::session::{Phase, Role, Summary, Timeouts};
 use crate::gbt27930::units::{Current, DeciPercent, DeciVolt};
 use crate::gbt27930::{BMS_ADDRESS, CHARGER_ADDRESS, CellVoltage};
+use crate::interop::Profile;
 use crate::j1939::Address;
 use crate::j1939::tp::TpConfig;
 use crate::time::{Clock, Timestamp};
@@ -32,6 +33,10 @@ pub struct BmsSimOptions {
     /// How long to wait for a charger to appear; `None` waits for ever.
     pub charger_wait: Option<Duration>,
     pub timeouts: Timeouts,
+    /// How the charger's deviations are met (see [`crate::interop`]).
+    pub profile: Profile,
+    /// Where the charger's deviations are left when the session ends.
+    pub deviations: DeviationLog,
 }
 
 impl Default for BmsSimOptions {
@@ -45,6 +50,8 @@ impl Default for BmsSimOptions {
             pile_address: Address(CHARGER_ADDRESS),
             charger_wait: Some(Duration::from_secs(60)),
             timeouts: Timeouts::default(),
+            profile: Profile::Field,
+            deviations: DeviationLog::default(),
         }
     }
 }
@@ -130,6 +137,7 @@ pub async fn run<B: CanBus>(
         charger_wait: opts.charger_wait,
         timeouts: opts.timeouts,
         max_charging_current: Current::charging(opts.current.max(1.0)),
+        profile: opts.profile,
         ..BmsConfig::default()
     };
     let mut battery = Battery {
@@ -138,7 +146,12 @@ pub async fn run<B: CanBus>(
     };
     let mut bms = Bms::new(config);
     bms.set_battery(battery.state(opts.soc_start, None));
-    let mut node = Node::new(bms, opts.address, opts.pile_address, TpConfig::gbt27930());
+    let mut node = Node::new(
+        bms,
+        opts.address,
+        opts.pile_address,
+        TpConfig::gbt27930().with_profile(opts.profile),
+    );
     let now = clock.now();
     node.role_mut().start(now);
     node.handle_timeout(now);
@@ -160,6 +173,7 @@ pub async fn run<B: CanBus>(
         }),
         shutdown,
     )
-    .await?;
-    SimError::check(outcome)
+    .await;
+    opts.deviations.set(node.deviations());
+    SimError::check(outcome?)
 }

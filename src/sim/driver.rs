@@ -2,6 +2,7 @@
 //! and the node and sleeps until the node's next deadline.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info, trace, warn};
 
@@ -37,6 +38,23 @@ impl SimError {
         match outcome {
             Outcome::Completed(s) => Ok(s),
             other => Err(SimError::Session(other)),
+        }
+    }
+}
+
+/// Where a simulator leaves its peer's deviations when its session ends,
+/// however it ends: shared with whoever started it.
+#[derive(Clone, Debug, Default)]
+pub struct DeviationLog(Arc<Mutex<crate::interop::SideDeviations>>);
+
+impl DeviationLog {
+    pub fn get(&self) -> crate::interop::SideDeviations {
+        self.0.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn set(&self, d: &crate::interop::SideDeviations) {
+        if let Ok(mut mine) = self.0.lock() {
+            *mine = d.clone();
         }
     }
 }
@@ -104,6 +122,17 @@ where
                 NodeEvent::TransportAborted(ev) => warn!(?ev, "transport aborted"),
                 NodeEvent::Skipped(kind) => debug!(message = %kind, "skipped: transport busy"),
                 NodeEvent::Other(m) => trace!(pgn = %m.pgn, source = %m.source, "non-GB/T message"),
+                NodeEvent::Deviation {
+                    deviation,
+                    refused: false,
+                    detail,
+                } => info!(%deviation, "peer deviation accepted: {detail}"),
+                NodeEvent::Deviation {
+                    deviation,
+                    refused: true,
+                    detail,
+                } => warn!(%deviation, "peer deviation refused: {detail}"),
+                NodeEvent::Refused(fault) => warn!(%fault, "peer message refused"),
             }
         }
         // Hooks may have queued frames while handling events.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::driver::{Hooks, SimError, run_node};
+use super::driver::{DeviationLog, Hooks, SimError, run_node};
 use crate::auth::{
     AUTH_PGN, AcceptedTicket, MemoryReplayStore, PileAuth, PileAuthConfig, PileAuthEvent, PileKeys,
     ReplayCache, ResultCode, SystemRng,
@@ -19,6 +19,7 @@ use crate::gbt27930::node::{Node, NodeEvent};
 use crate::gbt27930::session::{Outcome, Summary, Timeouts};
 use crate::gbt27930::units::{Current, DeciVolt};
 use crate::gbt27930::{BMS_ADDRESS, CHARGER_ADDRESS, ChargerNumber, RegionCode};
+use crate::interop::Profile;
 use crate::j1939::tp::{J1939Message, TpConfig};
 use crate::j1939::{Address, Pgn};
 use crate::time::{Clock, Timestamp, unix_now};
@@ -38,6 +39,10 @@ pub struct PileSimOptions {
     pub timeouts: Timeouts,
     /// Require vehicle authentication before CRM(0xAA).
     pub auth: Option<PileAuthSetup>,
+    /// How the BMS's deviations are met (see [`crate::interop`]).
+    pub profile: Profile,
+    /// Where the BMS's deviations are left when the session ends.
+    pub deviations: DeviationLog,
 }
 
 impl Default for PileSimOptions {
@@ -52,6 +57,8 @@ impl Default for PileSimOptions {
             bms_address: Address(BMS_ADDRESS),
             timeouts: Timeouts::default(),
             auth: None,
+            profile: Profile::Field,
+            deviations: DeviationLog::default(),
         }
     }
 }
@@ -165,14 +172,16 @@ pub async fn run<B: CanBus>(
         time: super::wallclock::now_cts(),
         timeouts: opts.timeouts,
         hold_recognition: opts.auth.is_some(),
+        profile: opts.profile,
         ..ChargerConfig::default()
     };
     let mut node = Node::new(
         Charger::new(config),
         opts.address,
         opts.bms_address,
-        TpConfig::gbt27930(),
+        TpConfig::gbt27930().with_profile(opts.profile),
     );
+    let log = opts.deviations.clone();
     let now = clock.now();
     node.role_mut().start(now);
     node.handle_timeout(now);
@@ -184,8 +193,9 @@ pub async fn run<B: CanBus>(
             &mut super::driver::NoHooks,
             shutdown,
         )
-        .await?;
-        return SimError::check(outcome);
+        .await;
+        log.set(node.deviations());
+        return SimError::check(outcome?);
     };
     let replay = ReplayCache::open(Box::new(setup.replay), setup.config.replay_capacity)
         .map_err(|e| SimError::Setup(format!("replay cache: {e}")))?;
@@ -195,7 +205,9 @@ pub async fn run<B: CanBus>(
         accepted: None,
         last_rejection: None,
     };
-    let outcome = run_node(bus, &mut node, &clock, &mut hooks, shutdown).await?;
+    let outcome = run_node(bus, &mut node, &clock, &mut hooks, shutdown).await;
+    log.set(node.deviations());
+    let outcome = outcome?;
     match (&outcome, &hooks.accepted) {
         (Outcome::Completed(_), Some(_)) => SimError::check(outcome),
         (Outcome::Completed(_), None) => Err(SimError::Setup(

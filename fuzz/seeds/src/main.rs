@@ -678,6 +678,12 @@ fn cloud_seeds(out: &Out) {
         result: SessionResult::Failed {
             reason: "BEM: CRM timeout".into(),
         },
+        deviations: {
+            let mut d = bmsgw::interop::LinkDeviations::default();
+            d.pile.accepted.add(bmsgw::interop::Deviation::CtsPacketInterval);
+            d.bms.refused.add(bmsgw::interop::Deviation::PositiveCurrent);
+            d
+        },
     });
     out.put("cloud_cbor", "event-record", cbor(3, &record.encode()));
     let approval = Approval::Owner(OwnerApproval {

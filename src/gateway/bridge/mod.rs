@@ -36,14 +36,38 @@
 //! once instead of waiting for the pile's next one: a pile typically sends
 //! CRM(0xAA) right after its AuthResult, often before the gateway has
 //! processed that result.
+//!
+//! **Field deviations** (docs/interop.md). Each side's whole messages, once
+//! admitted, go through a [`PeerCheck`] with that side's profile
+//! ([`FirewallConfig::bms_profile`], [`FirewallConfig::pile_profile`]), and
+//! each side's transport meets that side's TP deviations. What crosses is
+//! the standard's reading: a current counted positive is turned round, a
+//! BCS in one 8-byte frame goes on as the standard's 9 bytes, a BEM
+//! reporting a CCS timeout before any CCS was due is dropped. A message
+//! that cannot be acted on (a deviation the strict profile refuses, a
+//! current sign that cannot be settled, an implausible value) is not
+//! forwarded, and its sender gets the standard's error message in the
+//! other node's name: CEM to the BMS, BEM to the pile, with the message's
+//! field set to "unreliable" (at most one per [`ERROR_REPEAT`]). A BMS that
+//! sent BCP only before CRM(0xAA) has that BCP sent again to the pile once
+//! CRM(0xAA) reaches it ([`BCP_REPLAYS`] times at BCP's period at most,
+//! until the pile moves on or the BMS repeats it), since the recognition
+//! gate is what delayed CRM(0xAA). None of this forwards anything the
+//! firewall did not admit: the checks run after the allowlist, the rate
+//! limits and the decode, and the gate still decides CRM(0xAA).
+//! Deviations are counted per side ([`Bridge::deviations`]) and reported
+//! ([`Bridge::poll_event`]).
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::firewall::{Firewall, FirewallConfig, FirewallCounters, FrameClass, Side};
 use crate::can::CanFrame;
+use crate::gbt27930::field::{PeerCheck, PeerFault, Verdict};
+use crate::gbt27930::{Bem, Bits2, Cem, Message, MessageKind, Recognition};
+use crate::interop::{Deviation, LinkDeviations, SideDeviations};
 use crate::j1939::tp::{J1939Message, TpConfig, TpEvent, Transport};
 use crate::time::Timestamp;
 
@@ -55,6 +79,33 @@ mod tests;
 /// How long a held CRM(0xAA) stays worth releasing when the pile is
 /// authenticated: two CRM periods. Older, the pile has moved on or gone.
 const HELD_CRM_FRESH: Duration = Duration::from_millis(500);
+/// How often the error message for a refused message may go to its sender.
+pub const ERROR_REPEAT: Duration = Duration::from_millis(250);
+/// The most copies of an early BCP sent to the pile: ten BCP periods
+/// cover the pile's 5 s BCP timeout.
+pub const BCP_REPLAYS: u8 = 10;
+
+/// What the bridge reports besides frames and messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BridgeEvent {
+    /// `side`'s peer showed a known deviation: accepted, or refused.
+    Deviation {
+        side: Side,
+        deviation: Deviation,
+        refused: bool,
+        detail: String,
+    },
+    /// A message of `side`'s peer was refused (see the module docs).
+    Refused { side: Side, reason: String },
+}
+
+/// An early BCP being sent again to the pile.
+#[derive(Debug)]
+struct BcpReplay {
+    msg: J1939Message,
+    next_at: Timestamp,
+    left: u8,
+}
 
 /// What the bridge holds at one moment: the state an attacker could try to
 /// grow. Bounded by the transports' `max_sessions` and
@@ -82,19 +133,55 @@ pub struct Bridge {
     /// The pile's latest CRM(0xAA) (as it sent it) that went out as
     /// CRM(0x00), and when.
     held_crm: Option<(J1939Message, Timestamp)>,
+    /// Judges the BMS's messages, and the pile's.
+    bms_check: PeerCheck,
+    pile_check: PeerCheck,
+    deviations: LinkDeviations,
+    events: VecDeque<BridgeEvent>,
+    /// The BMS's BCP seen before CRM(0xAA) reached it (field profile).
+    early_bcp: Option<J1939Message>,
+    /// Whether the BMS has been sent CRM(0xAA) in this session.
+    bms_recognized: bool,
+    bcp_replay: Option<BcpReplay>,
+    /// When each side was last sent an error message for a refusal.
+    error_sent: [Option<Timestamp>; 2],
 }
 
 impl Bridge {
     pub fn new(config: FirewallConfig) -> Self {
-        let bms_tp = Transport::new(TpConfig::gbt27930(), config.pile);
-        let pile_tp = Transport::new(TpConfig::gbt27930(), config.bms);
+        let bms_tp = Transport::new(
+            TpConfig::gbt27930().with_profile(config.bms_profile),
+            config.pile,
+        );
+        let pile_tp = Transport::new(
+            TpConfig::gbt27930().with_profile(config.pile_profile),
+            config.bms,
+        );
         Bridge {
+            bms_check: PeerCheck::for_bms(config.bms_profile, None),
+            pile_check: PeerCheck::for_charger(config.pile_profile, None),
             firewall: Firewall::new(config),
             bms_tp,
             pile_tp,
             messages: VecDeque::new(),
             held_crm: None,
+            deviations: LinkDeviations::default(),
+            events: VecDeque::new(),
+            early_bcp: None,
+            bms_recognized: false,
+            bcp_replay: None,
+            error_sent: [None; 2],
         }
+    }
+
+    /// The deviations of each side since the bridge started.
+    pub fn deviations(&self) -> &LinkDeviations {
+        &self.deviations
+    }
+
+    /// The next deviation or refusal to report.
+    pub fn poll_event(&mut self) -> Option<BridgeEvent> {
+        self.events.pop_front()
     }
 
     pub fn config(&self) -> &FirewallConfig {
@@ -125,6 +212,7 @@ impl Bridge {
     pub fn handle_timeout(&mut self, now: Timestamp) {
         self.bms_tp.handle_timeout(now);
         self.pile_tp.handle_timeout(now);
+        self.replay_bcp(now);
         self.process(now);
         self.track_load();
     }
@@ -145,10 +233,14 @@ impl Bridge {
     }
 
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        [self.bms_tp.poll_timeout(), self.pile_tp.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.bms_tp.poll_timeout(),
+            self.pile_tp.poll_timeout(),
+            self.bcp_replay.as_ref().map(|r| r.next_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Whether the pile has proved itself to the gateway. Also call with
@@ -214,10 +306,182 @@ impl Bridge {
         let Ok(out) = self.firewall.admit(from, msg, now) else {
             return;
         };
+        let Some(out) = self.judge(from, out, now) else {
+            return;
+        };
         if let Some(crm) = held {
             self.held_crm = Some((crm, now));
         }
+        if from == Side::Bms
+            && MessageKind::from_pgn(out.pgn) == Some(MessageKind::Bcp)
+            && self.config().bms_profile == crate::interop::Profile::Field
+        {
+            if self.bms_recognized {
+                // The BMS sends BCP after CRM(0xAA) itself.
+                self.early_bcp = None;
+                self.bcp_replay = None;
+            } else {
+                self.early_bcp = Some(out.clone());
+            }
+        }
         self.send(from, out, via_tp, now);
+    }
+
+    /// The side's [`PeerCheck`] on an admitted message: the message to
+    /// forward (the standard's reading of it), or `None`.
+    fn judge(&mut self, from: Side, mut msg: J1939Message, now: Timestamp) -> Option<J1939Message> {
+        // The firewall's decode rule passed, so a GB/T PGN decodes here.
+        let decoded = match Message::decode(msg.pgn, &msg.data) {
+            Ok(m) => m,
+            Err(_) => return Some(msg),
+        };
+        let len = msg.data.len();
+        let single_frame_bcs = decoded.kind() == MessageKind::Bcs && len == 8;
+        let verdict = self.check_mut(from).inbound(decoded.clone(), len, now);
+        while let Some((deviation, detail)) = self.check_mut(from).poll_deviation() {
+            self.note_deviation(from, deviation, false, detail);
+        }
+        match verdict {
+            Verdict::Pass(m) => {
+                if m != decoded || single_frame_bcs {
+                    // Strict in what we send: the standard's form.
+                    msg.data = m.encode();
+                }
+                Some(msg)
+            }
+            Verdict::Drop => {
+                debug!(side = %from, pgn = %msg.pgn, "message dropped as a known deviation");
+                None
+            }
+            Verdict::Refuse(fault) => {
+                self.refuse(from, &fault, now);
+                None
+            }
+        }
+    }
+
+    /// A refused message: counted, reported, and answered with the
+    /// standard's error message in the other node's name.
+    fn refuse(&mut self, from: Side, fault: &PeerFault, now: Timestamp) {
+        let counters = self.firewall.counters_mut();
+        counters.refused += 1;
+        if let Some(d) = fault.reason.deviation() {
+            self.side_deviations(from).refused.add(d);
+            self.events.push_back(BridgeEvent::Deviation {
+                side: from,
+                deviation: d,
+                refused: true,
+                detail: fault.to_string(),
+            });
+        }
+        warn!(side = %from, %fault, "message refused");
+        self.events.push_back(BridgeEvent::Refused {
+            side: from,
+            reason: fault.to_string(),
+        });
+        let slot = &mut self.error_sent[usize::from(from == Side::Pile)];
+        if slot.is_some_and(|at| now.saturating_since(at) < ERROR_REPEAT) {
+            return;
+        }
+        *slot = Some(now);
+        let (kind, body) = match from {
+            Side::Bms => (MessageKind::Cem, Message::Cem(cem_unreliable(fault.kind))),
+            Side::Pile => (MessageKind::Bem, Message::Bem(bem_unreliable(fault.kind))),
+        };
+        let config = self.config();
+        let error = J1939Message {
+            priority: kind.priority(),
+            pgn: kind.pgn(),
+            source: config.address(from.other()),
+            destination: config.address(from),
+            data: body.encode(),
+        };
+        // In the other node's name, so the observer sees it as that node's.
+        self.send(from.other(), error, false, now);
+    }
+
+    fn note_deviation(&mut self, side: Side, deviation: Deviation, refused: bool, detail: String) {
+        let d = self.side_deviations(side);
+        if refused {
+            d.refused.add(deviation);
+        } else {
+            d.accepted.add(deviation);
+            info!(%side, %deviation, "{detail}");
+        }
+        self.events.push_back(BridgeEvent::Deviation {
+            side,
+            deviation,
+            refused,
+            detail,
+        });
+    }
+
+    fn side_deviations(&mut self, side: Side) -> &mut SideDeviations {
+        match side {
+            Side::Bms => &mut self.deviations.bms,
+            Side::Pile => &mut self.deviations.pile,
+        }
+    }
+
+    fn check_mut(&mut self, side: Side) -> &mut PeerCheck {
+        match side {
+            Side::Bms => &mut self.bms_check,
+            Side::Pile => &mut self.pile_check,
+        }
+    }
+
+    /// Keeps the other side's check, and the BCP replay, in step with what
+    /// crossed from `from`.
+    fn after_forward(&mut self, from: Side, msg: &J1939Message, now: Timestamp) {
+        let Ok(decoded) = Message::decode(msg.pgn, &msg.data) else {
+            return;
+        };
+        self.check_mut(from.other()).context(&decoded, now);
+        match (&decoded, from) {
+            (Message::Chm(_), Side::Pile) if self.bms_recognized => {
+                // A new session.
+                self.bms_recognized = false;
+                self.early_bcp = None;
+                self.bcp_replay = None;
+            }
+            (Message::Crm(crm), Side::Pile) => {
+                if crm.recognition == Recognition::Recognized && !self.bms_recognized {
+                    self.bms_recognized = true;
+                    if let Some(bcp) = self.early_bcp.take() {
+                        debug!("CRM(0xAA) reached the BMS: sending its early BCP to the pile");
+                        self.bcp_replay = Some(BcpReplay {
+                            msg: bcp,
+                            next_at: now,
+                            left: BCP_REPLAYS,
+                        });
+                    }
+                } else if crm.recognition == Recognition::NotRecognized && self.bms_recognized {
+                    self.bms_recognized = false;
+                    self.bcp_replay = None;
+                }
+            }
+            // The pile is in configuration: it has its BCP.
+            (Message::Cml(_) | Message::Cts(_), Side::Pile) => self.bcp_replay = None,
+            _ => {}
+        }
+    }
+
+    fn replay_bcp(&mut self, now: Timestamp) {
+        let Some(r) = self.bcp_replay.as_mut() else {
+            return;
+        };
+        if r.next_at > now {
+            return;
+        }
+        let msg = r.msg.clone();
+        r.left = r.left.saturating_sub(1);
+        r.next_at = now + MessageKind::Bcp.period();
+        if r.left == 0 {
+            self.bcp_replay = None;
+        }
+        if self.pile_tp.send(msg, now).is_ok() {
+            self.firewall.counters_mut().bcp_replayed += 1;
+        }
     }
 
     fn send(&mut self, from: Side, msg: J1939Message, via_tp: bool, now: Timestamp) {
@@ -231,6 +495,7 @@ impl Bridge {
                 if via_tp {
                     c.resegmented += 1;
                 }
+                self.after_forward(from, &msg, now);
                 self.messages.push_back((from, msg));
             }
             Err(e) => {
@@ -256,6 +521,22 @@ impl Bridge {
                         TpEvent::SendAborted { .. } | TpEvent::ReceiveAborted { .. } => {
                             debug!(%side, event = ?ev, "transfer aborted");
                         }
+                        // Each side's transport meets that side's peer.
+                        TpEvent::Deviation {
+                            deviation,
+                            refused,
+                            detail,
+                            ..
+                        } => {
+                            if refused {
+                                self.firewall.counters_mut().refused += 1;
+                                self.events.push_back(BridgeEvent::Refused {
+                                    side,
+                                    reason: format!("transport: {detail} ({deviation}, strict profile)"),
+                                });
+                            }
+                            self.note_deviation(side, deviation, refused, detail);
+                        }
                     }
                 }
             }
@@ -264,4 +545,37 @@ impl Bridge {
             }
         }
     }
+}
+
+/// CEM saying the BMS's `kind` came but cannot be acted on (10, "unreliable").
+fn cem_unreliable(kind: MessageKind) -> Cem {
+    let mut cem = Cem::default();
+    let flag = Bits2::ALT;
+    match kind {
+        MessageKind::Brm => cem.brm_timeout = flag,
+        MessageKind::Bcp => cem.bcp_timeout = flag,
+        MessageKind::Bro => cem.bro_timeout = flag,
+        MessageKind::Bcs => cem.bcs_timeout = flag,
+        MessageKind::Bcl => cem.bcl_timeout = flag,
+        MessageKind::Bst => cem.bst_timeout = flag,
+        MessageKind::Bsd => cem.bsd_timeout = flag,
+        _ => {}
+    }
+    cem
+}
+
+/// BEM saying the pile's `kind` came but cannot be acted on (10, "unreliable").
+fn bem_unreliable(kind: MessageKind) -> Bem {
+    let mut bem = Bem::default();
+    let flag = Bits2::ALT;
+    match kind {
+        MessageKind::Crm => bem.crmaa_timeout = flag,
+        MessageKind::Cml | MessageKind::Cts => bem.cts_cml_timeout = flag,
+        MessageKind::Cro => bem.cro_timeout = flag,
+        MessageKind::Ccs => bem.ccs_timeout = flag,
+        MessageKind::Cst => bem.cst_timeout = flag,
+        MessageKind::Csd => bem.csd_timeout = flag,
+        _ => {}
+    }
+    bem
 }

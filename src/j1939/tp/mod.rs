@@ -32,6 +32,20 @@
 //! A timeout of a connection-mode session sends Connection Abort (reason 3)
 //! and emits the matching `*Aborted` event; a BAM has nobody to abort to, so
 //! only the event is emitted.
+//!
+//! Field deviations a sender meets in the receiver's CTS
+//! ([`TpConfig::profile`], see [`crate::interop`]), each reported once per
+//! transfer as [`TpEvent::Deviation`]:
+//! - **A packet interval in bytes 4–5**: the field profile spaces the
+//!   window's packets by it (at most [`MAX_CTS_GAP`]; T3 is extended by the
+//!   window's length), since the peer asked for it and it costs nothing.
+//! - **A CTS without its PGN**: the field profile takes it for the transfer
+//!   in progress to that peer. That reading is unambiguous because we run
+//!   one transfer per destination at a time ([`Transport::send`] refuses a
+//!   second), and it only ever releases packets of a message already sent.
+//!
+//! The strict profile aborts the transfer (reason 250) on either. What we
+//! send in CTS bytes 4–5 is explained in the `wire` module: `00 00`.
 
 mod reassembly;
 mod wire;
@@ -45,6 +59,7 @@ use std::time::Duration;
 use tracing::debug;
 
 use crate::can::{CAN_MAX_DLEN, CanFrame};
+use crate::interop::{Deviation, Profile};
 use crate::j1939::{Address, J1939Id, Pgn, Priority};
 use crate::time::Timestamp;
 
@@ -63,6 +78,10 @@ pub(crate) const T4: Duration = Duration::from_millis(1050);
 const TR: Duration = Duration::from_millis(200);
 const TH: Duration = Duration::from_millis(500);
 const BAM_GAP: Duration = Duration::from_millis(50);
+/// The longest packet interval from a CTS that is honoured; a longer one
+/// is cut to it. J1939-21's own pacing (BAM) stays within 200 ms, and a
+/// receiver that asks for more still gets every packet well within its T1.
+pub const MAX_CTS_GAP: Duration = Duration::from_millis(200);
 
 /// Tuning and limits of one [`Transport`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +114,8 @@ pub struct TpConfig {
     /// is what has to stay under it.
     pub tr: Duration,
     pub th: Duration,
+    /// What to do with the peers' known deviations (see the module docs).
+    pub profile: Profile,
 }
 
 impl TpConfig {
@@ -115,6 +136,7 @@ impl TpConfig {
             t4: T4,
             tr: TR,
             th: TH,
+            profile: Profile::Field,
         }
     }
 
@@ -126,6 +148,10 @@ impl TpConfig {
             max_buffered_bytes: 4 * MAX_TP_LEN,
             ..Self::j1939()
         }
+    }
+
+    pub fn with_profile(self, profile: Profile) -> Self {
+        TpConfig { profile, ..self }
     }
 }
 
@@ -169,6 +195,16 @@ pub enum TpEvent {
         pgn: Pgn,
         source: Address,
         reason: AbortReason,
+    },
+    /// `peer` showed a known deviation: accepted under the field profile,
+    /// refused under the strict one (and the transfer it belongs to
+    /// aborted). Reported once per transfer.
+    Deviation {
+        peer: Address,
+        deviation: Deviation,
+        refused: bool,
+        /// What exactly was seen, for the log and the refusal.
+        detail: String,
     },
 }
 
@@ -271,6 +307,8 @@ struct TxSession {
     data: Vec<u8>,
     total: u8,
     flow: TxFlow,
+    /// Deviations already reported for this transfer.
+    reported: Vec<Deviation>,
 }
 
 #[derive(Debug)]
@@ -316,7 +354,16 @@ enum TxState {
         last: u8,
         cts: (u8, u8),
         deadline: Timestamp,
+        /// Set when the CTS asked for a packet interval (field profile).
+        paced: Option<Paced>,
     },
+}
+
+/// Packets spaced by a receiver's CTS interval, as BAM packets are spaced.
+#[derive(Debug, Clone, Copy)]
+struct Paced {
+    gap: Duration,
+    pacing: BamPacing,
 }
 
 /// What the sender does about a CTS.
@@ -461,6 +508,7 @@ impl Transport {
             data,
             total,
             flow,
+            reported: Vec::new(),
         });
         Ok(())
     }
@@ -574,6 +622,14 @@ impl Transport {
                     }
                 }
                 TxFlow::Cmdt(c) => {
+                    if let TxState::Sending {
+                        paced: Some(p), ..
+                    } = &mut c.state
+                        && let BamPacing::Waiting { release_at } = p.pacing
+                        && release_at <= now
+                    {
+                        p.pacing = BamPacing::Released { at: now };
+                    }
                     let (TxState::Awaiting { deadline } | TxState::Sending { deadline, .. }) =
                         c.state;
                     if deadline <= now {
@@ -631,6 +687,15 @@ impl Transport {
                 BamPacing::Released { .. } => None,
             },
             TxFlow::Cmdt(c) => match c.state {
+                TxState::Sending {
+                    deadline,
+                    paced:
+                        Some(Paced {
+                            pacing: BamPacing::Waiting { release_at },
+                            ..
+                        }),
+                    ..
+                } => Some(deadline.min(release_at)),
                 TxState::Awaiting { deadline } | TxState::Sending { deadline, .. } => {
                     Some(deadline)
                 }
@@ -651,7 +716,12 @@ impl Transport {
             Cm::Bam { size, packets, pgn } if id.destination.is_global() => {
                 self.on_bam(id, size, packets, pgn, now)
             }
-            Cm::Cts { count, next, pgn } if to_us => self.on_cts(id.source, count, next, pgn, now),
+            Cm::Cts {
+                count, next, pgn, ..
+            } if to_us => {
+                let interval = cm.cts_interval_ms();
+                self.on_cts(id.source, count, next, pgn, interval, now)
+            }
             Cm::EndOfMsgAck { pgn, .. } if to_us => self.on_eoma(id.source, pgn),
             Cm::Abort { reason, pgn } if to_us => self.on_abort(id.source, reason, pgn),
             _ => {
@@ -775,20 +845,74 @@ impl Transport {
         self.apply_rx_step(i, step);
     }
 
-    fn on_cts(&mut self, source: Address, count: u8, next: u8, pgn: Pgn, now: Timestamp) {
+    fn on_cts(
+        &mut self,
+        source: Address,
+        count: u8,
+        next: u8,
+        pgn: Option<Pgn>,
+        interval_ms: Option<u16>,
+        now: Timestamp,
+    ) {
         let Some(i) = self.tx_index(source) else {
             return;
         };
-        let Some(s) = self.tx.get_mut(i) else { return };
-        if s.pgn != pgn {
-            debug!(%source, %pgn, expected = %s.pgn, "CTS for another PGN ignored");
+        let Some(session_pgn) = self.tx.get(i).map(|s| s.pgn) else {
             return;
+        };
+        match pgn {
+            Some(pgn) if pgn != session_pgn => {
+                debug!(%source, %pgn, expected = %session_pgn, "CTS for another PGN ignored");
+                return;
+            }
+            Some(_) => {}
+            None => {
+                let detail = format!(
+                    "CTS from {source} without a PGN, during our transfer of PGN {session_pgn}"
+                );
+                if self.tx_deviation(i, Deviation::CtsWithoutPgn, detail) {
+                    self.abort_tx(i, AbortReason::ANY_OTHER, true);
+                    return;
+                }
+            }
         }
+        let gap = match interval_ms {
+            Some(ms) if count > 0 => {
+                let detail = format!("CTS from {source} asks for {ms} ms between packets");
+                if self.tx_deviation(i, Deviation::CtsPacketInterval, detail) {
+                    self.abort_tx(i, AbortReason::ANY_OTHER, true);
+                    return;
+                }
+                Some(Duration::from_millis(u64::from(ms)).min(MAX_CTS_GAP))
+            }
+            _ => None,
+        };
+        let Some(s) = self.tx.get_mut(i) else { return };
         let total = s.total;
         let TxFlow::Cmdt(c) = &mut s.flow else { return };
-        if let CtsStep::Abort(reason) = c.on_cts(count, next, total, &self.config, now) {
+        if let CtsStep::Abort(reason) = c.on_cts(count, next, total, gap, &self.config, now) {
             self.abort_tx(i, reason, true);
         }
+    }
+
+    /// Reports deviation `d` of send session `i`'s peer, once per transfer.
+    /// Returns whether the profile refuses it.
+    fn tx_deviation(&mut self, i: usize, d: Deviation, detail: String) -> bool {
+        let refused = self.config.profile.is_strict();
+        let Some(s) = self.tx.get_mut(i) else {
+            return refused;
+        };
+        if !s.reported.contains(&d) {
+            s.reported.push(d);
+            debug!(peer = %s.destination, deviation = %d, refused, "{detail}");
+            self.events.push_back(TpEvent::Deviation {
+                peer: s.destination,
+                deviation: d,
+                refused,
+                detail,
+            });
+        }
+        refused
     }
 
     fn on_eoma(&mut self, source: Address, pgn: Pgn) {
@@ -1045,11 +1169,7 @@ impl CmdtRx {
             };
             // The next-packet byte stays meaningful (and non-zero, which the
             // kernel's stack insists on) even in a hold.
-            return Cm::Cts {
-                count: 0,
-                next,
-                pgn,
-            };
+            return Cm::cts(0, next, pgn);
         }
         let limit =
             (u16::from(next) + u16::from(self.grant.max(1)) - 1).min(u16::from(buf.total()));
@@ -1060,11 +1180,7 @@ impl CmdtRx {
             last,
             deadline: now + cfg.t2,
         };
-        Cm::Cts {
-            count: last - next + 1,
-            next,
-            pgn,
-        }
+        Cm::cts(last - next + 1, next, pgn)
     }
 }
 
@@ -1074,6 +1190,7 @@ impl CmdtTx {
         count: u8,
         next: u8,
         total: u8,
+        gap: Option<Duration>,
         cfg: &TpConfig,
         now: Timestamp,
     ) -> CtsStep {
@@ -1108,11 +1225,18 @@ impl CmdtTx {
                 // Whatever the receiver grants is honoured, even beyond our
                 // RTS byte 5: we hold the whole message anyway.
                 let last = (u16::from(next) + u16::from(count) - 1).min(u16::from(total));
+                let last = u8::try_from(last).unwrap_or(total);
+                // A paced window takes longer to hand out; T3 runs after it.
+                let window = gap.map_or(Duration::ZERO, |g| g * u32::from(last - next + 1));
                 self.state = TxState::Sending {
                     next,
-                    last: u8::try_from(last).unwrap_or(total),
+                    last,
                     cts: (count, next),
-                    deadline: now + cfg.t3,
+                    deadline: now + window + cfg.t3,
+                    paced: gap.map(|gap| Paced {
+                        gap,
+                        pacing: BamPacing::Released { at: now },
+                    }),
                 };
                 CtsStep::Nothing
             }
@@ -1143,9 +1267,26 @@ impl TxSession {
                     last,
                     cts,
                     deadline,
+                    paced,
                 } = c.state
                 else {
                     return DtStep::None;
+                };
+                let paced = match paced {
+                    None => None,
+                    Some(Paced {
+                        pacing: BamPacing::Waiting { .. },
+                        ..
+                    }) => return DtStep::None,
+                    Some(Paced {
+                        gap,
+                        pacing: BamPacing::Released { at },
+                    }) => Some(Paced {
+                        gap,
+                        pacing: BamPacing::Waiting {
+                            release_at: at + gap,
+                        },
+                    }),
                 };
                 c.highest_sent = c.highest_sent.max(next);
                 c.state = if next >= last {
@@ -1156,6 +1297,7 @@ impl TxSession {
                         last,
                         cts,
                         deadline,
+                        paced,
                     }
                 };
                 DtStep::Frame(dt_payload(&self.data, next))

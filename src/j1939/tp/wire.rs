@@ -7,13 +7,28 @@
 //! ```text
 //! TP.CM (PGN 0xEC00), 8 bytes; multi-byte fields little-endian
 //!   RTS   16 | size(2) | packets | max packets per CTS (0xFF: no limit) | PGN(3)
-//!   CTS   17 | packets (0 = hold) | next packet | FF FF | PGN(3)
+//!   CTS   17 | packets (0 = hold) | next packet | 00 00 (see below) | PGN(3)
 //!   EOMA  19 | size(2) | packets | FF | PGN(3)
 //!   BAM   32 | size(2) | packets | FF | PGN(3)
 //!   Abort 255| reason | FF FF FF | PGN(3)
 //! TP.DT (PGN 0xEB00), 8 bytes
 //!   sequence (1..=255) | 7 data bytes, the last packet padded with 0xFF
 //! ```
+//!
+//! **CTS bytes 4–5.** J1939-21 reserves them (fill 0xFF, receivers ignore
+//! them). In the field, some chargers put a packet interval in milliseconds
+//! there, and some BMSs read it as one: a BMS of that kind waits 65 s
+//! between packets after a standard `FF FF`, and the transfer dies on T1.
+//! We send `00 00`: a peer that follows J1939-21 ignores the bytes, and a
+//! peer that reads an interval reads "no gap". It is the one value both
+//! kinds of peer take; `docs/interop.md` has the reasoning and the tests
+//! (including the Linux kernel's J1939 stack as sender). On receipt, both
+//! `FF FF` and `00 00` mean "no interval"; anything else is the field's
+//! packet interval ([`crate::interop::Deviation::CtsPacketInterval`]).
+//!
+//! **A CTS without its PGN** (bytes 6–8 all 0xFF or all 0x00) parses with
+//! `pgn: None`; whether to act on it is the transport's decision
+//! ([`crate::interop::Deviation::CtsWithoutPgn`]).
 
 use std::fmt;
 
@@ -31,6 +46,10 @@ pub(crate) const PACKET_BYTES: usize = 7;
 pub const MAX_TP_LEN: usize = 255 * PACKET_BYTES;
 /// RTS byte 5 value meaning "the sender sets no limit per CTS".
 pub(crate) const NO_LIMIT: u8 = 0xFF;
+/// What we send in CTS bytes 4–5 (little-endian): see the module docs.
+pub(crate) const CTS_BYTES_4_5_SENT: u16 = 0x0000;
+/// CTS bytes 4–5 as J1939-21 fills them.
+const CTS_BYTES_4_5_RESERVED: u16 = 0xFFFF;
 
 const CTRL_RTS: u8 = 16;
 const CTRL_CTS: u8 = 17;
@@ -133,7 +152,11 @@ pub(crate) enum Cm {
         /// Packets granted; 0 asks the sender to hold.
         count: u8,
         next: u8,
-        pgn: Pgn,
+        /// Bytes 4–5, little-endian: reserved in J1939-21, a packet interval
+        /// in ms in some field implementations (see the module docs).
+        bytes_4_5: u16,
+        /// `None` when bytes 6–8 are all 0xFF or hold PGN 0 (see the module docs).
+        pgn: Option<Pgn>,
     },
     EndOfMsgAck {
         size: u16,
@@ -163,12 +186,51 @@ pub(crate) enum CmError {
 }
 
 impl Cm {
-    /// Decodes a TP.CM payload. Bytes the layout marks reserved are not
-    /// checked: peers fill them with 0xFF, but nothing depends on it.
+    /// The CTS we send: `count` packets from `next` of `pgn`'s transfer.
+    pub(crate) fn cts(count: u8, next: u8, pgn: Pgn) -> Cm {
+        Cm::Cts {
+            count,
+            next,
+            bytes_4_5: CTS_BYTES_4_5_SENT,
+            pgn: Some(pgn),
+        }
+    }
+
+    /// The packet interval a CTS asks for in the field's reading of bytes
+    /// 4–5, in ms: `None` for a standard CTS, for ours, and for anything
+    /// else.
+    pub(crate) fn cts_interval_ms(&self) -> Option<u16> {
+        match *self {
+            Cm::Cts { bytes_4_5, .. }
+                if bytes_4_5 != CTS_BYTES_4_5_RESERVED && bytes_4_5 != CTS_BYTES_4_5_SENT =>
+            {
+                Some(bytes_4_5)
+            }
+            _ => None,
+        }
+    }
+
+    /// Decodes a TP.CM payload. Reserved bytes are not checked (peers fill
+    /// them with 0xFF, but nothing depends on it), except that CTS bytes 4–5
+    /// are kept for the transport to judge.
     pub(crate) fn parse(data: &[u8]) -> Result<Cm, CmError> {
         let &[ctrl, b1, b2, b3, b4, p0, p1, p2, ..] = data else {
             return Err(CmError::Short { len: data.len() });
         };
+        if ctrl == CTRL_CTS {
+            // All zeros is PGN 0 once the PDU1 low byte is masked, so a zero
+            // PGN with junk in that byte counts as missing too.
+            let pgn = match [p0, p1, p2] {
+                [0xFF, 0xFF, 0xFF] => None,
+                _ => Some(pgn_from_bytes(p0, p1, p2)?).filter(|p| p.raw() != 0),
+            };
+            return Ok(Cm::Cts {
+                count: b1,
+                next: b2,
+                bytes_4_5: u16::from_le_bytes([b3, b4]),
+                pgn,
+            });
+        }
         let pgn = pgn_from_bytes(p0, p1, p2)?;
         let size = u16::from_le_bytes([b1, b2]);
         Ok(match ctrl {
@@ -176,11 +238,6 @@ impl Cm {
                 size,
                 packets: b3,
                 max_per_cts: b4,
-                pgn,
-            },
-            CTRL_CTS => Cm::Cts {
-                count: b1,
-                next: b2,
                 pgn,
             },
             CTRL_EOMA => Cm::EndOfMsgAck {
@@ -203,6 +260,16 @@ impl Cm {
 
     pub(crate) fn encode(self) -> [u8; 8] {
         let (head, pgn) = match self {
+            Cm::Cts {
+                count,
+                next,
+                bytes_4_5,
+                pgn,
+            } => {
+                let [r0, r1] = bytes_4_5.to_le_bytes();
+                let [p0, p1, p2] = pgn.map_or([0xFF; 3], pgn_to_bytes);
+                return [CTRL_CTS, count, next, r0, r1, p0, p1, p2];
+            }
             Cm::Rts {
                 size,
                 packets,
@@ -212,7 +279,6 @@ impl Cm {
                 let [s0, s1] = size.to_le_bytes();
                 ([CTRL_RTS, s0, s1, packets, max_per_cts], pgn)
             }
-            Cm::Cts { count, next, pgn } => ([CTRL_CTS, count, next, FILL, FILL], pgn),
             Cm::EndOfMsgAck { size, packets, pgn } => {
                 let [s0, s1] = size.to_le_bytes();
                 ([CTRL_EOMA, s0, s1, packets, FILL], pgn)
@@ -223,10 +289,15 @@ impl Cm {
             }
             Cm::Abort { reason, pgn } => ([CTRL_ABORT, reason.to_u8(), FILL, FILL, FILL], pgn),
         };
-        let [p0, p1, p2, _] = pgn.raw().to_le_bytes();
+        let [p0, p1, p2] = pgn_to_bytes(pgn);
         let [h0, h1, h2, h3, h4] = head;
         [h0, h1, h2, h3, h4, p0, p1, p2]
     }
+}
+
+fn pgn_to_bytes(pgn: Pgn) -> [u8; 3] {
+    let [p0, p1, p2, _] = pgn.raw().to_le_bytes();
+    [p0, p1, p2]
 }
 
 /// The PGN field of a TP.CM frame. For a PDU1 PGN the low byte is the
@@ -306,15 +377,14 @@ mod tests {
             [0x10, 0x31, 0x00, 0x07, 0xFF, 0x00, 0x02, 0x00]
         );
         assert_eq!(Cm::parse(&rts.encode()), Ok(rts));
-        let cts = Cm::Cts {
-            count: 7,
-            next: 1,
-            pgn: Pgn::from_const(0x0200),
-        };
+        // Bytes 4-5 are 00 00, not J1939-21's FF FF: see the module docs.
+        let cts = Cm::cts(7, 1, Pgn::from_const(0x0200));
         assert_eq!(
             cts.encode(),
-            [0x11, 0x07, 0x01, 0xFF, 0xFF, 0x00, 0x02, 0x00]
+            [0x11, 0x07, 0x01, 0x00, 0x00, 0x00, 0x02, 0x00]
         );
+        assert_eq!(Cm::parse(&cts.encode()), Ok(cts));
+        assert_eq!(cts.cts_interval_ms(), None);
         let abort = Cm::Abort {
             reason: AbortReason::Timeout,
             pgn: Pgn::from_const(0xFEF1),
@@ -345,6 +415,27 @@ mod tests {
         assert_eq!(
             Cm::parse(&[0x10, 0, 0, 0, 0, 0, 0, 0x04]),
             Err(CmError::BadPgn(0x04_0000))
+        );
+    }
+
+    #[test]
+    fn cts_keeps_bytes_4_5_and_may_lack_its_pgn() {
+        let standard = [0x11, 0x02, 0x01, 0xFF, 0xFF, 0x00, 0x06, 0x00];
+        let cm = Cm::parse(&standard).unwrap();
+        assert_eq!(cm.cts_interval_ms(), None);
+        assert!(matches!(cm, Cm::Cts { pgn: Some(p), .. } if p == Pgn::from_const(0x0600)));
+        // A charger's 10 ms packet interval.
+        let interval = [0x11, 0x02, 0x01, 0x0A, 0x00, 0x00, 0x06, 0x00];
+        assert_eq!(Cm::parse(&interval).unwrap().cts_interval_ms(), Some(10));
+        for pgn_bytes in [[0xFF; 3], [0x00; 3]] {
+            let [p0, p1, p2] = pgn_bytes;
+            let cm = Cm::parse(&[0x11, 0x02, 0x01, 0xFF, 0xFF, p0, p1, p2]).unwrap();
+            assert!(matches!(cm, Cm::Cts { pgn: None, .. }), "{cm:?}");
+        }
+        // Only CTS may lack its PGN: an RTS without one is still refused.
+        assert_eq!(
+            Cm::parse(&[0x10, 9, 0, 2, 0xFF, 0xFF, 0xFF, 0xFF]),
+            Err(CmError::BadPgn(0xFF_FFFF))
         );
     }
 

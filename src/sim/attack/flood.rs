@@ -182,11 +182,7 @@ impl Junk {
             8 => {
                 let pgn = self.any_pgn();
                 let cm = match self.below(3) {
-                    0 => Cm::Cts {
-                        count: self.byte(),
-                        next: self.byte(),
-                        pgn,
-                    },
+                    0 => Cm::cts(self.byte(), self.byte(), pgn),
                     1 => Cm::EndOfMsgAck {
                         size: big,
                         packets: 255,

@@ -138,7 +138,7 @@ fn transfers(frames: &[Seen], end: usize, src: Address, dst: Address, pgn: Pgn) 
                         packets,
                     ));
                 }
-                Ok(Cm::Cts { pgn: p, .. }) if backward && p == pgn => {
+                Ok(Cm::Cts { pgn: p, .. }) if backward && p == Some(pgn) => {
                     if let Some((t, _)) = open.as_mut() {
                         t.frames.push(i);
                     }
@@ -325,11 +325,7 @@ mod tests {
                 dst,
             )];
             idx.push(self.cm(
-                Cm::Cts {
-                    count: packets,
-                    next: 1,
-                    pgn,
-                },
+                Cm::cts(packets, 1, pgn),
                 dst,
                 src,
             ));

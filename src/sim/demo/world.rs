@@ -412,6 +412,7 @@ impl<'o, W: Write + Send> World<'o, W> {
                 secs(*since_request)
             ),
             Notice::PileRefused { reason } => format!("pile NOT authenticated: {reason}"),
+            Notice::Refused { reason } => format!("REFUSED: {reason}"),
             Notice::Recognized { since_request } => match since_request {
                 Some(d) => format!("CRM(0xAA): recognised {} after the request", secs(*d)),
                 None => "CRM(0xAA): recognised".into(),
