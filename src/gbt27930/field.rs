@@ -175,6 +175,8 @@ struct SessionState {
     peer_max_current: Option<Current>,
     peer_max_voltage: Option<DeciVolt>,
     crm_recognized: bool,
+    /// CRO(0xAA) went out: the BMS's charging phase (and its CCS timer) began.
+    charger_ready: bool,
     first_ccs_at: Option<Timestamp>,
     bcl_seen: bool,
     reported: Vec<Deviation>,
@@ -235,6 +237,9 @@ impl PeerCheck {
                     // A new CRM(0x00) after recognition: the pile started over.
                     self.new_session();
                 }
+            }
+            Message::Cro(cro) if self.peer == Sender::Bms => {
+                self.state.charger_ready = cro.ready == super::messages::Readiness::Ready;
             }
             Message::Ccs(_) if self.peer == Sender::Bms => {
                 self.state.first_ccs_at.get_or_insert(now);
@@ -329,7 +334,10 @@ impl PeerCheck {
                 }
                 Message::Bcs(self.bcs(bcs)?)
             }
-            Message::Bem(bem) if early_ccs_timeout(&bem, self.state.first_ccs_at, now) => {
+            Message::Bem(bem)
+                if self.state.charger_ready
+                    && early_ccs_timeout(&bem, self.state.first_ccs_at, now) =>
+            {
                 self.deviation(
                     MessageKind::Bem,
                     Deviation::EarlyCcsTimeout,
@@ -595,7 +603,9 @@ impl PeerCheck {
     }
 }
 
-/// Only the CCS-timeout flag, and no CCS yet or the first one under 1 s ago.
+/// Only the CCS-timeout flag, and no CCS yet or the first one under 1 s ago
+/// (checked once CRO(0xAA) has gone out: before it, no CCS timer runs, and a
+/// BEM then is a BMS still in an earlier session).
 fn early_ccs_timeout(bem: &Bem, first_ccs_at: Option<Timestamp>, now: Timestamp) -> bool {
     let others = [
         bem.crm00_timeout,

@@ -430,11 +430,7 @@ mod tests {
             m.handle_frame(&f, ms(t));
         };
         feed(&mut m, cm(BMS, PILE, rts(&data, 0x0200)));
-        let cts = |count, next| Cm::Cts {
-            count,
-            next,
-            pgn: pgn(0x0200),
-        };
+        let cts = |count, next| Cm::cts(count, next, pgn(0x0200));
         feed(&mut m, cm(PILE, BMS, cts(3, 1)));
         feed(&mut m, dt(BMS, PILE, &data, 1));
         feed(&mut m, dt(BMS, PILE, &data, 3));

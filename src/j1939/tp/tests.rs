@@ -75,11 +75,7 @@ fn is_dt(frame: &CanFrame) -> bool {
 }
 
 fn cts(count: u8, next: u8, p: u32) -> Cm {
-    Cm::Cts {
-        count,
-        next,
-        pgn: pgn(p),
-    }
+    Cm::cts(count, next, pgn(p))
 }
 
 fn rts_for(data: &[u8], p: u32) -> Cm {
@@ -333,7 +329,7 @@ fn tp_frames_use_the_configured_priority_and_pad_the_last_packet() {
         frames,
         vec![
             "1CEC56F4#10090002FF000200", // RTS: 9 bytes, 2 packets, no limit, PGN 0x0200
-            "1CECF456#110201FFFF000200", // CTS: 2 packets from 1
+            "1CECF456#1102010000000200", // CTS: 2 packets from 1
             "1CEB56F4#01030A11181F262D", // DT 1
             "1CEB56F4#02353CFFFFFFFFFF", // DT 2, padded
             "1CECF456#13090002FF000200", // EndOfMsgAck
