@@ -196,6 +196,14 @@ impl Bms {
         self.battery = battery;
     }
 
+    /// The BCP this BMS sends: its charging parameters as they stand now.
+    pub fn charging_parameters(&self) -> Option<Bcp> {
+        match self.build(MessageKind::Bcp) {
+            Some(Message::Bcp(bcp)) => Some(bcp),
+            _ => None,
+        }
+    }
+
     pub fn battery(&self) -> &BatteryState {
         &self.battery
     }

@@ -175,8 +175,8 @@ struct SessionState {
     peer_max_current: Option<Current>,
     peer_max_voltage: Option<DeciVolt>,
     crm_recognized: bool,
-    /// CRO(0xAA) went out: the BMS's charging phase (and its CCS timer) began.
-    charger_ready: bool,
+    /// When CRO(0xAA) went out: the BMS's charging phase (and its CCS timer) began.
+    charger_ready: Option<Timestamp>,
     first_ccs_at: Option<Timestamp>,
     bcl_seen: bool,
     reported: Vec<Deviation>,
@@ -239,7 +239,11 @@ impl PeerCheck {
                 }
             }
             Message::Cro(cro) if self.peer == Sender::Bms => {
-                self.state.charger_ready = cro.ready == super::messages::Readiness::Ready;
+                if cro.ready == super::messages::Readiness::Ready {
+                    self.state.charger_ready.get_or_insert(now);
+                } else {
+                    self.state.charger_ready = None;
+                }
             }
             Message::Ccs(_) if self.peer == Sender::Bms => {
                 self.state.first_ccs_at.get_or_insert(now);
@@ -335,14 +339,18 @@ impl PeerCheck {
                 Message::Bcs(self.bcs(bcs)?)
             }
             Message::Bem(bem)
-                if self.state.charger_ready
-                    && early_ccs_timeout(&bem, self.state.first_ccs_at, now) =>
+                if early_ccs_timeout(
+                    &bem,
+                    self.state.charger_ready,
+                    self.state.first_ccs_at,
+                    now,
+                ) =>
             {
                 self.deviation(
                     MessageKind::Bem,
                     Deviation::EarlyCcsTimeout,
                     match self.state.first_ccs_at {
-                        None => "BEM(CCS timeout) before any CCS was sent".to_string(),
+                        None => "BEM(CCS timeout) before any CCS was due".to_string(),
                         Some(at) => format!(
                             "BEM(CCS timeout) {} ms after the first CCS",
                             now.saturating_since(at).as_millis()
@@ -603,10 +611,19 @@ impl PeerCheck {
     }
 }
 
-/// Only the CCS-timeout flag, and no CCS yet or the first one under 1 s ago
-/// (checked once CRO(0xAA) has gone out: before it, no CCS timer runs, and a
-/// BEM then is a BMS still in an earlier session).
-fn early_ccs_timeout(bem: &Bem, first_ccs_at: Option<Timestamp>, now: Timestamp) -> bool {
+/// Only the CCS-timeout flag, within 1 s of the CCS timer's start: of
+/// CRO(0xAA), or of the first CCS when one came. Before CRO(0xAA) no CCS
+/// timer runs (a BEM then comes from a BMS still in an earlier session);
+/// 1 s after it without any CCS, the timeout is real.
+fn early_ccs_timeout(
+    bem: &Bem,
+    charger_ready: Option<Timestamp>,
+    first_ccs_at: Option<Timestamp>,
+    now: Timestamp,
+) -> bool {
+    let Some(timer_start) = first_ccs_at.or(charger_ready) else {
+        return false;
+    };
     let others = [
         bem.crm00_timeout,
         bem.crmaa_timeout,
@@ -617,7 +634,7 @@ fn early_ccs_timeout(bem: &Bem, first_ccs_at: Option<Timestamp>, now: Timestamp)
     ];
     bem.ccs_timeout.is_set()
         && others.iter().all(|b| !b.is_set())
-        && first_ccs_at.is_none_or(|at| now.saturating_since(at) < CCS_TIMEOUT)
+        && now.saturating_since(timer_start) < CCS_TIMEOUT
 }
 
 fn with_slack(v: DeciVolt) -> DeciVolt {

@@ -152,6 +152,17 @@ impl<R: Role> Node<R> {
             }
             while let Some(ev) = self.role.poll_event() {
                 progressed = true;
+                // A deviation the role itself refused (a BMS that never sends
+                // BCL): counted like the ones the check refused.
+                if let SessionEvent::Finished(super::session::Outcome::Failed {
+                    reason: FailureReason::Peer(fault),
+                    ..
+                }) = &ev
+                    && let Some(d) = fault.reason.deviation()
+                    && self.deviations.refused.get(d) == 0
+                {
+                    self.deviations.refused.add(d);
+                }
                 self.events.push_back(NodeEvent::Session(ev));
             }
             if !progressed {

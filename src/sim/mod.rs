@@ -11,6 +11,7 @@ pub mod bms;
 pub mod broker;
 pub mod cloud;
 pub mod demo;
+pub mod deviant;
 pub mod driver;
 pub mod mosquitto;
 pub mod pile;

@@ -232,6 +232,12 @@ fn an_early_ccs_timeout_is_dropped_and_a_real_one_passes() {
     );
     let mut c = charger_ready(Profile::Field);
     assert_eq!(c.inbound(only_ccs_timeout(), 4, t(100)), Verdict::Drop);
+    // 1 s after CRO(0xAA) without any CCS, the timeout is real.
+    let mut late = charger_ready(Profile::Field);
+    assert_eq!(
+        late.inbound(only_ccs_timeout(), 4, t(1100)),
+        Verdict::Pass(only_ccs_timeout())
+    );
     assert_eq!(deviations(&mut c), [Deviation::EarlyCcsTimeout]);
     // CCS started at 1 s: within 1 s of it a CCS timeout is still impossible.
     c.context(&ccs(4000), t(1000));
