@@ -17,69 +17,15 @@ use bmsgw::auth::{
 use bmsgw::can::virtual_bus::VirtualBus;
 use bmsgw::gateway::vehicle_auth::{VehicleAuthOptions, authenticate};
 use bmsgw::gbt27930::ChargerNumber;
-use bmsgw::gbt27930::bms::{Bms, BmsConfig};
-use bmsgw::gbt27930::charger::{Charger, ChargerConfig};
 use bmsgw::gbt27930::session::{Outcome, Summary};
-use bmsgw::gbt27930::{BMS_ADDRESS, CHARGER_ADDRESS};
-use bmsgw::interop::{Deviation, Profile, SideDeviations};
-use bmsgw::j1939::Address;
+use bmsgw::interop::{Profile, SideDeviations};
 use bmsgw::sim::SimError;
 use bmsgw::sim::bms::{self, BmsSimOptions};
-use bmsgw::sim::deviant::{self, DeviantPeer, Quirk};
+use bmsgw::sim::deviant::{self, Quirk};
 use bmsgw::sim::pile::{self, PileAuthSetup, PileSimOptions};
-use bmsgw::time::{Timestamp, unix_now};
+use bmsgw::time::unix_now;
 
 const BITRATE: u32 = 250_000;
-
-/// The deviation a quirk shows on the wire (a CTS interval *reader* shows
-/// none: it only reads what we send).
-fn deviation_of(q: Quirk) -> Option<Deviation> {
-    Some(match q {
-        Quirk::CtsIntervalReader => return None,
-        Quirk::BhmVersionBytes => Deviation::BhmImplausible,
-        Quirk::BcpOnceEarly => Deviation::BcpBeforeRecognition,
-        Quirk::BclWaitsForCcs => Deviation::BclWaitsForCcs,
-        Quirk::EarlyBemCcs => Deviation::EarlyCcsTimeout,
-        Quirk::PositiveCurrent => Deviation::PositiveCurrent,
-        Quirk::BcsSingleFrame => Deviation::BcsSingleFrame,
-        Quirk::CtsPacketInterval(_) => Deviation::CtsPacketInterval,
-        Quirk::CtsWithoutPgn => Deviation::CtsWithoutPgn,
-    })
-}
-
-/// A BMS with `quirks`, otherwise the standard role; it charges until the
-/// charger stops.
-pub fn deviant_bms(quirks: &[Quirk]) -> DeviantPeer<Bms> {
-    let mut bms = Bms::new(BmsConfig::default());
-    bms.start(Timestamp::ZERO);
-    let bcp = bms.charging_parameters();
-    DeviantPeer::new(
-        bms,
-        Address(BMS_ADDRESS),
-        Address(CHARGER_ADDRESS),
-        quirks,
-        bcp,
-    )
-}
-
-/// A charger with `quirks`, otherwise the standard role (strict: it waits
-/// for the first BCL before CCS, as most field chargers do). It stops after
-/// 2 s of charging.
-pub fn deviant_charger(quirks: &[Quirk]) -> DeviantPeer<Charger> {
-    let mut charger = Charger::new(ChargerConfig {
-        max_charging_time: Some(Duration::from_secs(2)),
-        profile: Profile::Strict,
-        ..ChargerConfig::default()
-    });
-    charger.start(Timestamp::ZERO);
-    DeviantPeer::new(
-        charger,
-        Address(CHARGER_ADDRESS),
-        Address(BMS_ADDRESS),
-        quirks,
-        None,
-    )
-}
 
 const CHARGER: u32 = 31;
 
@@ -133,7 +79,7 @@ async fn against_pile(
 ) -> (Option<Outcome>, Result<Summary, SimError>, SideDeviations) {
     let bus = VirtualBus::with_timing(BITRATE);
     let (mut b, mut p, mut v) = (bus.node(), bus.node(), bus.node());
-    let mut peer = deviant_bms(quirks);
+    let mut peer = deviant::bms(quirks);
     let opts = pile_opts(profile);
     let log = opts.deviations.clone();
     let limit = || tokio::time::sleep(Duration::from_secs(30));
@@ -152,7 +98,7 @@ async fn against_bms(
 ) -> (Option<Outcome>, Result<Summary, SimError>, SideDeviations) {
     let bus = VirtualBus::with_timing(BITRATE);
     let (mut b, mut p) = (bus.node(), bus.node());
-    let mut peer = deviant_charger(quirks);
+    let mut peer = deviant::charger(quirks, Duration::from_secs(2));
     let opts = bms_opts(profile);
     let log = opts.deviations.clone();
     let (bms, charger) = tokio::join!(bms::run(&mut b, opts, std::future::pending()), async {
@@ -171,7 +117,7 @@ async fn each_bms_deviation_completes_with_field_and_is_counted() {
         let (peer, pile, seen) = against_pile(&[q], Profile::Field).await;
         assert!(pile.is_ok(), "{q:?}: pile: {pile:?}");
         assert!(completed(&peer), "{q:?}: deviant BMS: {peer:?}");
-        let want: Vec<_> = deviation_of(q).into_iter().collect();
+        let want: Vec<_> = q.deviation().into_iter().collect();
         let got: Vec<_> = seen.accepted.iter().map(|(d, _)| d).collect();
         assert_eq!(got, want, "{q:?}");
         assert!(seen.refused.is_empty(), "{q:?}: {seen}");
@@ -181,7 +127,7 @@ async fn each_bms_deviation_completes_with_field_and_is_counted() {
 #[tokio::test(start_paused = true)]
 async fn each_bms_deviation_fails_with_strict_naming_it() {
     for q in Quirk::BMS {
-        let Some(d) = deviation_of(q) else { continue };
+        let Some(d) = q.deviation() else { continue };
         let (_, pile, seen) = against_pile(&[q], Profile::Strict).await;
         let err = pile.expect_err(&format!("{q:?}: strict pile completed"));
         let text = err.to_string();
@@ -196,7 +142,7 @@ async fn a_bms_with_every_deviation_at_once_completes_with_field() {
     let (peer, pile, seen) = against_pile(&Quirk::BMS, Profile::Field).await;
     assert!(pile.is_ok(), "pile: {pile:?}");
     assert!(completed(&peer), "deviant BMS: {peer:?}");
-    for d in Quirk::BMS.into_iter().filter_map(deviation_of) {
+    for d in Quirk::BMS.into_iter().filter_map(Quirk::deviation) {
         assert!(seen.accepted.get(d) > 0, "{d} not counted: {seen}");
     }
 }
@@ -207,7 +153,7 @@ async fn each_charger_deviation_completes_with_field_and_is_counted() {
         let (peer, bms, seen) = against_bms(&[q], Profile::Field).await;
         assert!(bms.is_ok(), "{q:?}: BMS: {bms:?}");
         assert!(completed(&peer), "{q:?}: deviant charger: {peer:?}");
-        let want: Vec<_> = deviation_of(q).into_iter().collect();
+        let want: Vec<_> = q.deviation().into_iter().collect();
         let got: Vec<_> = seen.accepted.iter().map(|(d, _)| d).collect();
         assert_eq!(got, want, "{q:?}");
     }
@@ -216,7 +162,7 @@ async fn each_charger_deviation_completes_with_field_and_is_counted() {
 #[tokio::test(start_paused = true)]
 async fn each_charger_deviation_fails_with_strict_naming_it() {
     for q in Quirk::CHARGER {
-        let Some(d) = deviation_of(q) else { continue };
+        let Some(d) = q.deviation() else { continue };
         let (_, bms, seen) = against_bms(&[q], Profile::Strict).await;
         let err = bms.expect_err(&format!("{q:?}: strict BMS completed"));
         let text = err.to_string();
@@ -230,7 +176,7 @@ async fn a_charger_with_every_deviation_at_once_completes_with_field() {
     let (peer, bms, seen) = against_bms(&Quirk::CHARGER, Profile::Field).await;
     assert!(bms.is_ok(), "BMS: {bms:?}");
     assert!(completed(&peer), "deviant charger: {peer:?}");
-    for d in Quirk::CHARGER.into_iter().filter_map(deviation_of) {
+    for d in Quirk::CHARGER.into_iter().filter_map(Quirk::deviation) {
         assert!(seen.accepted.get(d) > 0, "{d} not counted: {seen}");
     }
 }
@@ -242,8 +188,8 @@ async fn a_charger_with_every_deviation_at_once_completes_with_field() {
 async fn a_bms_reading_an_interval_stalls_on_ff_ff_and_not_on_ours() {
     let bus = VirtualBus::with_timing(BITRATE);
     let (mut b, mut p) = (bus.node(), bus.node());
-    let mut reader = deviant_bms(&[Quirk::CtsIntervalReader]);
-    let mut standard = deviant_charger(&[Quirk::CtsPacketInterval(0xFFFF)]);
+    let mut reader = deviant::bms(&[Quirk::CtsIntervalReader]);
+    let mut standard = deviant::charger(&[Quirk::CtsPacketInterval(0xFFFF)], Duration::from_secs(2));
     let limit = || tokio::time::sleep(Duration::from_secs(30));
     let (bms, charger) = tokio::join!(
         deviant::run(&mut b, &mut reader, limit()),

@@ -252,7 +252,9 @@ impl PeerCheck {
                 self.other.min_voltage = Some(cml.min_output_voltage);
                 self.other.max_voltage = Some(cml.max_output_voltage);
             }
-            Message::Bhm(bhm) if !self.other_fixed => {
+            // BCP states it again; an implausible BHM (below any charger's
+            // output) is not taken as the limit.
+            Message::Bhm(bhm) if !self.other_fixed && bhm.max_charging_voltage >= BHM_FLOOR => {
                 self.other.max_voltage = Some(bhm.max_charging_voltage);
             }
             Message::Bcp(bcp) if !self.other_fixed => {

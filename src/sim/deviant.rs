@@ -20,6 +20,10 @@ use std::time::Duration;
 use tracing::debug;
 
 use crate::can::{BusEvent, CanBus, CanFrame};
+use crate::gbt27930::bms::{Bms, BmsConfig};
+use crate::gbt27930::charger::{Charger, ChargerConfig};
+use crate::gbt27930::{BMS_ADDRESS, CHARGER_ADDRESS};
+use crate::interop::{Deviation, Profile};
 use crate::gbt27930::messages::{Bcp, Bem, Bits2, Message, MessageKind, Readiness};
 use crate::gbt27930::session::{Outcome, Role, SessionEvent};
 use crate::gbt27930::units::Current;
@@ -68,6 +72,44 @@ impl Quirk {
         Quirk::CtsWithoutPgn,
         Quirk::PositiveCurrent,
     ];
+
+    /// The deviation the quirk shows on the wire. A CTS-interval reader
+    /// shows none: it only reads what it is sent.
+    pub fn deviation(self) -> Option<Deviation> {
+        Some(match self {
+            Quirk::CtsIntervalReader => return None,
+            Quirk::BhmVersionBytes => Deviation::BhmImplausible,
+            Quirk::BcpOnceEarly => Deviation::BcpBeforeRecognition,
+            Quirk::BclWaitsForCcs => Deviation::BclWaitsForCcs,
+            Quirk::EarlyBemCcs => Deviation::EarlyCcsTimeout,
+            Quirk::PositiveCurrent => Deviation::PositiveCurrent,
+            Quirk::BcsSingleFrame => Deviation::BcsSingleFrame,
+            Quirk::CtsPacketInterval(_) => Deviation::CtsPacketInterval,
+            Quirk::CtsWithoutPgn => Deviation::CtsWithoutPgn,
+        })
+    }
+}
+
+/// A BMS with `quirks`, otherwise the standard role with its default
+/// battery; it charges until the charger stops.
+pub fn bms(quirks: &[Quirk]) -> DeviantPeer<Bms> {
+    let mut bms = Bms::new(BmsConfig::default());
+    bms.start(Timestamp::ZERO);
+    let bcp = bms.charging_parameters();
+    DeviantPeer::new(bms, Address(BMS_ADDRESS), Address(CHARGER_ADDRESS), quirks, bcp)
+}
+
+/// A charger with `quirks`, otherwise the standard role as most field
+/// chargers play it (it waits for the first BCL before CCS); it stops after
+/// `charging` in the charging phase.
+pub fn charger(quirks: &[Quirk], charging: Duration) -> DeviantPeer<Charger> {
+    let mut charger = Charger::new(ChargerConfig {
+        max_charging_time: Some(charging),
+        profile: Profile::Strict,
+        ..ChargerConfig::default()
+    });
+    charger.start(Timestamp::ZERO);
+    DeviantPeer::new(charger, Address(CHARGER_ADDRESS), Address(BMS_ADDRESS), quirks, None)
 }
 
 /// A role with quirks, on its own transport.

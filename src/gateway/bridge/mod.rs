@@ -48,11 +48,11 @@
 //! current sign that cannot be settled, an implausible value) is not
 //! forwarded, and its sender gets the standard's error message in the
 //! other node's name: CEM to the BMS, BEM to the pile, with the message's
-//! field set to "unreliable" (at most one per [`ERROR_REPEAT`]). A BMS that
-//! sent BCP only before CRM(0xAA) has that BCP sent again to the pile once
-//! CRM(0xAA) reaches it ([`BCP_REPLAYS`] times at BCP's period at most,
-//! until the pile moves on or the BMS repeats it), since the recognition
-//! gate is what delayed CRM(0xAA). None of this forwards anything the
+//! field set to "unreliable" (at most one per [`ERROR_REPEAT`]). A BCP the
+//! BMS sends before CRM(0xAA) has reached it is held, and sent to the pile
+//! once CRM(0xAA) has ([`BCP_REPLAYS`] times at BCP's period at most, until
+//! the pile moves on or the BMS repeats it): the recognition gate is what
+//! delays CRM(0xAA), and the pile sees BCP where the standard puts it. None of this forwards anything the
 //! firewall did not admit: the checks run after the allowlist, the rate
 //! limits and the decode, and the gate still decides CRM(0xAA).
 //! Deviations are counted per side ([`Bridge::deviations`]) and reported
@@ -312,16 +312,17 @@ impl Bridge {
         if let Some(crm) = held {
             self.held_crm = Some((crm, now));
         }
-        if from == Side::Bms
-            && MessageKind::from_pgn(out.pgn) == Some(MessageKind::Bcp)
-            && self.config().bms_profile == crate::interop::Profile::Field
-        {
+        if from == Side::Bms && MessageKind::from_pgn(out.pgn) == Some(MessageKind::Bcp) {
             if self.bms_recognized {
                 // The BMS sends BCP after CRM(0xAA) itself.
                 self.early_bcp = None;
                 self.bcp_replay = None;
             } else {
-                self.early_bcp = Some(out.clone());
+                // Before CRM(0xAA) (the check let it through: field profile):
+                // kept for the pile until CRM(0xAA) has reached the BMS, so
+                // the pile sees BCP where the standard puts it.
+                self.early_bcp = Some(out);
+                return;
             }
         }
         self.send(from, out, via_tp, now);
@@ -396,8 +397,13 @@ impl Bridge {
             destination: config.address(from),
             data: body.encode(),
         };
-        // In the other node's name, so the observer sees it as that node's.
-        self.send(from.other(), error, false, now);
+        // In the other node's name, on the refused side's bus. The observer
+        // does not see it: the session ends when its two nodes end it (the
+        // other one times out on what was refused), with the refusal as its
+        // reason, and the gate stays as the session left it meanwhile.
+        if let Err(e) = self.transport(from).send(error, now) {
+            debug!(side = %from, error = %e, "error message not sent");
+        }
     }
 
     fn note_deviation(&mut self, side: Side, deviation: Deviation, refused: bool, detail: String) {
@@ -479,9 +485,8 @@ impl Bridge {
         if r.left == 0 {
             self.bcp_replay = None;
         }
-        if self.pile_tp.send(msg, now).is_ok() {
-            self.firewall.counters_mut().bcp_replayed += 1;
-        }
+        self.firewall.counters_mut().bcp_replayed += 1;
+        self.send(Side::Bms, msg, false, now);
     }
 
     fn send(&mut self, from: Side, msg: J1939Message, via_tp: bool, now: Timestamp) {

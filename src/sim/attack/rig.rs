@@ -41,6 +41,8 @@ pub struct RigOptions {
     pub require_pile_auth: bool,
     /// Vouchers for pile [`CHARGER`] imported before the first session.
     pub vouchers: usize,
+    /// `[interop]`: how the gateway meets each side's deviations.
+    pub interop: crate::service::config::InteropConfig,
 }
 
 impl Default for RigOptions {
@@ -48,6 +50,7 @@ impl Default for RigOptions {
         RigOptions {
             require_pile_auth: true,
             vouchers: 4,
+            interop: Default::default(),
         }
     }
 }
@@ -100,6 +103,7 @@ impl Rig {
             .map_err(|e| format!("gateway config: {e}"))?;
         config.cloud.enabled = false;
         config.session.require_pile_auth = opts.require_pile_auth;
+        config.interop = opts.interop;
         let mut rig = Rig {
             _dir: dir,
             pki,
