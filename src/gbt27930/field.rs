@@ -671,6 +671,9 @@ pub enum Finding {
     },
     /// A message of `by` a peer would refuse even under the field profile.
     Fault { by: Sender, fault: PeerFault },
+    /// A message the receiver acts on as if it had not come (a BEM
+    /// reporting a CCS timeout before any CCS was due).
+    Ignored { by: Sender },
 }
 
 /// Both peers of a GB/T link watched from the side, as `bmsgw decode` and
@@ -709,7 +712,7 @@ impl LinkWatch {
             .collect();
         match verdict {
             Verdict::Pass(m) => other.context(&m, now),
-            Verdict::Drop => {}
+            Verdict::Drop => out.push(Finding::Ignored { by }),
             Verdict::Refuse(fault) => out.push(Finding::Fault { by, fault }),
         }
         out

@@ -214,6 +214,7 @@ impl Timeline {
                     self.refusals += 1;
                     lines.push(format!("{t:>10.3}  {dir:<9} !! refused: {fault}"));
                 }
+                Finding::Ignored { .. } => {}
             }
         }
         lines

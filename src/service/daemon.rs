@@ -1001,10 +1001,14 @@ async fn can_loop<B: CanBus>(
                     moved = true;
                     match ev {
                         MonitorEvent::Message(msg) => {
-                            observer.handle_message(&msg, now);
-                            for (side, deviation) in watch_message(&mut watch, can, &msg, now) {
+                            let (found, ignored) = watch_message(&mut watch, can, &msg, now);
+                            for (side, deviation) in found {
                                 watched_side(&mut watched, side).accepted.add(deviation);
                                 orch.on_deviation(side, deviation, false);
+                            }
+                            // As the pile reads it: an early BEM(CCS) ends nothing.
+                            if !ignored {
+                                observer.handle_message(&msg, now);
                             }
                         }
                         MonitorEvent::Deviation { by, deviation, detail, .. } => {
@@ -1320,27 +1324,29 @@ fn session_status(v: &SessionView) -> SessionStatus {
 }
 
 /// What the receiver of a watched message would find in it (single-bus
-/// mode): each deviation with the side that showed it.
+/// mode): each deviation with the side that showed it, and whether the
+/// receiver acts as if the message had not come.
 fn watch_message(
     watch: &mut crate::gbt27930::field::LinkWatch,
     can: &super::config::CanConfig,
     msg: &crate::j1939::tp::J1939Message,
     now: crate::time::Timestamp,
-) -> Vec<(Side, crate::interop::Deviation)> {
+) -> (Vec<(Side, crate::interop::Deviation)>, bool) {
     use crate::gbt27930::field::Finding;
     use crate::gbt27930::{Message, MessageKind, Sender};
     let Some(kind) = MessageKind::from_pgn(msg.pgn) else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
     let (by, side) = match kind.sender() {
         Sender::Bms if msg.source == can.bms_address => (Sender::Bms, Side::Bms),
         Sender::Charger if msg.source == can.pile_address => (Sender::Charger, Side::Pile),
-        _ => return Vec::new(),
+        _ => return (Vec::new(), false),
     };
     let Ok(decoded) = Message::decode(msg.pgn, &msg.data) else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
-    watch
+    let mut ignored = false;
+    let found = watch
         .message(by, &decoded, msg.data.len(), now)
         .into_iter()
         .filter_map(|f| match f {
@@ -1354,8 +1360,13 @@ fn watch_message(
                 warn!(%side, %fault, "a message the receiver would refuse");
                 None
             }
+            Finding::Ignored { .. } => {
+                ignored = true;
+                None
+            }
         })
-        .collect()
+        .collect();
+    (found, ignored)
 }
 
 fn watched_side(d: &mut crate::interop::LinkDeviations, side: Side) -> &mut crate::interop::SideDeviations {

@@ -15,6 +15,7 @@ use crate::gbt27930::{
     ProtocolVersion, Recognition, RegionCode,
 };
 use crate::j1939::tp::{Cm, TP_CM, TP_DT};
+use crate::interop::Deviation;
 use crate::j1939::{Address, J1939Id, Pgn, Priority};
 
 const BMS: Address = Address(BMS_ADDRESS);
@@ -59,6 +60,21 @@ fn crm(recognition: Recognition) -> Message {
         charger_number: ChargerNumber(7),
         region_code: RegionCode(*b"123"),
     })
+}
+
+/// A BCS as the standard sends it: 9 bytes, over TP.
+fn bcs_bytes() -> Vec<u8> {
+    Message::Bcs(crate::gbt27930::Bcs {
+        measured_voltage: DeciVolt(3700),
+        measured_current: Current::charging(100.0),
+        max_cell: crate::gbt27930::CellVoltage {
+            voltage: CentiVolt(380),
+            group: 1,
+        },
+        soc_percent: 51,
+        remaining_minutes: 30,
+    })
+    .encode()
 }
 
 fn brm_bytes() -> Vec<u8> {
@@ -640,7 +656,7 @@ fn a_busy_far_side_drops_the_newer_message_and_times_out() {
     buses.pile_listens = false;
     buses.send(Side::Bms, MessageKind::Brm.pgn(), PILE, brm_bytes());
     buses.settle();
-    buses.send(Side::Bms, MessageKind::Bcp.pgn(), PILE, bcp().encode());
+    buses.send(Side::Bms, MessageKind::Bcs.pgn(), PILE, bcs_bytes());
     buses.settle();
     let c = buses.bridge.counters();
     assert_eq!((c.forwarded_bms_to_pile, c.dropped_busy), (1, 1));
@@ -655,8 +671,8 @@ fn a_busy_far_side_drops_the_newer_message_and_times_out() {
         "{aborts:?}"
     );
     assert_eq!(buses.bridge.poll_timeout(), None);
-    // The next BCP goes.
-    buses.send(Side::Bms, MessageKind::Bcp.pgn(), PILE, bcp().encode());
+    // The next BCS goes.
+    buses.send(Side::Bms, MessageKind::Bcs.pgn(), PILE, bcs_bytes());
     buses.settle();
     assert_eq!(buses.bridge.counters().forwarded_bms_to_pile, 2);
 }
@@ -828,4 +844,221 @@ proptest! {
             prop_assert!(Message::decode(m.pgn, &m.data).is_ok(), "{:?}", m);
         }
     }
+}
+
+// ---------------------------------------------------------------- field deviations
+//
+// No tolerance lets anything past the firewall's allowlist, its rate
+// limits, the recognition gate or authentication (docs/interop.md).
+
+fn cts_frame(source: Address, destination: Address, bytes_4_5: [u8; 2], pgn: [u8; 3]) -> CanFrame {
+    let [r0, r1] = bytes_4_5;
+    let [p0, p1, p2] = pgn;
+    frame(7, TP_CM, source, destination, &[0x11, 7, 1, r0, r1, p0, p1, p2])
+}
+
+fn is_dt(f: &CanFrame) -> bool {
+    J1939Id::from_can_id(f.id()).is_ok_and(|id| id.pgn == TP_DT)
+}
+
+/// A CTS without its PGN only ever releases packets of the one transfer
+/// the bridge has open to the pile, a message the firewall already
+/// admitted; with none open it does nothing, and it never crosses.
+#[test]
+fn a_cts_without_pgn_only_drives_the_transfer_already_open() {
+    let mut b = Bridge::new(config());
+    b.handle_frame(Side::Pile, &cts_frame(PILE, BMS, [0xFF; 2], [0xFF; 3]), ms(0));
+    assert!(drain(&mut b).is_empty());
+    assert!(b.deviations().pile.is_empty());
+
+    // A BRM from the BMS on its way to a pile that only answers by hand.
+    let mut buses = Buses::new(config());
+    buses.pile_listens = false;
+    buses.send(Side::Bms, MessageKind::Brm.pgn(), PILE, brm_bytes());
+    buses.settle();
+    let before = buses.pile_bus.len();
+    let cts = cts_frame(PILE, BMS, [0xFF; 2], [0; 3]);
+    buses.pile_bus.push(cts);
+    buses.bridge.handle_frame(Side::Pile, &cts, buses.now);
+    let out = drain(&mut buses.bridge);
+    assert_eq!(out.len(), 7, "{out:?}");
+    assert!(out.iter().all(|(side, f)| *side == Side::Pile && is_dt(f)));
+    assert_eq!(before, 1, "only the RTS before the CTS");
+    assert_eq!(
+        buses.bridge.deviations().pile.accepted.get(Deviation::CtsWithoutPgn),
+        1
+    );
+    // Under the strict profile the transfer is aborted instead.
+    let mut cfg = config();
+    cfg.pile_profile = crate::interop::Profile::Strict;
+    let mut buses = Buses::new(cfg);
+    buses.pile_listens = false;
+    buses.send(Side::Bms, MessageKind::Brm.pgn(), PILE, brm_bytes());
+    buses.settle();
+    buses
+        .bridge
+        .handle_frame(Side::Pile, &cts_frame(PILE, BMS, [0xFF; 2], [0xFF; 3]), buses.now);
+    let out = drain(&mut buses.bridge);
+    assert!(
+        matches!(out.as_slice(), [(Side::Pile, f)] if matches!(tp_cm(f), Some(Cm::Abort { .. }))),
+        "{out:?}"
+    );
+    assert_eq!(buses.bridge.counters().refused, 1);
+    assert_eq!(
+        buses.bridge.deviations().pile.refused.get(Deviation::CtsWithoutPgn),
+        1
+    );
+}
+
+/// The early BCP reaches the pile only once CRM(0xAA) has reached the BMS,
+/// which only the recognition gate lets happen: a pile that never proves
+/// itself never gets it. Its copies are bounded.
+#[test]
+fn an_early_bcp_waits_for_the_gate_and_its_copies_are_bounded() {
+    let mut buses = Buses::new(config());
+    buses.send(Side::Bms, MessageKind::Bcp.pgn(), PILE, bcp().encode());
+    buses.settle();
+    let bcp_rts = |bus: &[CanFrame]| {
+        bus.iter()
+            .filter(|f| matches!(tp_cm(f), Some(Cm::Rts { pgn, .. }) if pgn == MessageKind::Bcp.pgn()))
+            .count()
+    };
+    assert_eq!(bcp_rts(&buses.pile_bus), 0, "BCP crossed before CRM(0xAA)");
+    assert_eq!(
+        buses.bridge.deviations().bms.accepted.get(Deviation::BcpBeforeRecognition),
+        1
+    );
+    // The pile's CRM(0xAA) while it is not authenticated: held, and no BCP.
+    let crmaa = gbt_frame(&crm(Recognition::Recognized), PILE, BMS);
+    buses.bridge.handle_frame(Side::Pile, &crmaa, buses.now);
+    buses.run_until(ms(5_000));
+    assert_eq!(bcp_rts(&buses.pile_bus), 0, "BCP crossed with the gate closed");
+    // Authenticated, at the pile's next CRM(0xAA): BCP follows, at BCP's
+    // period, at most BCP_REPLAYS times while the pile does not move on.
+    buses.bridge.set_pile_authenticated(true, buses.now);
+    buses.bridge.handle_frame(Side::Pile, &crmaa, buses.now);
+    buses.run_until(ms(20_000));
+    let copies = bcp_rts(&buses.pile_bus);
+    assert_eq!(copies, usize::from(BCP_REPLAYS), "{copies}");
+    assert_eq!(buses.bridge.counters().bcp_replayed, u64::from(BCP_REPLAYS));
+    assert!(
+        received(&mut buses.pile)
+            .iter()
+            .any(|m| m.pgn == MessageKind::Bcp.pgn() && m.source == BMS)
+    );
+}
+
+fn bcl(raw_current: u16) -> Message {
+    Message::Bcl(crate::gbt27930::Bcl {
+        voltage_demand: DeciVolt(4000),
+        current_demand: Current(raw_current),
+        mode: crate::gbt27930::ChargeMode::ConstantCurrent,
+    })
+}
+
+/// A BMS that counts current positive: the bridge turns its BCLs round,
+/// and they are rate-limited like any other stream before that.
+#[test]
+fn positive_currents_are_turned_round_and_still_rate_limited() {
+    let mut cfg = config();
+    cfg.gate_recognition = false;
+    let mut buses = Buses::new(cfg);
+    // CRM(0xAA) reaches the BMS, then its BCP: 200 A counted positive.
+    let crmaa = gbt_frame(&crm(Recognition::Recognized), PILE, BMS);
+    buses.bridge.handle_frame(Side::Pile, &crmaa, buses.now);
+    let mut positive = bcp();
+    if let Message::Bcp(b) = &mut positive {
+        b.max_charging_current = Current(6000);
+    }
+    buses.send(Side::Bms, MessageKind::Bcp.pgn(), PILE, positive.encode());
+    buses.run_until(ms(100));
+    let got = received(&mut buses.pile);
+    let bcp_in = got
+        .iter()
+        .find(|m| m.pgn == MessageKind::Bcp.pgn())
+        .expect("BCP crossed");
+    assert!(matches!(
+        Message::decode(bcp_in.pgn, &bcp_in.data),
+        Ok(Message::Bcp(b)) if b.max_charging_current == Current(2000)
+    ));
+    // 25 BCLs at once: the burst of 20 crosses, turned round (100 A).
+    let f = gbt_frame(&bcl(5000), BMS, PILE);
+    let t = ms(200);
+    for _ in 0..25 {
+        buses.bridge.handle_frame(Side::Bms, &f, t);
+    }
+    let out = drain(&mut buses.bridge);
+    assert_eq!(out.len(), 20);
+    assert!(out.iter().all(|(side, f)| *side == Side::Pile && f.data()[2..4] == 3000u16.to_le_bytes()));
+    assert_eq!(buses.bridge.counters().dropped_rate_limited, 5);
+    assert_eq!(
+        buses.bridge.deviations().bms.accepted.get(Deviation::PositiveCurrent),
+        1
+    );
+}
+
+/// A message that cannot be acted on never crosses, and its sender gets
+/// the standard's error message at most once per ERROR_REPEAT, however
+/// many it sends.
+#[test]
+fn refused_messages_stay_and_their_error_is_bounded() {
+    let mut cfg = config();
+    cfg.gate_recognition = false;
+    let mut b = Bridge::new(cfg);
+    // No BCP settled the sign: a BCL on the discharge side is refused.
+    let f = gbt_frame(&bcl(5000), BMS, PILE);
+    for i in 0..100 {
+        b.handle_frame(Side::Bms, &f, ms(i * 5));
+    }
+    let out = drain(&mut b);
+    assert!(out.iter().all(|(side, _)| *side == Side::Bms), "{out:?}");
+    let cems: Vec<_> = out
+        .iter()
+        .filter(|(_, f)| J1939Id::from_can_id(f.id()).is_ok_and(|id| id.pgn == MessageKind::Cem.pgn() && id.source == PILE))
+        .collect();
+    // 500 ms of refusals: at 0, 250 and 500 ms at most.
+    assert!((1..=3).contains(&cems.len()), "{}", cems.len());
+    assert!(matches!(
+        Message::decode(MessageKind::Cem.pgn(), cems[0].1.data()),
+        Ok(Message::Cem(c)) if c.bcl_timeout == crate::gbt27930::Bits2::ALT
+    ));
+    // The rate limit comes first; what it admits is refused.
+    let c = b.counters();
+    assert_eq!(c.refused + c.dropped_rate_limited, 100);
+    assert!(c.refused >= 20, "{c:?}");
+    assert_eq!(c.forwarded_bms_to_pile, 0);
+}
+
+/// A BEM that reports a CCS timeout before any CCS was due stays on the
+/// BMS's side; a later one crosses.
+#[test]
+fn an_early_ccs_timeout_stays_and_a_real_one_crosses() {
+    let mut cfg = config();
+    cfg.gate_recognition = false;
+    let mut b = Bridge::new(cfg);
+    let cro = gbt_frame(
+        &Message::Cro(crate::gbt27930::Cro {
+            ready: crate::gbt27930::Readiness::Ready,
+        }),
+        PILE,
+        BMS,
+    );
+    b.handle_frame(Side::Pile, &cro, ms(0));
+    drain(&mut b);
+    let bem = gbt_frame(
+        &Message::Bem(crate::gbt27930::Bem {
+            ccs_timeout: crate::gbt27930::Bits2::SET,
+            ..Default::default()
+        }),
+        BMS,
+        PILE,
+    );
+    b.handle_frame(Side::Bms, &bem, ms(40));
+    assert!(drain(&mut b).is_empty());
+    assert_eq!(
+        b.deviations().bms.accepted.get(Deviation::EarlyCcsTimeout),
+        1
+    );
+    b.handle_frame(Side::Bms, &bem, ms(1500));
+    assert_eq!(drain(&mut b), vec![(Side::Pile, bem)]);
 }

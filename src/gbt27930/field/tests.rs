@@ -367,7 +367,7 @@ fn a_link_watch_reports_each_side() {
         .iter()
         .filter_map(|f| match f {
             Finding::Deviation { by, deviation, .. } => Some((*by, *deviation)),
-            Finding::Fault { .. } => None,
+            Finding::Fault { .. } | Finding::Ignored { .. } => None,
         })
         .collect();
     assert_eq!(

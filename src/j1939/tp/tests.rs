@@ -1511,3 +1511,125 @@ fn send_replacing_restarts_a_stalled_transfer_and_the_receiver_follows() {
     }));
     assert_eq!((a.session_count(), b.session_count()), (0, 0));
 }
+
+// ---------------------------------------------------------------- field deviations
+
+fn field_cts(count: u8, next: u8, bytes_4_5: u16, pgn: Option<u32>) -> Cm {
+    Cm::Cts {
+        count,
+        next,
+        bytes_4_5,
+        pgn: pgn.map(self::pgn),
+    }
+}
+
+fn deviations(events: &[TpEvent]) -> Vec<(crate::interop::Deviation, bool)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TpEvent::Deviation {
+                peer,
+                deviation,
+                refused,
+                ..
+            } if *peer == PILE => Some((*deviation, *refused)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A receiver's packet interval spaces the window (field profile); T3
+/// starts after the window, and the spacing is capped at MAX_CTS_GAP.
+#[test]
+fn a_cts_interval_paces_the_window_and_is_capped() {
+    use crate::interop::Deviation;
+    let data = payload(20); // 3 packets
+    let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
+    tp.handle_frame(&cm_frame(PILE, BMS, field_cts(3, 1, 10, Some(0x0200))), ms(100));
+    assert_eq!(drain(&mut tp), vec![dt_frame(BMS, PILE, &data, 1)]);
+    assert_eq!(tp.poll_timeout(), Some(ms(110)));
+    tp.handle_timeout(ms(109));
+    assert!(drain(&mut tp).is_empty());
+    tp.handle_timeout(ms(110));
+    assert_eq!(drain(&mut tp), vec![dt_frame(BMS, PILE, &data, 2)]);
+    tp.handle_timeout(ms(120));
+    assert_eq!(drain(&mut tp), vec![dt_frame(BMS, PILE, &data, 3)]);
+    // T3 from the end of the window: 100 + 3 x 10 + 1250.
+    assert_eq!(tp.poll_timeout(), Some(ms(1380)));
+    assert_eq!(
+        deviations(&events(&mut tp)),
+        [(Deviation::CtsPacketInterval, false)]
+    );
+
+    // 0xFFFE ms (65 s): cut to MAX_CTS_GAP, so the receiver's T1 holds.
+    let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
+    tp.handle_frame(&cm_frame(PILE, BMS, field_cts(3, 1, 0xFFFE, Some(0x0200))), ms(0));
+    assert_eq!(drain(&mut tp).len(), 1);
+    assert_eq!(tp.poll_timeout(), Some(ms(0) + MAX_CTS_GAP));
+}
+
+/// FF FF (J1939-21) and 00 00 (ours) are no interval: nothing reported.
+#[test]
+fn standard_and_our_own_cts_bytes_are_no_deviation() {
+    for bytes in [0xFFFF, 0x0000] {
+        let data = payload(20);
+        let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
+        tp.handle_frame(&cm_frame(PILE, BMS, field_cts(3, 1, bytes, Some(0x0200))), ms(0));
+        assert_eq!(drain(&mut tp).len(), 3);
+        assert!(deviations(&events(&mut tp)).is_empty());
+    }
+}
+
+/// A CTS without its PGN is taken for the transfer in progress to that
+/// peer (field), and counted once per transfer.
+#[test]
+fn a_cts_without_pgn_drives_the_open_transfer() {
+    use crate::interop::Deviation;
+    let data = payload(20);
+    let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
+    tp.handle_frame(&cm_frame(PILE, BMS, field_cts(2, 1, 0xFFFF, None)), ms(10));
+    assert_eq!(drain(&mut tp).len(), 2);
+    tp.handle_frame(&cm_frame(PILE, BMS, field_cts(1, 3, 0xFFFF, None)), ms(20));
+    assert_eq!(drain(&mut tp), vec![dt_frame(BMS, PILE, &data, 3)]);
+    tp.handle_frame(
+        &cm_frame(
+            PILE,
+            BMS,
+            Cm::EndOfMsgAck {
+                size: 20,
+                packets: 3,
+                pgn: pgn(0x0200),
+            },
+        ),
+        ms(30),
+    );
+    let ev = events(&mut tp);
+    assert_eq!(deviations(&ev), [(Deviation::CtsWithoutPgn, false)]);
+    assert!(ev.contains(&TpEvent::Sent {
+        pgn: pgn(0x0200),
+        destination: PILE
+    }));
+    // From a node we have no transfer with, it does nothing.
+    let mut idle = Transport::new(TpConfig::gbt27930(), BMS);
+    idle.handle_frame(&cm_frame(PILE, BMS, field_cts(2, 1, 0xFFFF, None)), ms(0));
+    assert!(drain(&mut idle).is_empty() && events(&mut idle).is_empty());
+}
+
+/// The strict profile aborts the transfer on either, naming the deviation.
+#[test]
+fn strict_aborts_on_a_cts_interval_or_a_missing_pgn() {
+    use crate::interop::{Deviation, Profile};
+    for (cts, d) in [
+        (field_cts(3, 1, 10, Some(0x0200)), Deviation::CtsPacketInterval),
+        (field_cts(3, 1, 0xFFFF, None), Deviation::CtsWithoutPgn),
+    ] {
+        let cfg = TpConfig::gbt27930().with_profile(Profile::Strict);
+        let mut tp = sender_with_rts(cfg, &payload(20));
+        tp.handle_frame(&cm_frame(PILE, BMS, cts), ms(0));
+        expect_abort(&drain(&mut tp), PILE, AbortReason::ANY_OTHER);
+        let ev = events(&mut tp);
+        assert_eq!(deviations(&ev), [(d, true)]);
+        assert!(ev.contains(&send_aborted(AbortReason::ANY_OTHER)));
+        assert_eq!(tp.session_count(), 0);
+    }
+}
