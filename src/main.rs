@@ -609,7 +609,10 @@ async fn sim(role: SimRole) -> Result<(), String> {
                 .map_err(|e| format!("sim bms: {}", chain(&e)))?;
             let log = opts.deviations.clone();
             let result = bms::run(&mut bus, opts, ctrl_c()).await;
-            println!("sim bms: pile deviations ({profile} profile): {}", log.get());
+            println!(
+                "sim bms: pile deviations ({profile} profile): {}",
+                log.get()
+            );
             let s = result.map_err(|e| format!("sim bms: {}", chain(&e)))?;
             println!(
                 "sim bms: session completed: final SOC {}%, {} min, {:.1} kWh",
@@ -676,7 +679,10 @@ async fn sim(role: SimRole) -> Result<(), String> {
                 .map_err(|e| format!("sim pile: {}", chain(&e)))?;
             let log = opts.deviations.clone();
             let result = pile::run(&mut bus, opts, ctrl_c()).await;
-            println!("sim pile: BMS deviations ({profile} profile): {}", log.get());
+            println!(
+                "sim pile: BMS deviations ({profile} profile): {}",
+                log.get()
+            );
             let s = result.map_err(|e| format!("sim pile: {}", chain(&e)))?;
             println!(
                 "sim pile: session completed: BMS final SOC {}%, {} min, {:.1} kWh delivered",

@@ -51,9 +51,11 @@ enum End {
     /// The peer's BEM or CEM ended it.
     PeerError,
     StoppedEarly,
-    /// The charger refused the BMS's (corrupted) parameters; it then stops
-    /// answering and the BMS times out on CML (its BEM path).
+    /// The charger refused the BMS's (corrupted) parameters with CEM.
     Incompatible,
+    /// A message that cannot be right (a corrupted value) was refused with
+    /// the standard's error message, its flag at 10 ("unreliable").
+    Refused,
 }
 
 fn classify(side: &str, r: &Result<Summary, SimError>) -> Result<End, String> {
@@ -64,6 +66,7 @@ fn classify(side: &str, r: &Result<Summary, SimError>) -> Result<End, String> {
             FailureReason::BmsError(_) | FailureReason::ChargerError(_) => Ok(End::PeerError),
             FailureReason::StoppedEarly { .. } => Ok(End::StoppedEarly),
             FailureReason::Incompatible(_) => Ok(End::Incompatible),
+            FailureReason::Peer(_) => Ok(End::Refused),
             other => Err(format!("{side}: not a standard error path: {other}")),
         },
         Err(e) => Err(format!("{side}: {e}")),

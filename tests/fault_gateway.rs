@@ -61,6 +61,8 @@ fn ending(side: &str, r: &SimResult) -> Result<String, String> {
             FailureReason::ChargerError(_) => Ok("CEM".into()),
             FailureReason::StoppedEarly { by } => Ok(format!("stopped by {by}")),
             FailureReason::Incompatible(_) => Ok("incompatible".into()),
+            // A corrupted value refused with CEM/BEM, its flag at 10.
+            FailureReason::Peer(_) => Ok("refused".into()),
             other => Err(format!("{side}: not a standard path in {phase}: {other}")),
         },
         Outcome::Completed(_) => Ok("completed".into()),

@@ -11,9 +11,7 @@
 
 use std::time::Duration;
 
-use bmsgw::auth::{
-    Credential, MemoryReplayStore, PileAuthConfig, PileKeys, RootKey, SystemRng,
-};
+use bmsgw::auth::{Credential, MemoryReplayStore, PileAuthConfig, PileKeys, RootKey, SystemRng};
 use bmsgw::can::virtual_bus::VirtualBus;
 use bmsgw::gateway::vehicle_auth::{VehicleAuthOptions, authenticate};
 use bmsgw::gbt27930::ChargerNumber;
@@ -57,7 +55,17 @@ fn pile_opts(profile: Profile) -> PileSimOptions {
 
 fn credential() -> Credential {
     let now = unix_now();
-    Credential::issue(&root(), 0, CHARGER, [9; 16], now - 60, now + 600, 0, false, &mut SystemRng)
+    Credential::issue(
+        &root(),
+        0,
+        CHARGER,
+        [9; 16],
+        now - 60,
+        now + 600,
+        0,
+        false,
+        &mut SystemRng,
+    )
 }
 
 fn bms_opts(profile: Profile) -> BmsSimOptions {
@@ -102,7 +110,12 @@ async fn against_bms(
     let opts = bms_opts(profile);
     let log = opts.deviations.clone();
     let (bms, charger) = tokio::join!(bms::run(&mut b, opts, std::future::pending()), async {
-        deviant::run(&mut p, &mut peer, tokio::time::sleep(Duration::from_secs(30))).await
+        deviant::run(
+            &mut p,
+            &mut peer,
+            tokio::time::sleep(Duration::from_secs(30)),
+        )
+        .await
     });
     (charger, bms, log.get())
 }
@@ -189,15 +202,22 @@ async fn a_bms_reading_an_interval_stalls_on_ff_ff_and_not_on_ours() {
     let bus = VirtualBus::with_timing(BITRATE);
     let (mut b, mut p) = (bus.node(), bus.node());
     let mut reader = deviant::bms(&[Quirk::CtsIntervalReader]);
-    let mut standard = deviant::charger(&[Quirk::CtsPacketInterval(0xFFFF)], Duration::from_secs(2));
+    let mut standard =
+        deviant::charger(&[Quirk::CtsPacketInterval(0xFFFF)], Duration::from_secs(2));
     let limit = || tokio::time::sleep(Duration::from_secs(30));
     let (bms, charger) = tokio::join!(
         deviant::run(&mut b, &mut reader, limit()),
         deviant::run(&mut p, &mut standard, limit()),
     );
-    assert!(!completed(&bms) && !completed(&charger), "{bms:?} {charger:?}");
+    assert!(
+        !completed(&bms) && !completed(&charger),
+        "{bms:?} {charger:?}"
+    );
     let text = format!("{charger:?}");
-    assert!(text.contains("Brm"), "the charger should time out on BRM: {text}");
+    assert!(
+        text.contains("Brm"),
+        "the charger should time out on BRM: {text}"
+    );
 
     let (bms, pile, _) = against_pile(&[Quirk::CtsIntervalReader], Profile::Strict).await;
     assert!(completed(&bms) && pile.is_ok(), "{bms:?} {pile:?}");

@@ -35,7 +35,11 @@ async fn deviant_bms_session(
     rig: &Rig,
     quirks: &[Quirk],
     pile_profile: Profile,
-) -> (Option<Outcome>, Result<Summary, SimError>, pile::PileSimOptions) {
+) -> (
+    Option<Outcome>,
+    Result<Summary, SimError>,
+    pile::PileSimOptions,
+) {
     let (mut b, mut p) = (rig.bms_bus.node(), rig.pile_bus.node());
     let mut peer = deviant::bms(quirks);
     let mut opts = rig.genuine_pile().expect("pile");
@@ -44,7 +48,11 @@ async fn deviant_bms_session(
     let kept = opts.clone();
     let (pile, bms) = tokio::join!(
         pile::run(&mut p, opts, std::future::pending()),
-        deviant::run(&mut b, &mut peer, tokio::time::sleep(Duration::from_secs(30))),
+        deviant::run(
+            &mut b,
+            &mut peer,
+            tokio::time::sleep(Duration::from_secs(30))
+        ),
     );
     (bms, pile, kept)
 }
@@ -54,7 +62,11 @@ async fn deviant_charger_session(
     rig: &Rig,
     quirks: &[Quirk],
     bms_profile: Profile,
-) -> (Option<Outcome>, Result<Summary, SimError>, bms::BmsSimOptions) {
+) -> (
+    Option<Outcome>,
+    Result<Summary, SimError>,
+    bms::BmsSimOptions,
+) {
     let (mut b, mut p) = (rig.bms_bus.node(), rig.pile_bus.node());
     let mut peer = deviant::charger(quirks, Duration::from_secs(2));
     let mut opts = rig.bms_options();
@@ -62,7 +74,11 @@ async fn deviant_charger_session(
     let kept = opts.clone();
     let (bms, charger) = tokio::join!(
         bms::run(&mut b, opts, std::future::pending()),
-        deviant::run(&mut p, &mut peer, tokio::time::sleep(Duration::from_secs(30))),
+        deviant::run(
+            &mut p,
+            &mut peer,
+            tokio::time::sleep(Duration::from_secs(30))
+        ),
     );
     (charger, bms, kept)
 }
@@ -85,7 +101,11 @@ async fn a_bms_with_every_deviation_charges_through_the_gateway_and_is_counted()
     assert!(pile.is_ok(), "pile: {pile:?}");
     let s = status(&rig).await;
     for d in Quirk::BMS.into_iter().filter_map(Quirk::deviation) {
-        assert!(s.deviations.bms.accepted.get(d) > 0, "{d}: {:?}", s.deviations);
+        assert!(
+            s.deviations.bms.accepted.get(d) > 0,
+            "{d}: {:?}",
+            s.deviations
+        );
     }
     assert!(s.deviations.pile.accepted.is_empty(), "{:?}", s.deviations);
     let last = s.last_session.expect("a last session");
@@ -114,10 +134,17 @@ async fn a_strict_pile_behind_the_gateway_sees_no_deviation_of_the_bms() {
     assert!(completed(&bms), "deviant BMS: {bms:?}");
     assert!(pile.is_ok(), "strict pile: {pile:?}");
     let pile_saw = opts.deviations.get();
-    assert!(pile_saw.accepted.is_empty() && pile_saw.refused.is_empty(), "{pile_saw}");
+    assert!(
+        pile_saw.accepted.is_empty() && pile_saw.refused.is_empty(),
+        "{pile_saw}"
+    );
     let s = status(&rig).await;
     for d in quirks.into_iter().filter_map(Quirk::deviation) {
-        assert!(s.deviations.bms.accepted.get(d) > 0, "{d}: {:?}", s.deviations);
+        assert!(
+            s.deviations.bms.accepted.get(d) > 0,
+            "{d}: {:?}",
+            s.deviations
+        );
     }
     rig.stop().await.expect("clean stop");
 }
@@ -147,14 +174,22 @@ async fn a_strict_gateway_refuses_a_bms_deviation_and_names_it() {
 #[tokio::test(start_paused = true)]
 async fn a_charger_with_every_deviation_charges_a_strict_bms_through_the_gateway() {
     let rig = rig(Profile::Field, Profile::Field, false).await;
-    let (charger, bms, opts) = deviant_charger_session(&rig, &Quirk::CHARGER, Profile::Strict).await;
+    let (charger, bms, opts) =
+        deviant_charger_session(&rig, &Quirk::CHARGER, Profile::Strict).await;
     assert!(completed(&charger), "deviant charger: {charger:?}");
     assert!(bms.is_ok(), "strict BMS: {bms:?}");
     let bms_saw = opts.deviations.get();
-    assert!(bms_saw.accepted.is_empty() && bms_saw.refused.is_empty(), "{bms_saw}");
+    assert!(
+        bms_saw.accepted.is_empty() && bms_saw.refused.is_empty(),
+        "{bms_saw}"
+    );
     let s = status(&rig).await;
     for d in Quirk::CHARGER.into_iter().filter_map(Quirk::deviation) {
-        assert!(s.deviations.pile.accepted.get(d) > 0, "{d}: {:?}", s.deviations);
+        assert!(
+            s.deviations.pile.accepted.get(d) > 0,
+            "{d}: {:?}",
+            s.deviations
+        );
     }
     rig.stop().await.expect("clean stop");
 }
@@ -164,10 +199,17 @@ async fn a_strict_gateway_refuses_a_pile_deviation_and_names_it() {
     for quirk in [Quirk::PositiveCurrent, Quirk::CtsWithoutPgn] {
         let rig = rig(Profile::Field, Profile::Strict, false).await;
         let (charger, bms, _) = deviant_charger_session(&rig, &[quirk], Profile::Field).await;
-        assert!(!completed(&charger) && bms.is_err(), "{quirk:?}: {charger:?} {bms:?}");
+        assert!(
+            !completed(&charger) && bms.is_err(),
+            "{quirk:?}: {charger:?} {bms:?}"
+        );
         let s = status(&rig).await;
         let d = quirk.deviation().expect("a wire deviation");
-        assert!(s.deviations.pile.refused.get(d) > 0, "{quirk:?}: {:?}", s.deviations);
+        assert!(
+            s.deviations.pile.refused.get(d) > 0,
+            "{quirk:?}: {:?}",
+            s.deviations
+        );
         let result = s.last_session.and_then(|l| l.result).unwrap_or_default();
         assert!(result.contains(d.name()), "{quirk:?}: {result}");
         rig.stop().await.expect("clean stop");

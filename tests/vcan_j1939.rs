@@ -37,11 +37,13 @@ fn payload(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
-/// Drive `tp` on `bus` until `done` says an event ends the exchange.
+/// Drive `tp` on `bus` until `done` says an event ends the exchange. The
+/// frames `tp` sent are appended to `sent`.
 async fn pump(
     bus: &mut SocketCanBus,
     tp: &mut Transport,
     clock: &Clock,
+    sent: &mut Vec<bmsgw::can::CanFrame>,
     mut done: impl FnMut(&TpEvent) -> bool,
 ) -> Vec<TpEvent> {
     let mut events = Vec::new();
@@ -49,6 +51,7 @@ async fn pump(
     loop {
         while let Some(frame) = tp.poll_transmit() {
             bus.send(&frame).await.expect("send on vcan");
+            sent.push(frame);
         }
         while let Some(ev) = tp.poll_event() {
             let stop = done(&ev);
@@ -116,11 +119,29 @@ async fn kernel_sends_our_tp_reassembles() {
             .spawn()
             .expect("spawn j1939cat"),
     );
-    let events = pump(&mut bus, &mut tp, &clock, |ev| {
+    let mut sent = Vec::new();
+    let events = pump(&mut bus, &mut tp, &clock, &mut sent, |ev| {
         matches!(ev, TpEvent::Received(m) if m.pgn.raw() == PGN)
             || matches!(ev, TpEvent::ReceiveAborted { .. })
     })
     .await;
+    // Our CTS carries 00 00 in bytes 4-5, not J1939-21's FF FF (see
+    // docs/interop.md): the kernel, a J1939-21 sender, must take it.
+    let cts: Vec<_> = sent
+        .iter()
+        .filter(|f| {
+            bmsgw::j1939::J1939Id::from_can_id(f.id()).is_ok_and(|id| id.pgn.raw() == 0xEC00)
+                && f.data().first() == Some(&0x11)
+        })
+        .collect();
+    assert!(!cts.is_empty(), "we sent no CTS: {sent:?}");
+    for f in &cts {
+        assert_eq!(f.data().get(3..5), Some(&[0u8, 0][..]), "{f}");
+    }
+    println!(
+        "our CTS to the kernel's sender: {} frames, bytes 4-5 = 00 00",
+        cts.len()
+    );
     let got = events.iter().find_map(|ev| match ev {
         TpEvent::Received(m) if m.pgn.raw() == PGN => Some(m.clone()),
         _ => None,
@@ -204,7 +225,7 @@ async fn our_tp_sends_kernel_receives_intact() {
         clock.now(),
     )
     .expect("send accepted");
-    let events = pump(&mut bus, &mut tp, &clock, |ev| {
+    let events = pump(&mut bus, &mut tp, &clock, &mut Vec::new(), |ev| {
         matches!(ev, TpEvent::Sent { .. } | TpEvent::SendAborted { .. })
     })
     .await;

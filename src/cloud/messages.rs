@@ -912,16 +912,23 @@ pub(crate) mod tests {
     /// Deviations of either side, accepted or refused, some of them repeated.
     fn link_deviations() -> impl Strategy<Value = LinkDeviations> {
         use crate::interop::Deviation;
-        prop::collection::vec((any::<bool>(), any::<bool>(), 0..Deviation::ALL.len()), 0..6)
-            .prop_map(|seen| {
-                let mut out = LinkDeviations::default();
-                for (bms, refused, i) in seen {
-                    let side = if bms { &mut out.bms } else { &mut out.pile };
-                    let counts = if refused { &mut side.refused } else { &mut side.accepted };
-                    counts.add(Deviation::ALL[i]);
-                }
-                out
-            })
+        prop::collection::vec(
+            (any::<bool>(), any::<bool>(), 0..Deviation::ALL.len()),
+            0..6,
+        )
+        .prop_map(|seen| {
+            let mut out = LinkDeviations::default();
+            for (bms, refused, i) in seen {
+                let side = if bms { &mut out.bms } else { &mut out.pile };
+                let counts = if refused {
+                    &mut side.refused
+                } else {
+                    &mut side.accepted
+                };
+                counts.add(Deviation::ALL[i]);
+            }
+            out
+        })
     }
 
     prop_compose! {

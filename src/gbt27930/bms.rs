@@ -468,8 +468,7 @@ impl Role for Bms {
     }
 
     fn refuse(&mut self, reason: FailureReason, now: Timestamp) {
-        if self.started_at.is_none() || self.state == State::Ended || self.core.failure.is_some()
-        {
+        if self.started_at.is_none() || self.state == State::Ended || self.core.failure.is_some() {
             return;
         }
         match &reason {

@@ -142,6 +142,8 @@ pub struct Charger {
     started: bool,
     /// A BCP that came before CRM(0xAA) (field profile), for when it goes out.
     early_bcp: Option<Bcp>,
+    /// The BMS's maxima from BCP: the output never exceeds them.
+    bms_max: Option<(DeciVolt, Current)>,
     /// CCS is being sent before the first BCL (field profile).
     nudging: bool,
     /// Anything heard from the BMS since CRO(0xAA): tells a BMS that waits
@@ -167,6 +169,7 @@ impl Charger {
             bms_identity: None,
             started: false,
             early_bcp: None,
+            bms_max: None,
             nudging: false,
             heard_since_ready: false,
         }
@@ -215,6 +218,7 @@ impl Charger {
             );
             return State::Ended;
         }
+        self.bms_max = Some((bcp.max_charging_voltage, bcp.max_charging_current));
         self.core.enter(
             Phase::Configuration,
             &[MessageKind::Cts, MessageKind::Cml],
@@ -277,9 +281,22 @@ impl Charger {
     fn output(&self) -> (DeciVolt, Current) {
         match &self.demand {
             Some(bcl) => {
-                let v = bcl.voltage_demand.min(self.config.max_output_voltage);
-                // Larger raw = smaller charging current; clamp to what we can give.
-                let i = Current(bcl.current_demand.0.max(self.config.max_output_current.0));
+                let (bms_v, bms_i) = self.bms_max.unwrap_or((
+                    self.config.max_output_voltage,
+                    self.config.max_output_current,
+                ));
+                let v = bcl
+                    .voltage_demand
+                    .min(self.config.max_output_voltage)
+                    .min(bms_v);
+                // Larger raw = smaller charging current: the demand, clamped
+                // to what we can give and what the BMS said it takes.
+                let i = Current(
+                    bcl.current_demand
+                        .0
+                        .max(self.config.max_output_current.0)
+                        .max(bms_i.0),
+                );
                 (v, i)
             }
             None => (DeciVolt(0), Current::charging(0.0)),
@@ -357,7 +374,9 @@ impl Charger {
         // 01 for a timeout, 10 ("unreliable") for a message that came but
         // cannot be acted on, in the field of the message at fault.
         let at_fault = match &self.core.failure {
-            Some((_, FailureReason::Timeout { waiting_for }, _)) => Some((*waiting_for, Bits2::SET)),
+            Some((_, FailureReason::Timeout { waiting_for }, _)) => {
+                Some((*waiting_for, Bits2::SET))
+            }
             Some((_, FailureReason::Peer(fault), _)) => Some((fault.kind, Bits2::ALT)),
             Some((_, FailureReason::Incompatible(_), _)) => Some((MessageKind::Bcp, Bits2::ALT)),
             _ => None,

@@ -43,7 +43,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::messages::{Bcl, Bcp, Bcs, Bem, Cml, Ccs, ChargeMode, Message, MessageKind, Recognition, Sender};
+use super::messages::{
+    Bcl, Bcp, Bcs, Bem, Ccs, ChargeMode, Cml, Message, MessageKind, Recognition, Sender,
+};
 use super::units::{Current, DeciVolt};
 use crate::interop::{Deviation, Profile, Refusal};
 use crate::time::Timestamp;
@@ -269,8 +271,8 @@ impl PeerCheck {
     /// body as received (BCS's single-frame form shows only there).
     pub fn inbound(&mut self, msg: Message, body_len: usize, now: Timestamp) -> Verdict {
         let result = match self.peer {
-            Sender::Bms => self.from_bms(msg, body_len, now),
-            Sender::Charger => self.from_charger(msg),
+            Sender::Bms => self.judge_bms(msg, body_len, now),
+            Sender::Charger => self.judge_charger(msg),
         };
         match result {
             Ok(Some(m)) => Verdict::Pass(m),
@@ -305,7 +307,7 @@ impl PeerCheck {
         Ok(())
     }
 
-    fn from_bms(
+    fn judge_bms(
         &mut self,
         msg: Message,
         body_len: usize,
@@ -379,9 +381,8 @@ impl PeerCheck {
             )?;
         }
         let max = bcp.max_charging_current;
-        let sign = CurrentSign::of(max.0).ok_or_else(|| {
-            implausible("the maximum charging current is 0 A".to_string())
-        })?;
+        let sign = CurrentSign::of(max.0)
+            .ok_or_else(|| implausible("the maximum charging current is 0 A".to_string()))?;
         if let Some(settled) = self.state.sign
             && settled != sign
         {
@@ -401,10 +402,16 @@ impl PeerCheck {
                 ),
             )?;
         }
-        bcp.max_charging_current = normalize(max, sign)
-            .ok_or_else(|| implausible(format!("maximum charging current raw {} is over 400 A", max.0)))?;
+        bcp.max_charging_current = normalize(max, sign).ok_or_else(|| {
+            implausible(format!(
+                "maximum charging current raw {} is over 400 A",
+                max.0
+            ))
+        })?;
         if bcp.max_charging_voltage.0 == 0 {
-            return Err(implausible("the maximum charging voltage is 0 V".to_string()));
+            return Err(implausible(
+                "the maximum charging voltage is 0 V".to_string(),
+            ));
         }
         if bcp.soc.0 > 1000 {
             return Err(implausible(format!("state of charge {}", bcp.soc)));
@@ -445,8 +452,10 @@ impl PeerCheck {
         };
         bcl.current_demand = normalize(bcl.current_demand, sign)
             .ok_or_else(|| implausible(format!("current demand raw {raw} is over 400 A")))?;
+        // A demand a little above the BMS's own maximum (rounding) is met
+        // at that maximum by the charger; far above it cannot be right.
         if let Some(max) = self.state.peer_max_current
-            && bcl.current_demand.charging_amps() > max.charging_amps()
+            && over_current(bcl.current_demand, max)
         {
             return Err(implausible(format!(
                 "current demand {} is above BCP's maximum {max}",
@@ -454,7 +463,7 @@ impl PeerCheck {
             )));
         }
         if let Some(max) = self.state.peer_max_voltage
-            && bcl.voltage_demand > max
+            && bcl.voltage_demand > with_slack(max)
         {
             return Err(implausible(format!(
                 "voltage demand {} is above BCP's maximum {max}",
@@ -532,7 +541,7 @@ impl PeerCheck {
         Ok(normalized)
     }
 
-    fn from_charger(&mut self, msg: Message) -> Result<Option<Message>, PeerFault> {
+    fn judge_charger(&mut self, msg: Message) -> Result<Option<Message>, PeerFault> {
         Ok(Some(match msg {
             Message::Cml(cml) => Message::Cml(self.cml(cml)?),
             Message::Ccs(ccs) => Message::Ccs(self.ccs(ccs)?),
@@ -564,8 +573,12 @@ impl PeerCheck {
                 format!("CML's maximum output current is raw {}", max.0),
             )?;
         }
-        cml.max_output_current = normalize(max, sign)
-            .ok_or_else(|| implausible(format!("maximum output current raw {} is over 400 A", max.0)))?;
+        cml.max_output_current = normalize(max, sign).ok_or_else(|| {
+            implausible(format!(
+                "maximum output current raw {} is over 400 A",
+                max.0
+            ))
+        })?;
         // The minimum current is informational and seen garbled in the
         // field (above the maximum): turned round with the maximum when it
         // can be, left alone otherwise, never refused.
@@ -640,7 +653,9 @@ fn early_ccs_timeout(
 }
 
 fn with_slack(v: DeciVolt) -> DeciVolt {
-    DeciVolt(u16::try_from(u32::from(v.0) * (100 + VOLTAGE_SLACK_PERCENT) / 100).unwrap_or(u16::MAX))
+    DeciVolt(
+        u16::try_from(u32::from(v.0) * (100 + VOLTAGE_SLACK_PERCENT) / 100).unwrap_or(u16::MAX),
+    )
 }
 
 /// Whether measured current `c` exceeds `max` beyond the slack.
@@ -697,7 +712,13 @@ impl Default for LinkWatch {
 
 impl LinkWatch {
     /// One decoded message from `by`, with its body length as received.
-    pub fn message(&mut self, by: Sender, msg: &Message, body_len: usize, now: Timestamp) -> Vec<Finding> {
+    pub fn message(
+        &mut self,
+        by: Sender,
+        msg: &Message,
+        body_len: usize,
+        now: Timestamp,
+    ) -> Vec<Finding> {
         let (judge, other) = match by {
             Sender::Bms => (&mut self.bms, &mut self.charger),
             Sender::Charger => (&mut self.charger, &mut self.bms),

@@ -9,8 +9,8 @@
 pub mod bms;
 pub mod charger;
 pub mod codec;
-pub mod field;
 mod display;
+pub mod field;
 pub mod messages;
 pub mod node;
 pub mod session;

@@ -445,3 +445,130 @@ fn charger_times_out_on_bcs_alone_while_bcl_keeps_coming() {
         other => panic!("expected CEM, got {other:?}"),
     }
 }
+
+/// A charger holding recognition (authentication pending) keeps an early
+/// BCP but never acts on it: no configuration, no CML, until released.
+#[test]
+fn an_early_bcp_never_gets_past_a_held_recognition() {
+    let mut charger = Charger::new(ChargerConfig {
+        hold_recognition: true,
+        ..ChargerConfig::default()
+    });
+    let t = Timestamp::from_millis;
+    charger.start(t(0));
+    charger.handle_message(
+        Message::Bhm(Bhm {
+            max_charging_voltage: units::DeciVolt(4200),
+        }),
+        t(10),
+    );
+    charger.handle_message(Message::Brm(BmsConfig::default().identity), t(20));
+    let bms = Bms::new(BmsConfig::default());
+    let bcp = bms.charging_parameters().expect("a BCP");
+    charger.handle_message(Message::Bcp(bcp), t(30));
+    for ms in (40..10_000).step_by(50) {
+        charger.handle_timeout(t(ms));
+    }
+    let sent: Vec<Message> = std::iter::from_fn(|| charger.poll_message()).collect();
+    assert!(
+        sent.iter()
+            .all(|m| !matches!(m, Message::Cml(_) | Message::Cts(_)))
+    );
+    assert!(sent.iter().all(|m| !matches!(
+        m,
+        Message::Crm(Crm {
+            recognition: Recognition::Recognized,
+            ..
+        })
+    )));
+    // Released: CRM(0xAA) goes out, then configuration on the kept BCP.
+    let mut charger = Charger::new(ChargerConfig {
+        hold_recognition: true,
+        ..ChargerConfig::default()
+    });
+    charger.start(t(0));
+    charger.handle_message(
+        Message::Bhm(Bhm {
+            max_charging_voltage: units::DeciVolt(4200),
+        }),
+        t(10),
+    );
+    charger.handle_message(Message::Brm(BmsConfig::default().identity), t(20));
+    charger.handle_message(Message::Bcp(bms.charging_parameters().expect("BCP")), t(30));
+    charger.release_recognition(t(100));
+    for ms in [100, 101, 350] {
+        charger.handle_timeout(t(ms));
+    }
+    let sent: Vec<MessageKind> = std::iter::from_fn(|| charger.poll_message())
+        .map(|m| m.kind())
+        .collect();
+    let crm_aa = sent.iter().rposition(|k| *k == MessageKind::Crm);
+    let cml = sent.iter().position(|k| *k == MessageKind::Cml);
+    assert!(
+        matches!((crm_aa, cml), (Some(a), Some(c)) if a < c),
+        "{sent:?}"
+    );
+    assert_eq!(charger.phase(), Phase::Configuration);
+}
+
+/// A BMS that waits for CCS before BCL: the field charger starts CCS
+/// (output off) 500 ms after CRO(0xAA) and the session goes on; the strict
+/// one times out on BCL and names the deviation.
+#[test]
+fn a_bms_waiting_for_ccs_gets_it_from_a_field_charger_only() {
+    use crate::interop::{Deviation, Profile};
+    for profile in [Profile::Field, Profile::Strict] {
+        let mut charger = Charger::new(ChargerConfig {
+            profile,
+            max_charging_time: Some(Duration::from_secs(2)),
+            ..ChargerConfig::default()
+        });
+        let mut bms = Bms::new(BmsConfig::default());
+        // The BMS's BCLs are held back until it has heard a CCS.
+        let ccs_heard = std::cell::Cell::new(false);
+        let run = pump(
+            &mut charger,
+            &mut bms,
+            Duration::from_secs(60),
+            |from_charger, m, _| {
+                if from_charger && m.kind() == MessageKind::Ccs {
+                    ccs_heard.set(true);
+                }
+                from_charger || m.kind() != MessageKind::Bcl || ccs_heard.get()
+            },
+            |_, _| {},
+        );
+        match profile {
+            Profile::Field => {
+                assert!(
+                    matches!(run.charger_outcome, Some(Outcome::Completed(_))),
+                    "{:?}",
+                    run.charger_outcome
+                );
+                let cro = run
+                    .log
+                    .iter()
+                    .find(|(_, c, m)| *c && m.kind() == MessageKind::Cro)
+                    .map(|(t, ..)| *t)
+                    .expect("CRO");
+                let ccs = run
+                    .log
+                    .iter()
+                    .find(|(_, c, m)| *c && m.kind() == MessageKind::Ccs)
+                    .map(|(t, ..)| *t)
+                    .expect("CCS");
+                assert!(
+                    ccs.saturating_since(cro) <= Duration::from_millis(600),
+                    "{cro} {ccs}"
+                );
+            }
+            Profile::Strict => match &run.charger_outcome {
+                Some(Outcome::Failed {
+                    reason: FailureReason::Peer(fault),
+                    ..
+                }) => assert_eq!(fault.reason.deviation(), Some(Deviation::BclWaitsForCcs)),
+                other => panic!("{other:?}"),
+            },
+        }
+    }
+}

@@ -208,7 +208,9 @@ impl Timeline {
                     detail,
                 } => {
                     self.counts_of(by).add(deviation);
-                    lines.push(format!("{t:>10.3}  {dir:<9} !! deviation {deviation}: {detail}"));
+                    lines.push(format!(
+                        "{t:>10.3}  {dir:<9} !! deviation {deviation}: {detail}"
+                    ));
                 }
                 Finding::Fault { fault, .. } => {
                     self.refusals += 1;
@@ -259,7 +261,10 @@ impl Timeline {
             self.bms_deviations, self.pile_deviations
         ));
         if self.refusals > 0 {
-            out.push(format!("messages a receiver would refuse: {}", self.refusals));
+            out.push(format!(
+                "messages a receiver would refuse: {}",
+                self.refusals
+            ));
         }
         out
     }

@@ -124,7 +124,9 @@ impl Deviation {
             Deviation::CtsPacketInterval => {
                 "TP.CM_CTS bytes 4-5 carry a packet interval (J1939-21: reserved, 0xFF)"
             }
-            Deviation::CtsWithoutPgn => "TP.CM_CTS without the PGN (bytes 6-8 all 0xFF or all 0x00)",
+            Deviation::CtsWithoutPgn => {
+                "TP.CM_CTS without the PGN (bytes 6-8 all 0xFF or all 0x00)"
+            }
             Deviation::BcpBeforeRecognition => "BCP sent before CRM(0xAA)",
             Deviation::BclWaitsForCcs => "the BMS sends no BCL until the first CCS",
             Deviation::EarlyCcsTimeout => "BEM with a CCS timeout before any CCS was due",
@@ -392,7 +394,10 @@ mod tests {
     fn a_refusal_names_the_deviation() {
         let r = Refusal::new(Deviation::BcpBeforeRecognition, "BCP while CRM was 0x00");
         let text = r.to_string();
-        assert!(text.starts_with("deviation bcp-before-recognition refused"), "{text}");
+        assert!(
+            text.starts_with("deviation bcp-before-recognition refused"),
+            "{text}"
+        );
         assert!(text.contains("BCP while CRM was 0x00"), "{text}");
     }
 }

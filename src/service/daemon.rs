@@ -1011,8 +1011,17 @@ async fn can_loop<B: CanBus>(
                                 observer.handle_message(&msg, now);
                             }
                         }
-                        MonitorEvent::Deviation { by, deviation, detail, .. } => {
-                            let side = if by == can.bms_address { Side::Bms } else { Side::Pile };
+                        MonitorEvent::Deviation {
+                            by,
+                            deviation,
+                            detail,
+                            ..
+                        } => {
+                            let side = if by == can.bms_address {
+                                Side::Bms
+                            } else {
+                                Side::Pile
+                            };
                             if by == can.bms_address || by == can.pile_address {
                                 info!(%side, %deviation, "{detail}");
                                 watched_side(&mut watched, side).accepted.add(deviation);
@@ -1369,7 +1378,10 @@ fn watch_message(
     (found, ignored)
 }
 
-fn watched_side(d: &mut crate::interop::LinkDeviations, side: Side) -> &mut crate::interop::SideDeviations {
+fn watched_side(
+    d: &mut crate::interop::LinkDeviations,
+    side: Side,
+) -> &mut crate::interop::SideDeviations {
     match side {
         Side::Bms => &mut d.bms,
         Side::Pile => &mut d.pile,

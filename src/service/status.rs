@@ -254,7 +254,10 @@ impl Status {
                 clean(&p.pile)
             ),
         );
-        for (who, d) in [("BMS", &self.deviations.bms), ("pile", &self.deviations.pile)] {
+        for (who, d) in [
+            ("BMS", &self.deviations.bms),
+            ("pile", &self.deviations.pile),
+        ] {
             line(&mut out, format_args!("  {who:<5} {d}"));
         }
 

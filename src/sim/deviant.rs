@@ -22,11 +22,11 @@ use tracing::debug;
 use crate::can::{BusEvent, CanBus, CanFrame};
 use crate::gbt27930::bms::{Bms, BmsConfig};
 use crate::gbt27930::charger::{Charger, ChargerConfig};
-use crate::gbt27930::{BMS_ADDRESS, CHARGER_ADDRESS};
-use crate::interop::{Deviation, Profile};
 use crate::gbt27930::messages::{Bcp, Bem, Bits2, Message, MessageKind, Readiness};
 use crate::gbt27930::session::{Outcome, Role, SessionEvent};
 use crate::gbt27930::units::Current;
+use crate::gbt27930::{BMS_ADDRESS, CHARGER_ADDRESS};
+use crate::interop::{Deviation, Profile};
 use crate::j1939::tp::{J1939Message, TP_CM, TP_DT, TpConfig, TpEvent, Transport};
 use crate::j1939::{Address, J1939Id};
 use crate::time::{Clock, Timestamp};
@@ -96,7 +96,13 @@ pub fn bms(quirks: &[Quirk]) -> DeviantPeer<Bms> {
     let mut bms = Bms::new(BmsConfig::default());
     bms.start(Timestamp::ZERO);
     let bcp = bms.charging_parameters();
-    DeviantPeer::new(bms, Address(BMS_ADDRESS), Address(CHARGER_ADDRESS), quirks, bcp)
+    DeviantPeer::new(
+        bms,
+        Address(BMS_ADDRESS),
+        Address(CHARGER_ADDRESS),
+        quirks,
+        bcp,
+    )
 }
 
 /// A charger with `quirks`, otherwise the standard role as most field
@@ -109,7 +115,13 @@ pub fn charger(quirks: &[Quirk], charging: Duration) -> DeviantPeer<Charger> {
         ..ChargerConfig::default()
     });
     charger.start(Timestamp::ZERO);
-    DeviantPeer::new(charger, Address(CHARGER_ADDRESS), Address(BMS_ADDRESS), quirks, None)
+    DeviantPeer::new(
+        charger,
+        Address(CHARGER_ADDRESS),
+        Address(BMS_ADDRESS),
+        quirks,
+        None,
+    )
 }
 
 /// A role with quirks, on its own transport.
@@ -137,13 +149,7 @@ pub struct DeviantPeer<R> {
 
 impl<R: Role> DeviantPeer<R> {
     /// `bcp` is what a BMS with [`Quirk::BcpOnceEarly`] sends early.
-    pub fn new(
-        role: R,
-        local: Address,
-        peer: Address,
-        quirks: &[Quirk],
-        bcp: Option<Bcp>,
-    ) -> Self {
+    pub fn new(role: R, local: Address, peer: Address, quirks: &[Quirk], bcp: Option<Bcp>) -> Self {
         DeviantPeer {
             role,
             tp: Transport::new(TpConfig::gbt27930(), local),
@@ -227,13 +233,15 @@ impl<R: Role> DeviantPeer<R> {
                 progressed = true;
                 match ev {
                     TpEvent::Received(m) if m.source == self.peer => self.incoming(m, now),
-                    TpEvent::Sent { pgn, .. } if pgn == MessageKind::Brm.pgn() => {
-                        // Right after BRM's last packet, as the field BMS does.
-                        if self.has(Quirk::BcpOnceEarly) && !self.bcp_sent {
-                            self.bcp_sent = true;
-                            if let Some(bcp) = self.bcp.clone() {
-                                self.send(Message::Bcp(bcp), false, now);
-                            }
+                    // Right after BRM's last packet, as the field BMS does.
+                    TpEvent::Sent { pgn, .. }
+                        if pgn == MessageKind::Brm.pgn()
+                            && self.has(Quirk::BcpOnceEarly)
+                            && !self.bcp_sent =>
+                    {
+                        self.bcp_sent = true;
+                        if let Some(bcp) = self.bcp.clone() {
+                            self.send(Message::Bcp(bcp), false, now);
                         }
                     }
                     _ => {}
@@ -341,7 +349,11 @@ impl<R: Role> DeviantPeer<R> {
                         data[4] = hi;
                     }
                     Quirk::CtsWithoutPgn => {
-                        let fill = if self.cts_count % 2 == 0 { 0xFF } else { 0x00 };
+                        let fill = if self.cts_count.is_multiple_of(2) {
+                            0xFF
+                        } else {
+                            0x00
+                        };
                         data[5..8].fill(fill);
                     }
                     _ => {}

@@ -537,7 +537,9 @@ impl Bridge {
                                 self.firewall.counters_mut().refused += 1;
                                 self.events.push_back(BridgeEvent::Refused {
                                     side,
-                                    reason: format!("transport: {detail} ({deviation}, strict profile)"),
+                                    reason: format!(
+                                        "transport: {detail} ({deviation}, strict profile)"
+                                    ),
                                 });
                             }
                             self.note_deviation(side, deviation, refused, detail);

@@ -14,8 +14,8 @@ use crate::gbt27930::{
     BMS_ADDRESS, Bcp, CHARGER_ADDRESS, ChargerNumber, Chm, Crm, Message, MessageKind,
     ProtocolVersion, Recognition, RegionCode,
 };
-use crate::j1939::tp::{Cm, TP_CM, TP_DT};
 use crate::interop::Deviation;
+use crate::j1939::tp::{Cm, TP_CM, TP_DT};
 use crate::j1939::{Address, J1939Id, Pgn, Priority};
 
 const BMS: Address = Address(BMS_ADDRESS);
@@ -854,7 +854,13 @@ proptest! {
 fn cts_frame(source: Address, destination: Address, bytes_4_5: [u8; 2], pgn: [u8; 3]) -> CanFrame {
     let [r0, r1] = bytes_4_5;
     let [p0, p1, p2] = pgn;
-    frame(7, TP_CM, source, destination, &[0x11, 7, 1, r0, r1, p0, p1, p2])
+    frame(
+        7,
+        TP_CM,
+        source,
+        destination,
+        &[0x11, 7, 1, r0, r1, p0, p1, p2],
+    )
 }
 
 fn is_dt(f: &CanFrame) -> bool {
@@ -867,7 +873,11 @@ fn is_dt(f: &CanFrame) -> bool {
 #[test]
 fn a_cts_without_pgn_only_drives_the_transfer_already_open() {
     let mut b = Bridge::new(config());
-    b.handle_frame(Side::Pile, &cts_frame(PILE, BMS, [0xFF; 2], [0xFF; 3]), ms(0));
+    b.handle_frame(
+        Side::Pile,
+        &cts_frame(PILE, BMS, [0xFF; 2], [0xFF; 3]),
+        ms(0),
+    );
     assert!(drain(&mut b).is_empty());
     assert!(b.deviations().pile.is_empty());
 
@@ -885,7 +895,12 @@ fn a_cts_without_pgn_only_drives_the_transfer_already_open() {
     assert!(out.iter().all(|(side, f)| *side == Side::Pile && is_dt(f)));
     assert_eq!(before, 1, "only the RTS before the CTS");
     assert_eq!(
-        buses.bridge.deviations().pile.accepted.get(Deviation::CtsWithoutPgn),
+        buses
+            .bridge
+            .deviations()
+            .pile
+            .accepted
+            .get(Deviation::CtsWithoutPgn),
         1
     );
     // Under the strict profile the transfer is aborted instead.
@@ -895,9 +910,11 @@ fn a_cts_without_pgn_only_drives_the_transfer_already_open() {
     buses.pile_listens = false;
     buses.send(Side::Bms, MessageKind::Brm.pgn(), PILE, brm_bytes());
     buses.settle();
-    buses
-        .bridge
-        .handle_frame(Side::Pile, &cts_frame(PILE, BMS, [0xFF; 2], [0xFF; 3]), buses.now);
+    buses.bridge.handle_frame(
+        Side::Pile,
+        &cts_frame(PILE, BMS, [0xFF; 2], [0xFF; 3]),
+        buses.now,
+    );
     let out = drain(&mut buses.bridge);
     assert!(
         matches!(out.as_slice(), [(Side::Pile, f)] if matches!(tp_cm(f), Some(Cm::Abort { .. }))),
@@ -905,7 +922,12 @@ fn a_cts_without_pgn_only_drives_the_transfer_already_open() {
     );
     assert_eq!(buses.bridge.counters().refused, 1);
     assert_eq!(
-        buses.bridge.deviations().pile.refused.get(Deviation::CtsWithoutPgn),
+        buses
+            .bridge
+            .deviations()
+            .pile
+            .refused
+            .get(Deviation::CtsWithoutPgn),
         1
     );
 }
@@ -920,19 +942,30 @@ fn an_early_bcp_waits_for_the_gate_and_its_copies_are_bounded() {
     buses.settle();
     let bcp_rts = |bus: &[CanFrame]| {
         bus.iter()
-            .filter(|f| matches!(tp_cm(f), Some(Cm::Rts { pgn, .. }) if pgn == MessageKind::Bcp.pgn()))
+            .filter(
+                |f| matches!(tp_cm(f), Some(Cm::Rts { pgn, .. }) if pgn == MessageKind::Bcp.pgn()),
+            )
             .count()
     };
     assert_eq!(bcp_rts(&buses.pile_bus), 0, "BCP crossed before CRM(0xAA)");
     assert_eq!(
-        buses.bridge.deviations().bms.accepted.get(Deviation::BcpBeforeRecognition),
+        buses
+            .bridge
+            .deviations()
+            .bms
+            .accepted
+            .get(Deviation::BcpBeforeRecognition),
         1
     );
     // The pile's CRM(0xAA) while it is not authenticated: held, and no BCP.
     let crmaa = gbt_frame(&crm(Recognition::Recognized), PILE, BMS);
     buses.bridge.handle_frame(Side::Pile, &crmaa, buses.now);
     buses.run_until(ms(5_000));
-    assert_eq!(bcp_rts(&buses.pile_bus), 0, "BCP crossed with the gate closed");
+    assert_eq!(
+        bcp_rts(&buses.pile_bus),
+        0,
+        "BCP crossed with the gate closed"
+    );
     // Authenticated, at the pile's next CRM(0xAA): BCP follows, at BCP's
     // period, at most BCP_REPLAYS times while the pile does not move on.
     buses.bridge.set_pile_authenticated(true, buses.now);
@@ -989,10 +1022,18 @@ fn positive_currents_are_turned_round_and_still_rate_limited() {
     }
     let out = drain(&mut buses.bridge);
     assert_eq!(out.len(), 20);
-    assert!(out.iter().all(|(side, f)| *side == Side::Pile && f.data()[2..4] == 3000u16.to_le_bytes()));
+    assert!(
+        out.iter()
+            .all(|(side, f)| *side == Side::Pile && f.data()[2..4] == 3000u16.to_le_bytes())
+    );
     assert_eq!(buses.bridge.counters().dropped_rate_limited, 5);
     assert_eq!(
-        buses.bridge.deviations().bms.accepted.get(Deviation::PositiveCurrent),
+        buses
+            .bridge
+            .deviations()
+            .bms
+            .accepted
+            .get(Deviation::PositiveCurrent),
         1
     );
 }
@@ -1014,7 +1055,10 @@ fn refused_messages_stay_and_their_error_is_bounded() {
     assert!(out.iter().all(|(side, _)| *side == Side::Bms), "{out:?}");
     let cems: Vec<_> = out
         .iter()
-        .filter(|(_, f)| J1939Id::from_can_id(f.id()).is_ok_and(|id| id.pgn == MessageKind::Cem.pgn() && id.source == PILE))
+        .filter(|(_, f)| {
+            J1939Id::from_can_id(f.id())
+                .is_ok_and(|id| id.pgn == MessageKind::Cem.pgn() && id.source == PILE)
+        })
         .collect();
     // 500 ms of refusals: at 0, 250 and 500 ms at most.
     assert!((1..=3).contains(&cems.len()), "{}", cems.len());

@@ -622,9 +622,7 @@ impl Transport {
                     }
                 }
                 TxFlow::Cmdt(c) => {
-                    if let TxState::Sending {
-                        paced: Some(p), ..
-                    } = &mut c.state
+                    if let TxState::Sending { paced: Some(p), .. } = &mut c.state
                         && let BamPacing::Waiting { release_at } = p.pacing
                         && release_at <= now
                     {

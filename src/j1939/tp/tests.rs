@@ -1545,7 +1545,10 @@ fn a_cts_interval_paces_the_window_and_is_capped() {
     use crate::interop::Deviation;
     let data = payload(20); // 3 packets
     let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
-    tp.handle_frame(&cm_frame(PILE, BMS, field_cts(3, 1, 10, Some(0x0200))), ms(100));
+    tp.handle_frame(
+        &cm_frame(PILE, BMS, field_cts(3, 1, 10, Some(0x0200))),
+        ms(100),
+    );
     assert_eq!(drain(&mut tp), vec![dt_frame(BMS, PILE, &data, 1)]);
     assert_eq!(tp.poll_timeout(), Some(ms(110)));
     tp.handle_timeout(ms(109));
@@ -1563,7 +1566,10 @@ fn a_cts_interval_paces_the_window_and_is_capped() {
 
     // 0xFFFE ms (65 s): cut to MAX_CTS_GAP, so the receiver's T1 holds.
     let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
-    tp.handle_frame(&cm_frame(PILE, BMS, field_cts(3, 1, 0xFFFE, Some(0x0200))), ms(0));
+    tp.handle_frame(
+        &cm_frame(PILE, BMS, field_cts(3, 1, 0xFFFE, Some(0x0200))),
+        ms(0),
+    );
     assert_eq!(drain(&mut tp).len(), 1);
     assert_eq!(tp.poll_timeout(), Some(ms(0) + MAX_CTS_GAP));
 }
@@ -1574,7 +1580,10 @@ fn standard_and_our_own_cts_bytes_are_no_deviation() {
     for bytes in [0xFFFF, 0x0000] {
         let data = payload(20);
         let mut tp = sender_with_rts(TpConfig::gbt27930(), &data);
-        tp.handle_frame(&cm_frame(PILE, BMS, field_cts(3, 1, bytes, Some(0x0200))), ms(0));
+        tp.handle_frame(
+            &cm_frame(PILE, BMS, field_cts(3, 1, bytes, Some(0x0200))),
+            ms(0),
+        );
         assert_eq!(drain(&mut tp).len(), 3);
         assert!(deviations(&events(&mut tp)).is_empty());
     }
@@ -1620,7 +1629,10 @@ fn a_cts_without_pgn_drives_the_open_transfer() {
 fn strict_aborts_on_a_cts_interval_or_a_missing_pgn() {
     use crate::interop::{Deviation, Profile};
     for (cts, d) in [
-        (field_cts(3, 1, 10, Some(0x0200)), Deviation::CtsPacketInterval),
+        (
+            field_cts(3, 1, 10, Some(0x0200)),
+            Deviation::CtsPacketInterval,
+        ),
         (field_cts(3, 1, 0xFFFF, None), Deviation::CtsWithoutPgn),
     ] {
         let cfg = TpConfig::gbt27930().with_profile(Profile::Strict);

@@ -324,11 +324,7 @@ mod tests {
                 src,
                 dst,
             )];
-            idx.push(self.cm(
-                Cm::cts(packets, 1, pgn),
-                dst,
-                src,
-            ));
+            idx.push(self.cm(Cm::cts(packets, 1, pgn), dst, src));
             for seq in 1..=packets {
                 idx.push(self.push(TP_DT, src, dst, &[seq, 0xA5, 0x5A, 0, 0xFF, 1, 2, 3]));
             }
