@@ -428,3 +428,107 @@ this line is not a frame
         assert!(text.contains("unchanged repeats hidden: 1"), "{text}");
     }
 }
+
+#[cfg(test)]
+mod deviation_tests {
+    use super::*;
+    use crate::gbt27930::bms::BmsConfig;
+    use crate::gbt27930::units::{Current, DeciVolt};
+    use crate::gbt27930::{Bcs, CellVoltage, ChargerNumber, Chm, Crm, ProtocolVersion, Recognition, RegionCode};
+    use crate::j1939::{J1939Id, Pgn, Priority};
+
+    const BMS: Address = Address(BMS_ADDRESS);
+    const PILE: Address = Address(CHARGER_ADDRESS);
+
+    fn frame(prio: u8, pgn: u32, from: Address, to: Address, data: &[u8]) -> CanFrame {
+        let id = J1939Id::new(
+            Priority::new(prio).expect("priority"),
+            Pgn::new(pgn).expect("pgn"),
+            from,
+            to,
+        );
+        CanFrame::new(id.to_can_id(), data).expect("frame")
+    }
+
+    fn single(msg: &Message, from: Address, to: Address) -> CanFrame {
+        let k = msg.kind();
+        frame(k.priority().get(), k.pgn().raw(), from, to, &msg.encode())
+    }
+
+    /// A BMS-to-pile transfer of `data` answered by the pile's `cts`.
+    fn transfer(pgn: u32, data: &[u8], cts: [u8; 8]) -> Vec<CanFrame> {
+        let packets = data.len().div_ceil(7) as u8;
+        let [s0, s1] = (data.len() as u16).to_le_bytes();
+        let [p0, p1, p2, _] = pgn.to_le_bytes();
+        let mut out = vec![
+            frame(7, 0xEC00, BMS, PILE, &[0x10, s0, s1, packets, 0xFF, p0, p1, p2]),
+            frame(7, 0xEC00, PILE, BMS, &cts),
+        ];
+        for (i, chunk) in data.chunks(7).enumerate() {
+            let mut d = [0xFF; 8];
+            d[0] = i as u8 + 1;
+            d[1..1 + chunk.len()].copy_from_slice(chunk);
+            out.push(frame(7, 0xEB00, BMS, PILE, &d));
+        }
+        out.push(frame(7, 0xEC00, PILE, BMS, &[0x13, s0, s1, packets, 0xFF, p0, p1, p2]));
+        out
+    }
+
+    /// A capture with a pile that puts an interval and no PGN in its CTS,
+    /// and a BMS with version bytes in BHM, positive current and BCS in one
+    /// frame: each is named where it occurs and counted in the summary.
+    #[test]
+    fn decode_lists_the_deviations_of_a_capture() {
+        let crm = |recognition| {
+            Message::Crm(Crm {
+                recognition,
+                charger_number: ChargerNumber(1),
+                region_code: RegionCode(*b"310"),
+            })
+        };
+        let mut frames = vec![
+            single(&Message::Chm(Chm { version: ProtocolVersion::V1_1 }), PILE, BMS),
+            frame(6, 0x2700, BMS, PILE, &[0x01, 0x01]),
+            single(&crm(Recognition::NotRecognized), PILE, BMS),
+        ];
+        let brm = Message::Brm(BmsConfig::default().identity).encode();
+        frames.extend(transfer(0x0200, &brm, [0x11, 7, 1, 0x0A, 0x00, 0xFF, 0xFF, 0xFF]));
+        frames.push(single(&crm(Recognition::Recognized), PILE, BMS));
+        let mut bcp = crate::gbt27930::bms::Bms::new(BmsConfig::default())
+            .charging_parameters()
+            .expect("BCP");
+        bcp.max_charging_current = Current(6000); // 200 A counted positive
+        frames.extend(transfer(0x0600, &Message::Bcp(bcp).encode(), [0x11, 2, 1, 0xFF, 0xFF, 0x00, 0x06, 0x00]));
+        let bcs = Message::Bcs(Bcs {
+            measured_voltage: DeciVolt(3700),
+            measured_current: Current(5000),
+            max_cell: CellVoltage { voltage: crate::gbt27930::units::CentiVolt(380), group: 1 },
+            soc_percent: 50,
+            remaining_minutes: 20,
+        })
+        .encode();
+        frames.push(frame(7, 0x1100, BMS, PILE, &bcs[..8]));
+
+        let mut t = Timeline::new(TimelineOptions::default());
+        let mut lines = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            lines.extend(t.feed(Duration::from_millis(10 * i as u64), f));
+        }
+        lines.extend(t.finish());
+        lines.extend(t.summary());
+        let text = lines.join("\n");
+        for want in [
+            "pile→BMS  !! deviation cts-packet-interval: CTS asks for 10 ms between packets",
+            "pile→BMS  !! deviation cts-without-pgn",
+            "BMS→pile  !! deviation bhm-implausible",
+            "BMS→pile  !! deviation positive-current",
+            "BMS→pile  !! deviation bcs-single-frame",
+            "deviations: BMS positive-current×1, bhm-implausible×1, bcs-single-frame×1; pile cts-packet-interval×1, cts-without-pgn×1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        // BRM and BCP were reassembled although the CTS lacked its PGN.
+        assert!(text.contains("BMS→pile  BRM"), "{text}");
+        assert!(text.contains("BMS→pile  BCP"), "{text}");
+    }
+}
