@@ -58,6 +58,7 @@ class Bms(Peer):
         self.ccs_seen = False
         self.early_bem_due = False
         self.cst_seen = False
+        self.cro_pending = False
         self.bst_left = BST_AFTER_CST
         self.stop_flags = (1, 0, 0, 0)  # BST byte 1: SOC target reached
         self.log("deviations: %s" % (", ".join(sorted(self.deviations)) or "none"))
@@ -160,6 +161,11 @@ class Bms(Peer):
         elif kind == "CML" and phase == "configuration":
             self.enter("ready", ["BRO"], now)
             self.wait_for("CRO", now)
+        elif kind == "CRO" and data[0] == 0x00 and phase == "ready" and not self.cro_pending:
+            # The charger is not ready yet (e.g. insulation check): the
+            # standard gives CRO(0xAA) 60 s.
+            self.cro_pending = True
+            self.wait_for("CRO", now, 60.0)
         elif kind == "CRO" and data[0] == 0xAA and phase == "ready":
             kinds = ["BCS", "BSM"] if self.dev("bcl-waits-for-ccs") else ["BCL", "BCS", "BSM"]
             self.enter("charging", kinds, now)

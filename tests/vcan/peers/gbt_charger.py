@@ -51,6 +51,7 @@ class Charger(Peer):
         self.last_energy_at = None
         self.csd_left = CSD_COUNT
         self.cts_sent = 0
+        self.bro_pending = False
         self.log("deviations: %s" % (", ".join(sorted(self.deviations)) or "none"))
         self.enter("handshake", ["CHM"], time.monotonic())
 
@@ -149,6 +150,10 @@ class Charger(Peer):
                 return
             self.enter("configuration", ["CTS", "CML"], now)
             self.wait_for("BRO", now)
+        elif kind == "BRO" and phase == "configuration" and data[0] == 0x00 and not self.bro_pending:
+            # The BMS is not ready yet: the standard gives BRO(0xAA) 60 s.
+            self.bro_pending = True
+            self.wait_for("BRO", now, 60.0)
         elif kind == "BRO" and phase == "configuration" and data[0] == 0xAA:
             self.enter("ready", ["CRO"], now)
             self.wait_for("BCL", now, TIMEOUT_FAST)

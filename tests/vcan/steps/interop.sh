@@ -101,7 +101,14 @@ pair() {
     capture_on vcan0 "$cap" || return 1
     "${bms[@]}" >"$IO/$tag-bms.out" 2>&1 &
     local b=$!
-    sleep 0.2
+    # A Python BMS starts in seconds in the emulated guest (cold 9p reads),
+    # and `bmsgw sim pile` gives up when no BHM comes within 5 s of its
+    # first CHM: start the charger once the BMS listens.
+    if [ "${bms[0]}" = py_bms ]; then
+        py_ready "$IO/$tag-bms.out" "$b" || problem "$tag: the Python BMS did not start listening within 30 s"
+    else
+        sleep 0.2
+    fi
     "${chg[@]}" >"$IO/$tag-charger.out" 2>&1 &
     local c=$!
     RC_B=0
@@ -119,6 +126,18 @@ pair() {
     "$BMSGW_BIN" decode --changes "$cap" 2>&1 | head -n 150
     echo "--- deviation lines of bmsgw decode"
     grep -i 'deviation' "$IO/$tag.decoded" || echo "(none)"
+}
+
+# py_ready OUT PID: a Python peer has bound its socket (its first log line,
+# "deviations: ...", comes after), or has exited.
+py_ready() {
+    local i
+    for i in $(seq 1 300); do
+        grep -q ': deviations: ' "$1" 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
 }
 
 last_line() { grep -v '^[[:space:]]*$' "$1" | tail -n 1 | head -c 200; }
@@ -290,6 +309,7 @@ interop_gateway_body() {
     capture_on vcan0 "$cap0" && capture_on vcan1 "$cap1" || { captures_stop; verdict; return 1; }
     py_bms --can vcan0 --deviations all --timeout 90 >"$D/gw-bms.out" 2>&1 &
     local b=$!
+    py_ready "$D/gw-bms.out" "$b" || problem "gateway: the Python BMS did not start listening within 30 s"
     sim_pile --can vcan1 --charger-number 1 --region-code 310 \
         --require-auth --root-key-file "$D_PKI/pile-1-root.key" --key-offset 0 >"$D/gw-pile.out" 2>&1 &
     local c=$!
