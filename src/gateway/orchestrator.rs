@@ -944,6 +944,73 @@ mod tests {
         assert!(o.current().is_none());
     }
 
+    /// The session's deviations go into its record, and a refusal by the
+    /// bridge is the reason, ahead of the error it caused.
+    #[test]
+    fn deviations_and_a_refusal_are_in_the_record() {
+        use crate::interop::Deviation;
+        let mut o = orch();
+        let mut rng = StreamRng::new(10);
+        o.on_observer(request(), t(0), NOW, &mut rng);
+        let session = match actions(&mut o).pop() {
+            Some(Action::FetchCredential { session, .. }) => session,
+            other => panic!("expected a fetch, got {other:?}"),
+        };
+        o.on_credential(
+            session,
+            CredentialResult::Voucher {
+                credential: credential(true),
+                why: "voucher".into(),
+                journaled: false,
+            },
+            NOW,
+        );
+        let _ = actions(&mut o);
+        o.on_deviation(Side::Pile, Deviation::CtsWithoutPgn, false);
+        o.on_deviation(Side::Bms, Deviation::PositiveCurrent, true);
+        o.on_refusal(
+            Side::Bms,
+            "BCP: deviation positive-current refused by the strict profile",
+        );
+        o.on_refusal(Side::Pile, "a later one");
+        o.on_observer(
+            ended(EndResult::ChargerError("CEM timeout=BCP".into()), None),
+            t(6000),
+            NOW + 6,
+            &mut rng,
+        );
+        let end = actions(&mut o);
+        let Some(Action::Record { record }) = end.first() else {
+            panic!("expected a record, got {end:?}");
+        };
+        assert_eq!(
+            record
+                .deviations
+                .pile
+                .accepted
+                .get(Deviation::CtsWithoutPgn),
+            1
+        );
+        assert_eq!(
+            record
+                .deviations
+                .bms
+                .refused
+                .get(Deviation::PositiveCurrent),
+            1
+        );
+        match &record.result {
+            SessionResult::Failed { reason } => {
+                assert!(reason.contains("refused the bms's message"), "{reason}");
+                assert!(reason.contains("positive-current"), "{reason}");
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        // Between sessions nothing is counted.
+        o.on_deviation(Side::Pile, Deviation::CtsWithoutPgn, false);
+        assert!(o.current().is_none());
+    }
+
     #[test]
     fn a_voucher_journaled_with_its_spend_is_presented_at_once_under_the_same_record_id() {
         let mut o = orch();

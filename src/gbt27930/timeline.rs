@@ -434,7 +434,9 @@ mod deviation_tests {
     use super::*;
     use crate::gbt27930::bms::BmsConfig;
     use crate::gbt27930::units::{Current, DeciVolt};
-    use crate::gbt27930::{Bcs, CellVoltage, ChargerNumber, Chm, Crm, ProtocolVersion, Recognition, RegionCode};
+    use crate::gbt27930::{
+        Bcs, CellVoltage, ChargerNumber, Chm, Crm, ProtocolVersion, Recognition, RegionCode,
+    };
     use crate::j1939::{J1939Id, Pgn, Priority};
 
     const BMS: Address = Address(BMS_ADDRESS);
@@ -461,7 +463,13 @@ mod deviation_tests {
         let [s0, s1] = (data.len() as u16).to_le_bytes();
         let [p0, p1, p2, _] = pgn.to_le_bytes();
         let mut out = vec![
-            frame(7, 0xEC00, BMS, PILE, &[0x10, s0, s1, packets, 0xFF, p0, p1, p2]),
+            frame(
+                7,
+                0xEC00,
+                BMS,
+                PILE,
+                &[0x10, s0, s1, packets, 0xFF, p0, p1, p2],
+            ),
             frame(7, 0xEC00, PILE, BMS, &cts),
         ];
         for (i, chunk) in data.chunks(7).enumerate() {
@@ -470,7 +478,13 @@ mod deviation_tests {
             d[1..1 + chunk.len()].copy_from_slice(chunk);
             out.push(frame(7, 0xEB00, BMS, PILE, &d));
         }
-        out.push(frame(7, 0xEC00, PILE, BMS, &[0x13, s0, s1, packets, 0xFF, p0, p1, p2]));
+        out.push(frame(
+            7,
+            0xEC00,
+            PILE,
+            BMS,
+            &[0x13, s0, s1, packets, 0xFF, p0, p1, p2],
+        ));
         out
     }
 
@@ -487,22 +501,39 @@ mod deviation_tests {
             })
         };
         let mut frames = vec![
-            single(&Message::Chm(Chm { version: ProtocolVersion::V1_1 }), PILE, BMS),
+            single(
+                &Message::Chm(Chm {
+                    version: ProtocolVersion::V1_1,
+                }),
+                PILE,
+                BMS,
+            ),
             frame(6, 0x2700, BMS, PILE, &[0x01, 0x01]),
             single(&crm(Recognition::NotRecognized), PILE, BMS),
         ];
         let brm = Message::Brm(BmsConfig::default().identity).encode();
-        frames.extend(transfer(0x0200, &brm, [0x11, 7, 1, 0x0A, 0x00, 0xFF, 0xFF, 0xFF]));
+        frames.extend(transfer(
+            0x0200,
+            &brm,
+            [0x11, 7, 1, 0x0A, 0x00, 0xFF, 0xFF, 0xFF],
+        ));
         frames.push(single(&crm(Recognition::Recognized), PILE, BMS));
         let mut bcp = crate::gbt27930::bms::Bms::new(BmsConfig::default())
             .charging_parameters()
             .expect("BCP");
         bcp.max_charging_current = Current(6000); // 200 A counted positive
-        frames.extend(transfer(0x0600, &Message::Bcp(bcp).encode(), [0x11, 2, 1, 0xFF, 0xFF, 0x00, 0x06, 0x00]));
+        frames.extend(transfer(
+            0x0600,
+            &Message::Bcp(bcp).encode(),
+            [0x11, 2, 1, 0xFF, 0xFF, 0x00, 0x06, 0x00],
+        ));
         let bcs = Message::Bcs(Bcs {
             measured_voltage: DeciVolt(3700),
             measured_current: Current(5000),
-            max_cell: CellVoltage { voltage: crate::gbt27930::units::CentiVolt(380), group: 1 },
+            max_cell: CellVoltage {
+                voltage: crate::gbt27930::units::CentiVolt(380),
+                group: 1,
+            },
             soc_percent: 50,
             remaining_minutes: 20,
         })

@@ -1112,6 +1112,32 @@ key = "vehicle.key"
     }
 
     #[test]
+    fn interop_profiles_default_to_field_and_are_set_per_side() {
+        let c = load(MINIMAL, &[]).expect("loads");
+        assert_eq!(c.interop, InteropConfig::default());
+        assert_eq!(
+            (c.interop.bms, c.interop.pile),
+            (Profile::Field, Profile::Field)
+        );
+        let c = load(
+            &format!("{MINIMAL}\n[interop]\nbms = \"strict\"\n"),
+            &[("BMSGW__INTEROP__PILE", "strict")],
+        )
+        .expect("loads");
+        assert_eq!(
+            (c.interop.bms, c.interop.pile),
+            (Profile::Strict, Profile::Strict)
+        );
+        let e = err(&format!("{MINIMAL}\n[interop]\npile = \"lenient\"\n"), &[]);
+        assert!(
+            e.contains("interop.pile")
+                && e.contains("lenient")
+                && e.contains("\"field\" or \"strict\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn garbage_is_refused_with_the_file_name() {
         let e = err("this is [not toml", &[]);
         assert!(e.contains("bmsgw.toml"), "{e}");

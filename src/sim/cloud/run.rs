@@ -262,6 +262,9 @@ fn act(output: Output, link: &Link, monitor: &CloudMonitor) {
                 credential = ?record.credential.kind,
                 ticket = %hex::encode(record.credential.ticket_id),
                 result = ?record.result,
+                // Which piles deviate from the standards, and how (docs/interop.md).
+                bms_deviations = %record.deviations.bms,
+                pile_deviations = %record.deviations.pile,
                 "session record received"
             );
         }
