@@ -193,10 +193,13 @@ impl OutboxPublisher {
                         .insert(id, tokio::time::Instant::now() + NO_SUBSCRIBER_RETRY);
                 }
                 Ok(_) => {
-                    let outbox = self.outbox.clone();
-                    tokio::task::spawn_blocking(move || outbox.remove(id)).await??;
+                    // Counted at the PUBACK, before the removal: a stop that
+                    // cancels this batch after the removal (an empty outbox
+                    // is what a caller waits for) must not lose the count.
                     self.stats.published += 1;
                     delivered += 1;
+                    let outbox = self.outbox.clone();
+                    tokio::task::spawn_blocking(move || outbox.remove(id)).await??;
                     debug!(id, "outbox entry delivered");
                 }
                 Err(LinkError::Stopped) => stopped = true,

@@ -317,26 +317,19 @@ impl Bms {
         })
     }
 
+    /// 01 for a timeout, 10 ("unreliable") for a message that came but
+    /// cannot be acted on.
     fn bem_for_failure(&self) -> Bem {
-        let mut bem = Bem::default();
-        // 01 for a timeout, 10 ("unreliable") for a message that came but
-        // cannot be acted on.
-        let (waiting_for, flag) = match &self.core.failure {
-            Some((_, FailureReason::Timeout { waiting_for }, _)) => (*waiting_for, Bits2::SET),
-            Some((_, FailureReason::Peer(fault), _)) => (fault.kind, Bits2::ALT),
-            _ => return bem,
-        };
-        match (waiting_for, self.state) {
-            (MessageKind::Crm, State::Recognition) => bem.crmaa_timeout = flag,
-            (MessageKind::Crm, _) => bem.crm00_timeout = flag,
-            (MessageKind::Cml | MessageKind::Cts, _) => bem.cts_cml_timeout = flag,
-            (MessageKind::Cro, _) => bem.cro_timeout = flag,
-            (MessageKind::Ccs, _) => bem.ccs_timeout = flag,
-            (MessageKind::Cst, _) => bem.cst_timeout = flag,
-            (MessageKind::Csd, _) => bem.csd_timeout = flag,
-            _ => {}
+        let recognized = self.state == State::Recognition;
+        match &self.core.failure {
+            Some((_, FailureReason::Timeout { waiting_for }, _)) => {
+                Bem::flagging(*waiting_for, recognized, Bits2::SET)
+            }
+            Some((_, FailureReason::Peer(fault), _)) => {
+                Bem::flagging(fault.kind, recognized, Bits2::ALT)
+            }
+            _ => Bem::default(),
         }
-        bem
     }
 
     fn on_timeout_expired(&mut self, kind: MessageKind, now: Timestamp) {

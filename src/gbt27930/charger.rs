@@ -369,31 +369,32 @@ impl Charger {
         })
     }
 
+    /// 01 for a timeout, 10 ("unreliable") for a message that came but
+    /// cannot be acted on, in the field of the message at fault.
     fn cem_for_failure(&self) -> Cem {
-        let mut cem = Cem::default();
-        // 01 for a timeout, 10 ("unreliable") for a message that came but
-        // cannot be acted on, in the field of the message at fault.
-        let at_fault = match &self.core.failure {
+        match &self.core.failure {
             Some((_, FailureReason::Timeout { waiting_for }, _)) => {
-                Some((*waiting_for, Bits2::SET))
+                Cem::flagging(*waiting_for, Bits2::SET)
             }
-            Some((_, FailureReason::Peer(fault), _)) => Some((fault.kind, Bits2::ALT)),
-            Some((_, FailureReason::Incompatible(_), _)) => Some((MessageKind::Bcp, Bits2::ALT)),
-            _ => None,
-        };
-        if let Some((waiting_for, flag)) = at_fault {
-            match waiting_for {
-                MessageKind::Brm => cem.brm_timeout = flag,
-                MessageKind::Bcp => cem.bcp_timeout = flag,
-                MessageKind::Bro => cem.bro_timeout = flag,
-                MessageKind::Bcs => cem.bcs_timeout = flag,
-                MessageKind::Bcl => cem.bcl_timeout = flag,
-                MessageKind::Bst => cem.bst_timeout = flag,
-                MessageKind::Bsd => cem.bsd_timeout = flag,
-                _ => {}
+            Some((_, FailureReason::Peer(fault), _)) => Cem::flagging(fault.kind, Bits2::ALT),
+            Some((_, FailureReason::Incompatible(_), _)) => {
+                Cem::flagging(MessageKind::Bcp, Bits2::ALT)
             }
+            _ => Cem::default(),
         }
-        cem
+    }
+
+    /// When the field profile starts CCS for a BMS that waits for it.
+    fn nudge_at(&self) -> Option<Timestamp> {
+        match self.state {
+            State::Configuration {
+                bms_ready: true,
+                ready_at: Some(at),
+            } if self.config.profile == Profile::Field && !self.nudging => {
+                Some(at + CCS_NUDGE_AFTER)
+            }
+            _ => None,
+        }
     }
 
     fn on_timeout_expired(&mut self, kind: MessageKind, now: Timestamp) {
@@ -601,14 +602,7 @@ impl Role for Charger {
         if !self.started || self.core.phase == Phase::Done {
             return;
         }
-        if self.config.profile == Profile::Field
-            && !self.nudging
-            && let State::Configuration {
-                bms_ready: true,
-                ready_at: Some(at),
-            } = self.state
-            && now.saturating_since(at) >= CCS_NUDGE_AFTER
-        {
+        if self.nudge_at().is_some_and(|at| at <= now) {
             self.nudging = true;
             self.core
                 .schedule
@@ -670,14 +664,7 @@ impl Role for Charger {
 
     fn poll_timeout(&self) -> Option<Timestamp> {
         let mut next = self.core.next_timeout();
-        if self.config.profile == Profile::Field
-            && !self.nudging
-            && let State::Configuration {
-                bms_ready: true,
-                ready_at: Some(at),
-            } = self.state
-        {
-            let t = at + CCS_NUDGE_AFTER;
+        if let Some(t) = self.nudge_at() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let State::Charging { started, bcs_by } = &self.state {

@@ -369,10 +369,7 @@ impl PeerCheck {
 
     fn bcp(&mut self, mut bcp: Bcp) -> Result<Bcp, PeerFault> {
         let kind = MessageKind::Bcp;
-        let implausible = |why: String| PeerFault {
-            kind,
-            reason: FaultReason::Implausible(why),
-        };
+        let implausible = |why: String| implausible(kind, why);
         if !self.state.crm_recognized {
             self.deviation(
                 kind,
@@ -430,10 +427,7 @@ impl PeerCheck {
 
     fn bcl(&mut self, mut bcl: Bcl) -> Result<Bcl, PeerFault> {
         let kind = MessageKind::Bcl;
-        let implausible = |why: String| PeerFault {
-            kind,
-            reason: FaultReason::Implausible(why),
-        };
+        let implausible = |why: String| implausible(kind, why);
         let raw = bcl.current_demand.0;
         let sign = match (self.state.sign, CurrentSign::of(raw)) {
             (Some(settled), Some(s)) if s != settled => {
@@ -491,39 +485,30 @@ impl PeerCheck {
 
     fn bcs(&mut self, mut bcs: Bcs) -> Result<Bcs, PeerFault> {
         let kind = MessageKind::Bcs;
-        let implausible = |why: String| PeerFault {
-            kind,
-            reason: FaultReason::Implausible(why),
-        };
+        let implausible = |why: String| implausible(kind, why);
         bcs.measured_current = self.measured(kind, bcs.measured_current)?;
         if bcs.soc_percent > 100 {
             return Err(implausible(format!("state of charge {}%", bcs.soc_percent)));
         }
-        if let Some(max) = self.state.peer_max_voltage
-            && bcs.measured_voltage > with_slack(max)
-        {
-            return Err(implausible(format!(
-                "measured voltage {} is above BCP's maximum {max}",
-                bcs.measured_voltage
-            )));
-        }
-        if let Some(max) = self.state.peer_max_current
-            && over_current(bcs.measured_current, max)
-        {
-            return Err(implausible(format!(
-                "measured current {} is above BCP's maximum {max}",
-                bcs.measured_current
-            )));
-        }
+        let limits = Limits {
+            min_voltage: None,
+            max_voltage: self.state.peer_max_voltage,
+            max_current: self.state.peer_max_current,
+        };
+        within(
+            kind,
+            "measured",
+            bcs.measured_voltage,
+            bcs.measured_current,
+            limits,
+            "BCP's maximum",
+        )?;
         Ok(bcs)
     }
 
     /// A measured current (BCS, CCS) in the peer's settled convention.
     fn measured(&self, kind: MessageKind, c: Current) -> Result<Current, PeerFault> {
-        let implausible = |why: String| PeerFault {
-            kind,
-            reason: FaultReason::Implausible(why),
-        };
+        let implausible = |why: String| implausible(kind, why);
         let Some(sign) = self.state.sign else {
             // No maximum stated yet: only the standard reading is safe to take.
             return Ok(c);
@@ -551,10 +536,7 @@ impl PeerCheck {
 
     fn cml(&mut self, mut cml: Cml) -> Result<Cml, PeerFault> {
         let kind = MessageKind::Cml;
-        let implausible = |why: String| PeerFault {
-            kind,
-            reason: FaultReason::Implausible(why),
-        };
+        let implausible = |why: String| implausible(kind, why);
         let max = cml.max_output_current;
         let sign = CurrentSign::of(max.0)
             .ok_or_else(|| implausible("the maximum output current is 0 A".to_string()))?;
@@ -599,29 +581,17 @@ impl PeerCheck {
 
     fn ccs(&mut self, mut ccs: Ccs) -> Result<Ccs, PeerFault> {
         let kind = MessageKind::Ccs;
-        let implausible = |why: String| PeerFault {
-            kind,
-            reason: FaultReason::Implausible(why),
-        };
         ccs.output_current = self.measured(kind, ccs.output_current)?;
-        if let Some(max) = self.other.max_voltage
-            && ccs.output_voltage > with_slack(max)
-        {
-            return Err(implausible(format!(
-                "output voltage {} is above the BMS's maximum {max}",
-                ccs.output_voltage
-            )));
-        }
         // Against the BMS's maximum, not its latest demand: a charger's
         // output follows a falling demand with a lag.
-        if let Some(limit) = self.other.max_current
-            && over_current(ccs.output_current, limit)
-        {
-            return Err(implausible(format!(
-                "output current {} is above what the BMS allows ({limit})",
-                ccs.output_current
-            )));
-        }
+        within(
+            kind,
+            "output",
+            ccs.output_voltage,
+            ccs.output_current,
+            self.other,
+            "the BMS's maximum",
+        )?;
         Ok(ccs)
     }
 }
@@ -650,6 +620,42 @@ fn early_ccs_timeout(
     bem.ccs_timeout.is_set()
         && others.iter().all(|b| !b.is_set())
         && now.saturating_since(timer_start) < CCS_TIMEOUT
+}
+
+fn implausible(kind: MessageKind, why: String) -> PeerFault {
+    PeerFault {
+        kind,
+        reason: FaultReason::Implausible(why),
+    }
+}
+
+/// A measured voltage and current (`what`: "measured", "output") against
+/// `max`'s maxima, with the slack of the module docs.
+fn within(
+    kind: MessageKind,
+    what: &str,
+    v: DeciVolt,
+    i: Current,
+    max: Limits,
+    whose: &str,
+) -> Result<(), PeerFault> {
+    if let Some(max_v) = max.max_voltage
+        && v > with_slack(max_v)
+    {
+        return Err(implausible(
+            kind,
+            format!("{what} voltage {v} is above {whose} {max_v}"),
+        ));
+    }
+    if let Some(max_i) = max.max_current
+        && over_current(i, max_i)
+    {
+        return Err(implausible(
+            kind,
+            format!("{what} current {i} is above {whose} {max_i}"),
+        ));
+    }
+    Ok(())
 }
 
 fn with_slack(v: DeciVolt) -> DeciVolt {

@@ -509,6 +509,45 @@ pub struct Cem {
     pub bsd_timeout: Bits2,
 }
 
+impl Bem {
+    /// A BEM with `flag` (01 timeout, 10 unreliable) in the field for the
+    /// charger's message `kind`: CRM's field is CRM(0xAA)'s when
+    /// `crm_recognized`, else CRM(0x00)'s. Kinds without a field give none.
+    pub fn flagging(kind: MessageKind, crm_recognized: bool, flag: Bits2) -> Bem {
+        let mut bem = Bem::default();
+        match kind {
+            MessageKind::Crm if crm_recognized => bem.crmaa_timeout = flag,
+            MessageKind::Crm => bem.crm00_timeout = flag,
+            MessageKind::Cml | MessageKind::Cts => bem.cts_cml_timeout = flag,
+            MessageKind::Cro => bem.cro_timeout = flag,
+            MessageKind::Ccs => bem.ccs_timeout = flag,
+            MessageKind::Cst => bem.cst_timeout = flag,
+            MessageKind::Csd => bem.csd_timeout = flag,
+            _ => {}
+        }
+        bem
+    }
+}
+
+impl Cem {
+    /// A CEM with `flag` (01 timeout, 10 unreliable) in the field for the
+    /// BMS's message `kind`. Kinds without a field give none.
+    pub fn flagging(kind: MessageKind, flag: Bits2) -> Cem {
+        let mut cem = Cem::default();
+        match kind {
+            MessageKind::Brm => cem.brm_timeout = flag,
+            MessageKind::Bcp => cem.bcp_timeout = flag,
+            MessageKind::Bro => cem.bro_timeout = flag,
+            MessageKind::Bcs => cem.bcs_timeout = flag,
+            MessageKind::Bcl => cem.bcl_timeout = flag,
+            MessageKind::Bst => cem.bst_timeout = flag,
+            MessageKind::Bsd => cem.bsd_timeout = flag,
+            _ => {}
+        }
+        cem
+    }
+}
+
 /// Any GB/T 27930 message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {

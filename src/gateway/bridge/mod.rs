@@ -386,8 +386,14 @@ impl Bridge {
         }
         *slot = Some(now);
         let (kind, body) = match from {
-            Side::Bms => (MessageKind::Cem, Message::Cem(cem_unreliable(fault.kind))),
-            Side::Pile => (MessageKind::Bem, Message::Bem(bem_unreliable(fault.kind))),
+            Side::Bms => (
+                MessageKind::Cem,
+                Message::Cem(Cem::flagging(fault.kind, Bits2::ALT)),
+            ),
+            Side::Pile => (
+                MessageKind::Bem,
+                Message::Bem(Bem::flagging(fault.kind, true, Bits2::ALT)),
+            ),
         };
         let config = self.config();
         let error = J1939Message {
@@ -552,37 +558,4 @@ impl Bridge {
             }
         }
     }
-}
-
-/// CEM saying the BMS's `kind` came but cannot be acted on (10, "unreliable").
-fn cem_unreliable(kind: MessageKind) -> Cem {
-    let mut cem = Cem::default();
-    let flag = Bits2::ALT;
-    match kind {
-        MessageKind::Brm => cem.brm_timeout = flag,
-        MessageKind::Bcp => cem.bcp_timeout = flag,
-        MessageKind::Bro => cem.bro_timeout = flag,
-        MessageKind::Bcs => cem.bcs_timeout = flag,
-        MessageKind::Bcl => cem.bcl_timeout = flag,
-        MessageKind::Bst => cem.bst_timeout = flag,
-        MessageKind::Bsd => cem.bsd_timeout = flag,
-        _ => {}
-    }
-    cem
-}
-
-/// BEM saying the pile's `kind` came but cannot be acted on (10, "unreliable").
-fn bem_unreliable(kind: MessageKind) -> Bem {
-    let mut bem = Bem::default();
-    let flag = Bits2::ALT;
-    match kind {
-        MessageKind::Crm => bem.crmaa_timeout = flag,
-        MessageKind::Cml | MessageKind::Cts => bem.cts_cml_timeout = flag,
-        MessageKind::Cro => bem.cro_timeout = flag,
-        MessageKind::Ccs => bem.ccs_timeout = flag,
-        MessageKind::Cst => bem.cst_timeout = flag,
-        MessageKind::Csd => bem.csd_timeout = flag,
-        _ => {}
-    }
-    bem
 }
