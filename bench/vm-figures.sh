@@ -109,7 +109,7 @@ system calls, page faults and I/O slow down differently from a loop.
   during one authenticated online session (the BMS and pile simulators of
   the default build on vcan0/vcan1); VmHWM is the peak since start.
 - **Bridge vs can-gw**: \`cangen\` offers one frame, BCL (18 10 56 F4,
-  A00F881302: from the BMS to the pile, allowed, decodes) on vcan0 as fast
+  A00FB80B02: from the BMS to the pile, 400 V, 100 A, allowed, decodes) on vcan0 as fast
   as it can for $(get bridge_gen_secs) s; the frames on vcan1 are vcan1's
   tx_packets (sysfs, no per-frame cost); frames/s is over the span from the
   first to the last forwarded frame. (a) our ECU daemon in bridge mode,

@@ -23,4 +23,5 @@ pub mod service;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod store;
+pub mod text;
 pub mod time;

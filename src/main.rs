@@ -412,7 +412,8 @@ fn main() -> ExitCode {
 
 /// One line on stderr and a non-zero exit, as the CLI contract says.
 fn fail(msg: &str) -> ExitCode {
-    eprintln!("bmsgw: {msg}");
+    // File names, log lines and peers' text can carry control characters.
+    eprintln!("bmsgw: {}", bmsgw::text::printable(msg));
     ExitCode::FAILURE
 }
 
@@ -452,9 +453,14 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     .map_err(|e| format!("decode: cannot open {}: {e}", log.display()))?;
                 bmsgw::gbt27930::timeline::decode_log(std::io::BufReader::new(file), stdout, opts)
             };
-            result
-                .map(|_| ())
-                .map_err(|e| format!("decode {}: {}", log.display(), chain(&e)))
+            // A script must be able to tell a capture from garbage: the
+            // timeline is printed either way, the exit says which it was.
+            let timeline =
+                result.map_err(|e| format!("decode {}: {}", log.display(), chain(&e)))?;
+            match timeline.problem() {
+                None => Ok(()),
+                Some(p) => Err(format!("decode {}: {p}", log.display())),
+            }
         }
         #[cfg(feature = "sim")]
         Command::Demo { can, can_pile, all } => {

@@ -46,6 +46,11 @@ pub struct Timeline {
     repeats_hidden: usize,
     malformed: usize,
     bad_lines: usize,
+    /// Lines read, frames among them, and whether the last line was bad
+    /// (a capture cut off mid-line).
+    lines: usize,
+    frames: usize,
+    last_line_bad: bool,
     watch: LinkWatch,
     /// Deviations found, of the BMS and of the pile.
     bms_deviations: DeviationCounts,
@@ -67,6 +72,9 @@ impl Timeline {
             repeats_hidden: 0,
             malformed: 0,
             bad_lines: 0,
+            lines: 0,
+            frames: 0,
+            last_line_bad: false,
             watch: LinkWatch::default(),
             bms_deviations: DeviationCounts::default(),
             pile_deviations: DeviationCounts::default(),
@@ -142,7 +150,7 @@ impl Timeline {
                     received,
                     total,
                 } => lines.push(format!(
-                    "{:>10.3}  {:<9} TP {pgn} incomplete ({received}/{total} packets): {reason:?}",
+                    "{:>10.3}  {:<9} TP {pgn} incomplete ({received}/{total} packets): {reason}",
                     rel.as_secs_f64(),
                     direction(source, destination),
                 )),
@@ -234,6 +242,27 @@ impl Timeline {
     /// Log lines that did not parse (see [`decode_log`]).
     pub fn bad_lines(&self) -> usize {
         self.bad_lines
+    }
+
+    /// Why the input is not a usable `candump -L` capture, if it is not:
+    /// no frame at all, or lines that are not frames. One bad last line is
+    /// a capture cut off mid-line and passes.
+    pub fn problem(&self) -> Option<String> {
+        if self.frames == 0 {
+            return Some(if self.lines == 0 {
+                "the log is empty".to_string()
+            } else {
+                format!("none of its {} lines is a candump -L frame", self.lines)
+            });
+        }
+        let cut_off = usize::from(self.last_line_bad);
+        if self.bad_lines > cut_off {
+            return Some(format!(
+                "{} of its {} lines are not candump -L frames (see the !! lines)",
+                self.bad_lines, self.lines
+            ));
+        }
+        None
     }
 
     /// Closing lines: the phase sequence and message counts.
@@ -337,6 +366,12 @@ fn direction(source: Address, destination: Address) -> String {
     format!("{}→{}", name(source), name(destination))
 }
 
+/// One output line: what came from the log (a bad line's text, decoded
+/// strings) never reaches the terminal as control characters.
+fn write_line(out: &mut impl Write, line: &str) -> Result<(), DecodeLogError> {
+    writeln!(out, "{}", crate::text::printable(line)).map_err(DecodeLogError::Output)
+}
+
 /// Why a log could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeLogError {
@@ -358,10 +393,16 @@ pub fn decode_log(
     options: TimelineOptions,
 ) -> Result<Timeline, DecodeLogError> {
     let mut timeline = Timeline::new(options);
-    for record in LogReader::new(input) {
+    let mut reader = LogReader::new(input);
+    while let Some(record) = reader.next() {
+        timeline.lines = usize::try_from(reader.line()).unwrap_or(usize::MAX);
+        timeline.last_line_bad = false;
         let lines = match record {
             Ok(record) => match &record.entry {
-                LogEntry::Frame(frame) => timeline.feed(record.timestamp, frame),
+                LogEntry::Frame(frame) => {
+                    timeline.frames += 1;
+                    timeline.feed(record.timestamp, frame)
+                }
                 _ => Vec::new(),
             },
             Err(e @ crate::can::candump::ReadError::Io { .. }) => {
@@ -369,15 +410,16 @@ pub fn decode_log(
             }
             Err(e) => {
                 timeline.bad_lines += 1;
+                timeline.last_line_bad = true;
                 vec![format!("!! {e}")]
             }
         };
         for line in lines {
-            writeln!(out, "{line}").map_err(DecodeLogError::Output)?;
+            write_line(&mut out, &line)?;
         }
     }
     for line in timeline.finish().into_iter().chain(timeline.summary()) {
-        writeln!(out, "{line}").map_err(DecodeLogError::Output)?;
+        write_line(&mut out, &line)?;
     }
     Ok(timeline)
 }
@@ -561,5 +603,60 @@ mod deviation_tests {
         // BRM and BCP were reassembled although the CTS lacked its PGN.
         assert!(text.contains("BMS→pile  BRM"), "{text}");
         assert!(text.contains("BMS→pile  BCP"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod hostile_log_tests {
+    use super::*;
+
+    fn decode(text: &str) -> (String, Timeline) {
+        let mut out = Vec::new();
+        let t = decode_log(text.as_bytes(), &mut out, TimelineOptions::default()).expect("decodes");
+        (String::from_utf8(out).expect("UTF-8 output"), t)
+    }
+
+    #[test]
+    fn garbage_is_a_problem_and_a_cut_last_line_is_not() {
+        let (_, t) = decode("");
+        assert_eq!(t.problem().as_deref(), Some("the log is empty"));
+        let (_, t) = decode("garbage\nmore garbage\n");
+        assert!(
+            t.problem()
+                .is_some_and(|p| p.contains("none of its 2 lines")),
+            "{:?}",
+            t.problem()
+        );
+        let good = "(1.0) vcan0 1826F456#010100\n(1.25) vcan0 1826F456#010100\n";
+        let (_, t) = decode(good);
+        assert_eq!(t.problem(), None);
+        // candump killed mid-line: the last line is cut, the capture is fine.
+        let (_, t) = decode(&format!("{good}(1.5) vcan0 1826F4"));
+        assert_eq!(t.problem(), None);
+        let (_, t) = decode(&format!("junk\n{good}"));
+        assert!(
+            t.problem().is_some_and(|p| p.contains("1 of its 3 lines")),
+            "{:?}",
+            t.problem()
+        );
+    }
+
+    #[test]
+    fn control_characters_from_the_log_never_reach_the_output() {
+        // An OSC sequence that would set the terminal's title, in a timestamp.
+        let (out, _) =
+            decode("(1.0\u{1b}]0;pwned\u{7}) vcan0 1826F456#010100\n(2.0) vcan0 1826F456#010100\n");
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+        assert!(out.contains("\\u{1b}]0;pwned\\u{7}"), "{out}");
+    }
+
+    #[test]
+    fn an_announcement_beyond_j1939_is_reported_not_dropped() {
+        // RTS from the BMS to the pile: 2047 bytes in 255 packets of PGN 0x0200.
+        let (out, _) = decode("(1.0) vcan0 1CEC56F4#10FF07FFFF000200\n");
+        assert!(
+            out.contains("refused: announces 2047 bytes in 255 packets") && out.contains("1785"),
+            "{out}"
+        );
     }
 }

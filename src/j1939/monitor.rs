@@ -46,6 +46,30 @@ pub enum IncompleteReason {
     NoResources,
     /// [`Monitor::finish`] was called with the transfer still open.
     EndOfInput,
+    /// The RTS or BAM announced what J1939-21 cannot carry (over 1785
+    /// bytes, or a packet count that does not fit the size): its receiver
+    /// refuses it, so it is not followed.
+    BadAnnouncement { size: u16, packets: u8 },
+}
+
+impl std::fmt::Display for IncompleteReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IncompleteReason::Aborted { by, reason } => write!(f, "aborted by {by}: {reason}"),
+            IncompleteReason::Replaced => f.write_str("replaced by a new announcement"),
+            IncompleteReason::Timeout => f.write_str("timed out"),
+            IncompleteReason::AcknowledgedWithGaps => {
+                f.write_str("acknowledged, but packets were missing from this capture")
+            }
+            IncompleteReason::NoResources => f.write_str("too many transfers at once to follow"),
+            IncompleteReason::EndOfInput => f.write_str("still open at the end of the input"),
+            IncompleteReason::BadAnnouncement { size, packets } => write!(
+                f,
+                "refused: announces {size} bytes in {packets} packets (J1939-21 carries at most {} bytes, 7 a packet)",
+                super::tp::MAX_TP_LEN
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,8 +272,17 @@ impl Monitor {
             self.close(i, IncompleteReason::Replaced);
         }
         if let Err(e) = validate_announce(size, packets) {
-            // Receivers refuse it too (or, for a BAM, ignore it).
+            // Receivers refuse it too (or, for a BAM, ignore it); said, not
+            // dropped without a word, so a capture shows it.
             debug!(%source, %destination, %pgn, error = %e, "announcement not followed");
+            self.events.push_back(MonitorEvent::Incomplete {
+                source,
+                destination,
+                pgn,
+                reason: IncompleteReason::BadAnnouncement { size, packets },
+                received: 0,
+                total: packets,
+            });
             return;
         }
         if self.sessions.len() >= self.max_sessions {

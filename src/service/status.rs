@@ -338,16 +338,7 @@ fn table<const N: usize>(out: &mut String, head: [&str; N], rows: &[[String; N]]
 
 /// Control characters escaped (`\n`, `\u{1b}`), everything else as is.
 fn clean(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect()
+    crate::text::printable(s).into_owned()
 }
 
 /// `1h 02m 03s`, `4m 05s`, `6s`.

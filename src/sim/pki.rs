@@ -748,7 +748,17 @@ impl DevPki {
                 "mode = \"bridge\"\nbms_interface = \"{bms}\"\npile_interface = \"{pile}\"\n"
             ),
         };
+        // The config resolves relative paths against its own directory:
+        // files beside it are named by their file name, anything else is
+        // made absolute (a relative `--out` is relative to the caller's
+        // working directory, not to the config).
+        let here = std::env::current_dir().unwrap_or_default();
         let q = |p: &Path| {
+            let p = match p.strip_prefix(&self.dir) {
+                Ok(inside) if !inside.as_os_str().is_empty() => inside.to_path_buf(),
+                _ if p.is_relative() => here.join(p),
+                _ => p.to_path_buf(),
+            };
             p.display()
                 .to_string()
                 .replace('\\', "\\\\")

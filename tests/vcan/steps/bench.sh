@@ -36,11 +36,13 @@ BENCH_REPS=${BMSGW_BENCH_REPS:-3}
 # How long the generator offers frames in one bridge or can-gw run.
 BENCH_GEN_SECS=${BMSGW_BENCH_GEN_SECS:-5}
 # The traffic: BCL (PGN 0x1000, priority 6) from the BMS (0xF4) to the pile
-# (0x56), 400.0 V / CC mode, a single frame the bridge forwards as is once
-# the firewall has judged it (allowlist, decode, rate bucket). Between
-# sessions the session observer ignores it, so no session starts.
+# (0x56), 400.0 V, 100 A (raw 3000: GB/T counts charging current negative),
+# CC mode, a single frame the bridge forwards as is once the firewall has
+# judged it (allowlist, decode, rate bucket) and the BMS side's field check
+# has read it. Between sessions the session observer ignores it, so no
+# session starts.
 BENCH_ID=181056F4
-BENCH_DATA=A00F881302
+BENCH_DATA=A00FB80B02
 
 D=$OUT/bench
 D_PKI=$D/pki
