@@ -51,6 +51,17 @@ pub enum TlsError {
     },
     #[error("{what} file {path} holds no certificate (expected a PEM \"BEGIN CERTIFICATE\" block)")]
     NoCertificate { what: &'static str, path: PathBuf },
+    /// The PEM wrapper is fine but what it wraps is not an X.509 certificate.
+    #[error(
+        "{what} file {path}: certificate {index} is not a valid X.509 certificate ({source}); the PEM block is intact, its content is not"
+    )]
+    BadCertificate {
+        what: &'static str,
+        path: PathBuf,
+        index: usize,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("CA file {path}: certificate {index} cannot be used as a trust anchor: {source}")]
     BadCa {
         path: PathBuf,
@@ -114,7 +125,7 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+    let pem = read_capped(path).map_err(|source| TlsError::Read {
         what,
         path: path.to_owned(),
         source,
@@ -132,7 +143,36 @@ fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
             path: path.to_owned(),
         });
     }
+    // Parsed here, so that a damaged certificate is reported as one and
+    // not later as a key that "does not fit" it.
+    for (index, cert) in certs.iter().enumerate() {
+        if let Err(source) = rustls::server::ParsedCertificate::try_from(cert) {
+            return Err(TlsError::BadCertificate {
+                what,
+                path: path.to_owned(),
+                index,
+                source,
+            });
+        }
+    }
     Ok(certs)
+}
+
+/// A certificate file: at most 1 MiB (a chain is a few kilobytes).
+fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    const MAX: u64 = 1024 * 1024;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("over {MAX} bytes; a certificate file is a few kilobytes"),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -364,6 +404,38 @@ mod tests {
         }
     }
 
+    /// A PEM block whose content is not a certificate is reported as a
+    /// damaged certificate, not as a key that does not fit it.
+    #[test]
+    fn a_damaged_certificate_is_named_as_such() {
+        let p = pki();
+        let pem = std::fs::read_to_string(&p.files.cert).unwrap();
+        // Keep the wrapper, break the DER: flip bytes in the middle of the base64.
+        let lines: Vec<String> = pem
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == 3 {
+                    "A".repeat(l.len())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        std::fs::write(&p.files.cert, lines.join("\n") + "\n").unwrap();
+        let e = client_config(&p.files).unwrap_err();
+        assert!(
+            matches!(e, TlsError::BadCertificate { index: 0, .. }),
+            "{e}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("veh.pem") && text.contains("not a valid X.509"),
+            "{text}"
+        );
+        assert!(!text.contains("does not fit"), "{text}");
+    }
+
     #[test]
     fn a_file_without_certificates_is_refused() {
         let p = pki();
@@ -402,7 +474,14 @@ mod tests {
         .unwrap();
         let e = client_config(&p.files).unwrap_err();
         assert!(
-            matches!(e, TlsError::BadCa { index: 0, .. } | TlsError::Pem { .. }),
+            matches!(
+                e,
+                TlsError::BadCertificate {
+                    what: "CA",
+                    index: 0,
+                    ..
+                } | TlsError::Pem { .. }
+            ),
             "{e}"
         );
     }

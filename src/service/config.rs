@@ -23,6 +23,10 @@ use crate::gateway::throttle::ThrottleConfig;
 use crate::interop::Profile;
 use crate::j1939::{Address, Pgn};
 
+/// The largest config file read: far above any real one, far below what
+/// could hurt (a 300 MB file of whitespace took 886 MB to parse).
+pub const MAX_CONFIG_LEN: usize = 1024 * 1024;
+
 /// Where `bmsgw run` looks by default.
 pub const DEFAULT_PATH: &str = "/etc/bmsgw/bmsgw.toml";
 /// Environment overrides: `BMSGW__SECTION__KEY`.
@@ -38,9 +42,31 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// Syntax, a wrong type or an unknown key, as the parser saw it.
-    #[error("{path}: {message} (environment overrides: BMSGW__SECTION__KEY)")]
+    /// Syntax, a wrong type or an unknown key in the file, as the parser saw it.
+    #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error(
+        "{path}: the file is empty; a config needs at least [vehicle] and [can] (config/bmsgw.toml is a commented example)"
+    )]
+    Empty { path: PathBuf },
+    #[error("{path}: over {max} bytes; a bmsgw config is a few kilobytes")]
+    TooLarge { path: PathBuf, max: usize },
+    /// An environment override that does not fit: an unknown key, or a
+    /// value of the wrong type.
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env {
+        name: String,
+        value: String,
+        message: String,
+    },
+    /// An environment override whose value the checks refuse.
+    #[error("environment variable {name}={value:?} (`{key}`): expected {expected}")]
+    EnvInvalid {
+        name: String,
+        key: &'static str,
+        value: String,
+        expected: String,
+    },
     /// An override whose name is not `BMSGW__SECTION__KEY`.
     #[error(
         "environment variable {name:?}: after BMSGW__ only letters, digits and '_' may \
@@ -173,7 +199,10 @@ pub struct LogConfig {
 // --- the file's shape --------------------------------------------------------
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a bmsgw config: [vehicle], [can] and optional sections"
+)]
 struct Raw {
     vehicle: RawVehicle,
     can: RawCan,
@@ -194,7 +223,7 @@ struct Raw {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [interop] table")]
 struct RawInterop {
     #[serde(default = "d_profile")]
     bms: String,
@@ -216,7 +245,7 @@ fn d_profile() -> String {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [vehicle] table")]
 struct RawVehicle {
     id: String,
     hpke_key: PathBuf,
@@ -224,22 +253,22 @@ struct RawVehicle {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [can] table")]
 struct RawCan {
     mode: String,
     interface: Option<String>,
     bms_interface: Option<String>,
     pile_interface: Option<String>,
-    #[serde(default = "d_address")]
+    #[serde(default = "d_address", deserialize_with = "de_u8")]
     address: u8,
-    #[serde(default = "d_bms")]
+    #[serde(default = "d_bms", deserialize_with = "de_u8")]
     bms_address: u8,
-    #[serde(default = "d_pile")]
+    #[serde(default = "d_pile", deserialize_with = "de_u8")]
     pile_address: u8,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [cloud] table")]
 struct RawCloud {
     #[serde(default = "d_true")]
     enabled: bool,
@@ -263,7 +292,7 @@ struct RawCloud {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [store] table")]
 struct RawStore {
     #[serde(default = "d_store_path")]
     path: PathBuf,
@@ -272,7 +301,7 @@ struct RawStore {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [control] table")]
 struct RawControl {
     #[serde(default = "d_socket")]
     socket: PathBuf,
@@ -280,7 +309,7 @@ struct RawControl {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [session] table")]
 struct RawSession {
     #[serde(default = "d_bus_silence")]
     bus_silence: String,
@@ -299,7 +328,7 @@ struct RawSession {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [firewall] table")]
 struct RawFirewall {
     #[serde(default = "d_true")]
     blank_vin: bool,
@@ -312,10 +341,35 @@ struct RawFirewall {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [log] table")]
 struct RawLog {
     #[serde(default = "d_level")]
     level: String,
+}
+
+/// A byte as TOML writes it (`0xF4`, `244`) or as the environment gives it
+/// (the string `"0xF4"` or `"244"`): both must mean the same.
+fn de_u8<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum IntOrText {
+        Int(u64),
+        Text(String),
+    }
+    let n = match IntOrText::deserialize(d)? {
+        IntOrText::Int(n) => n,
+        IntOrText::Text(t) => {
+            let t = t.trim();
+            let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => t.parse(),
+            };
+            parsed.map_err(|_| {
+                serde::de::Error::custom(format!("{t:?} is not a number (e.g. 0xF4 or 244)"))
+            })?
+        }
+    };
+    u8::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} does not fit in a byte")))
 }
 
 fn d_true() -> bool {
@@ -452,10 +506,7 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_bounded(path, MAX_CONFIG_LEN)?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, path, base, env)
     }
@@ -497,26 +548,28 @@ impl Config {
         }) {
             return Err(ConfigError::EnvName { name: name.clone() });
         }
-        let parse_err = |e: config::ConfigError| ConfigError::Parse {
+        if text.trim().is_empty() {
+            return Err(ConfigError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        let file_err = |e: config::ConfigError| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: one_line(&e.to_string()),
         };
-        let built = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator(ENV_SEPARATOR)
-                    .separator(ENV_SEPARATOR)
-                    // Off: it would turn "007" into 7 before serde sees it.
-                    // Numbers and booleans still parse from strings when
-                    // the field wants them.
-                    .try_parsing(false)
-                    .source(Some(env.into_iter().collect())),
-            )
-            .build()
-            .map_err(parse_err)?;
-        let raw: Raw = built.try_deserialize().map_err(parse_err)?;
-        Checker { path, base }.check(raw)
+        // The file's own syntax is the file's.
+        build(text, &HashMap::new()).map_err(file_err)?;
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        let raw: Raw = match build(text, &env).and_then(|c| c.try_deserialize()) {
+            Ok(raw) => raw,
+            Err(e) => return Err(blame(text, path, &env, e)),
+        };
+        Checker {
+            path,
+            base,
+            env: &env,
+        }
+        .check(raw)
     }
 
     /// The cloud link this configuration describes: subscribed to the
@@ -546,10 +599,121 @@ impl Config {
     }
 }
 
+/// The file's text, overridden by `env`, as the `config` crate layers them.
+fn build(
+    text: &str,
+    env: &(impl Clone + IntoIterator<Item = (String, String)>),
+) -> Result<config::Config, config::ConfigError> {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator(ENV_SEPARATOR)
+                .separator(ENV_SEPARATOR)
+                // Off: it would turn "007" into 7 before serde sees it.
+                // Numbers and booleans still parse from strings when the
+                // field wants them.
+                .try_parsing(false)
+                .source(Some(env.clone().into_iter().collect())),
+        )
+        .build()
+}
+
+/// Who is to blame for a config that does not deserialize: the first
+/// environment override that breaks a file that is fine without it, or
+/// else the file (naming the overrides in effect).
+fn blame(
+    text: &str,
+    path: &Path,
+    env: &BTreeMap<String, String>,
+    full: config::ConfigError,
+) -> ConfigError {
+    let file_alone = build(text, &BTreeMap::new()).and_then(|c| c.try_deserialize::<Raw>());
+    if file_alone.is_ok() {
+        for (name, value) in env {
+            let one = BTreeMap::from([(name.clone(), value.clone())]);
+            if let Err(e) = build(text, &one).and_then(|c| c.try_deserialize::<Raw>()) {
+                return ConfigError::Env {
+                    name: name.clone(),
+                    value: value.clone(),
+                    message: one_line(&e.to_string()),
+                };
+            }
+        }
+    }
+    let mut message = one_line(&full.to_string());
+    if !env.is_empty() {
+        let names: Vec<&str> = env.keys().map(String::as_str).collect();
+        message.push_str(&format!(
+            " (with the environment overrides {})",
+            names.join(", ")
+        ));
+    }
+    ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    }
+}
+
+/// A parser's message on one line, in the config's own words: TOML errors
+/// come as several lines with a caret under the column; a missing section
+/// is named as a section.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
+        .collect();
+    let text = match lines.as_slice() {
+        [] => message.trim().to_string(),
+        [one] => (*one).to_string(),
+        [first, .., last] => format!("{first}: {last}"),
+    };
+    if let Some(rest) = text.strip_prefix("missing configuration field \"")
+        && let Some(name) = rest.strip_suffix('"')
+    {
+        return match name.split_once('.') {
+            None => format!("the [{name}] section is missing"),
+            Some((section, key)) => format!("`{key}` is missing in [{section}]"),
+        };
+    }
+    text
+}
+
+/// Reads at most `max` bytes of `path` as UTF-8 text: a larger file is
+/// refused before it is read into memory.
+fn read_bounded(path: &Path, max: usize) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read)?;
+    if bytes.len() > max {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            max,
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
+        path: path.to_owned(),
+        message: "not UTF-8 text".into(),
+    })
+}
+
 /// Turns the file's shape into a checked [`Config`].
 struct Checker<'a> {
     path: &'a Path,
     base: &'a Path,
+    /// The environment overrides, to name the variable a refused value
+    /// came from.
+    env: &'a BTreeMap<String, String>,
 }
 
 impl Checker<'_> {
@@ -559,6 +723,18 @@ impl Checker<'_> {
         value: impl std::fmt::Display,
         expected: impl Into<String>,
     ) -> ConfigError {
+        let name = format!(
+            "{ENV_PREFIX}{ENV_SEPARATOR}{}",
+            key.replace('.', ENV_SEPARATOR).to_uppercase()
+        );
+        if let Some(env_value) = self.env.get(&name) {
+            return ConfigError::EnvInvalid {
+                name,
+                key,
+                value: env_value.clone(),
+                expected: expected.into(),
+            };
+        }
         ConfigError::Invalid {
             path: self.path.to_owned(),
             key,
@@ -1109,6 +1285,61 @@ key = "vehicle.key"
             e.contains("can.interface") && e.contains("single-bus"),
             "{e}"
         );
+    }
+
+    /// An override is judged as an override: named, not blamed on the
+    /// file, with the same spelling the file allows.
+    #[test]
+    fn environment_errors_name_the_variable_and_not_the_file() {
+        let e = err(MINIMAL, &[("BMSGW__CLOUD__PORT", "70000")]);
+        assert!(
+            e.starts_with("environment variable BMSGW__CLOUD__PORT=\"70000\""),
+            "{e}"
+        );
+        assert!(!e.contains("bmsgw.toml"), "{e}");
+        let e = err(MINIMAL, &[("BMSGW__CLOUD__PORTT", "1")]);
+        assert!(
+            e.contains("BMSGW__CLOUD__PORTT") && e.contains("unknown field `portt`"),
+            "{e}"
+        );
+        assert!(!e.contains("bmsgw.toml"), "{e}");
+        let e = err(MINIMAL, &[("BMSGW__SESSION__AUTH_TIMEOUT", "1h")]);
+        assert!(
+            e.contains("BMSGW__SESSION__AUTH_TIMEOUT=\"1h\" (`session.auth_timeout`)"),
+            "{e}"
+        );
+        // 0xF4 as TOML writes it, and as the environment gives it.
+        let c =
+            load(&MINIMAL.replace("[can]", "[can]\naddress = 0xF3"), &[]).expect("hex in the file");
+        assert_eq!(c.can.address, Address(0xF3));
+        let c =
+            load(MINIMAL, &[("BMSGW__CAN__ADDRESS", "0xF3")]).expect("hex from the environment");
+        assert_eq!(c.can.address, Address(0xF3));
+        let c =
+            load(MINIMAL, &[("BMSGW__CAN__ADDRESS", "243")]).expect("decimal from the environment");
+        assert_eq!(c.can.address, Address(0xF3));
+        // File errors say nothing of the environment.
+        let e = err("[vehicle\n", &[]);
+        assert!(
+            e.contains("bmsgw.toml") && e.contains("TOML parse error"),
+            "{e}"
+        );
+        assert!(!e.contains("BMSGW__") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn empty_huge_and_wrongly_shaped_files_get_plain_words() {
+        let e = err("", &[]);
+        assert!(e.contains("the file is empty"), "{e}");
+        let e = err("  \n\t\n", &[]);
+        assert!(e.contains("the file is empty"), "{e}");
+        let e = err("vehicle = 5\n", &[]);
+        assert!(e.contains("a [vehicle] table") && !e.contains("Raw"), "{e}");
+        let e = err("[can]\nmode = \"bridge\"\n", &[]);
+        assert!(e.contains("the [vehicle] section is missing"), "{e}");
+        let huge = " ".repeat(MAX_CONFIG_LEN + 1);
+        let e = err(&huge, &[]);
+        assert!(e.contains("over 1048576 bytes"), "{e}");
     }
 
     #[test]

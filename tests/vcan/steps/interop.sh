@@ -12,10 +12,9 @@
 #                            the outcomes are reported ("INTEROP single ..."
 #                            lines), the step asserts only that the peer
 #                            shows the deviation on the wire
-#   interop-field-pile       Python BMS, all deviations, vs `bmsgw sim pile`
-#                            (profile field): completes; decode names them
-#                            (bcp-before-recognition only when the capture
-#                            shows it: see the step)
+#   interop-field-pile       Python BMS, all deviations, vs `bmsgw sim pile
+#                            --require-auth` (profile field) with `bmsgw sim
+#                            vehicle`: completes; decode names them all
 #   interop-field-bms        Python charger, all deviations, vs `bmsgw sim
 #                            bms` (profile field): completes; decode names them
 #   interop-strict           the same against --profile strict: the sims
@@ -244,22 +243,40 @@ step_interop_single_charger() {
     verdict
 }
 
-# The early BCP is "before recognition" on the wire only if its transfer
-# starts (RTS) before the pile's CRM(0xAA). `sim pile` answers the BRM with
-# CRM(0xAA) at once, so that order is a race (README.md in tests/vcan/peers):
-# decode must name bcp-before-recognition only when the capture shows it.
+# interop_keys: a dev PKI and a credential for pile 1 in $IO/pki, once.
+interop_keys() {
+    [ -s "$IO/pki/vehicle.credential" ] && return 0
+    mkdir -p "$IO"
+    "$BMSGW_BIN" pki dev --out "$IO/pki" >/dev/null &&
+        "$BMSGW_BIN" sim ticket --root-key-file "$IO/pki/pile-1-root.key" --key-offset 0 \
+            --charger-number 1 --valid-for 30m --out "$IO/pki/vehicle.credential" || {
+        problem "cannot make the dev PKI and a credential"
+        return 1
+    }
+}
+
+# The early BCP is "before recognition" only if it reaches the pile before
+# the pile's CRM(0xAA). A pile that answers BRM with CRM(0xAA) at once makes
+# that a race (README.md in tests/vcan/peers); the field piles where it
+# matters hold CRM(0xAA) for authentication, as this one does, with
+# `bmsgw sim vehicle` (its own process) authenticating on the same bus.
 step_interop_field_pile() {
     PROBLEMS=()
-    pair field-pile -- py_bms --can vcan0 --deviations all -- sim_pile "${SIM_PILE_ARGS[@]}"
+    interop_keys || { verdict; return 1; }
+    "$BMSGW_BIN" --log-level info sim vehicle --can vcan0 --credential "$IO/pki/vehicle.credential" \
+        --wait 60s >"$IO/field-pile-vehicle.out" 2>&1 &
+    local v=$!
+    pair field-pile -- py_bms --can vcan0 --deviations all -- sim_pile --can vcan0 --charger-number 1 \
+        --region-code 310 --require-auth --root-key-file "$IO/pki/pile-1-root.key" --key-offset 0
+    local rc_v=0
+    wait_bounded "$v" 30 || rc_v=$?
+    echo "--- sim vehicle (exit $rc_v)"; cat "$IO/field-pile-vehicle.out"
+    [ "$rc_v" -eq 0 ] || problem "field-pile: sim vehicle exit $rc_v ($(last_line "$IO/field-pile-vehicle.out"))"
     expect_completed field-pile
     expect_wire field-pile "${INTEROP_PY_BMS_DEVS[@]/#/bms/}"
-    local names=("${INTEROP_BMS_NAMES[@]}")
-    if ! grep -q 'bms/bcp-once-early: visible: .* before CRM' "$IO/field-pile.wire"; then
-        echo "the early BCP did not start before CRM(0xAA) in this capture: bcp-before-recognition not required of decode"
-        names=("${names[@]/bcp-before-recognition/}")
-    fi
-    expect_decode_lists field-pile ${names[@]+"${names[@]}"}
+    expect_decode_lists field-pile "${INTEROP_BMS_NAMES[@]}"
     grep -q 'deviations' "$IO/field-pile-charger.out" || problem "field-pile: the pile sim logged no 'deviations' line"
+    grep -q 'bcp-before-recognition' "$IO/field-pile-charger.out" || problem "field-pile: the pile sim did not count bcp-before-recognition"
     verdict
 }
 
@@ -352,13 +369,10 @@ interop_gateway_body() {
     st '.deviations' || true
     echo "--- the deviations on vcan0"
     wirecheck "$cap0" "${INTEROP_PY_BMS_DEVS[@]/#/bms/}" | tee "$D/gw-vcan0.wire" || true
-    local names=("${INTEROP_BMS_NAMES[@]}")
-    if ! grep -q 'bms/bcp-once-early: visible: .* before CRM' "$D/gw-vcan0.wire"; then
-        echo "the early BCP did not start before CRM(0xAA) on vcan0: bcp-before-recognition not required"
-        names=("${names[@]/bcp-before-recognition/}")
-    fi
+    # The gate holds CRM(0xAA) until the pile is authenticated, so the
+    # BMS's BCP always comes before it here.
     local n count
-    for n in "${names[@]}"; do
+    for n in "${INTEROP_BMS_NAMES[@]}"; do
         [ -n "$n" ] || continue
         count=$(st ".deviations.bms.accepted[\"$n\"] // 0" 2>/dev/null)
         [[ $count =~ ^[0-9]+$ ]] && [ "$count" -gt 0 ] ||
