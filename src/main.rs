@@ -53,8 +53,13 @@ enum Command {
     /// Validate a config file and the keys and certificates it names,
     /// without starting anything.
     CheckConfig {
-        /// The config file (`BMSGW__SECTION__KEY` variables apply too).
-        config: PathBuf,
+        /// The config file (`BMSGW__SECTION__KEY` variables apply too)
+        /// [default: /etc/bmsgw/bmsgw.toml].
+        #[arg(value_name = "F", conflicts_with = "config")]
+        file: Option<PathBuf>,
+        /// The same, spelt as `run` takes it.
+        #[arg(long, value_name = "F")]
+        config: Option<PathBuf>,
     },
     /// Decode a `candump -L` log: reassemble TP and print one line per GB/T message.
     Decode {
@@ -80,6 +85,7 @@ enum Command {
     /// outbox of STORE until killed, printing each commit.
     #[command(hide = true)]
     StoreWriter {
+        /// The state file (redb).
         #[arg(long, value_name = "PATH")]
         store: PathBuf,
         /// Sequence number of the first record.
@@ -91,9 +97,13 @@ enum Command {
         /// Print the status as JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// The daemon's control socket [default: $BMSGW_SOCKET, else /run/bmsgw/control.sock].
-        #[arg(long, value_name = "PATH")]
+        /// The daemon's control socket [default: the --config's
+        /// `control.socket`, else $BMSGW_SOCKET, else /run/bmsgw/control.sock].
+        #[arg(long, value_name = "PATH", conflicts_with = "config")]
         socket: Option<PathBuf>,
+        /// The daemon's config file, to find its control socket.
+        #[arg(long, value_name = "F")]
+        config: Option<PathBuf>,
     },
     /// Sealed tickets delivered by another carrier (phone, head unit).
     Ticket {
@@ -115,9 +125,13 @@ enum TicketCommand {
     Import {
         /// The ticket file (JSON, format bmsgw-sealed-push/1).
         file: PathBuf,
-        /// The daemon's control socket [default: $BMSGW_SOCKET, else /run/bmsgw/control.sock].
-        #[arg(long, value_name = "PATH")]
+        /// The daemon's control socket [default: the --config's
+        /// `control.socket`, else $BMSGW_SOCKET, else /run/bmsgw/control.sock].
+        #[arg(long, value_name = "PATH", conflicts_with = "config")]
         socket: Option<PathBuf>,
+        /// The daemon's config file, to find its control socket.
+        #[arg(long, value_name = "F")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -178,6 +192,7 @@ enum BenchCommand {
     /// What `bench startup` starts: `bmsgw run` on in-process buses.
     #[command(hide = true)]
     StartupChild {
+        /// The daemon's config file.
         #[arg(long)]
         config: PathBuf,
     },
@@ -190,6 +205,9 @@ enum PkiCommand {
     /// owner certificates, X25519 keys, pile root keys, the cloud's registry
     /// and config files and a mosquitto ACL (secrets mode 0600).
     Dev {
+        /// The directory to write the PKI into (created; refused if it
+        /// already holds files, unless --force). The config files it writes
+        /// name their keys relative to themselves, so DIR may be moved.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Replace an existing PKI in DIR.
@@ -235,6 +253,7 @@ enum SimRole {
     },
     /// Play the BMS: charge from --soc-start to --soc-end over --duration, then stop.
     Bms {
+        /// The SocketCAN interface (e.g. vcan0, can1).
         #[arg(long, value_name = "IFACE")]
         can: String,
         /// State of charge at the start, in percent.
@@ -266,6 +285,7 @@ enum SimRole {
     },
     /// Play the charging pile (charger role).
     Pile {
+        /// The SocketCAN interface (e.g. vcan1, can0).
         #[arg(long, value_name = "IFACE")]
         can: String,
         /// Charger number sent in CRM bytes 2–5.
@@ -313,6 +333,7 @@ enum SimRole {
     /// Play the vehicle side of authentication with a credential from a file
     /// (stands in for the gateway daemon).
     Vehicle {
+        /// The SocketCAN interface the pile is on.
         #[arg(long, value_name = "IFACE")]
         can: String,
         /// Credential file written by `bmsgw sim ticket` (mode 0600).
@@ -328,10 +349,13 @@ enum SimRole {
     /// Issue a credential (ticket + session key) for a pile, as the cloud
     /// would, into a new file with mode 0600.
     Ticket {
+        /// The pile's 32-byte root key (64 hex digits), mode 0600.
         #[arg(long, value_name = "F")]
         root_key_file: PathBuf,
+        /// The root key offset (key epoch) to seal under.
         #[arg(long, value_name = "N")]
         key_offset: u16,
+        /// The pile the ticket is for.
         #[arg(long, value_name = "N")]
         charger_number: u32,
         /// Validity from its start.
@@ -346,12 +370,14 @@ enum SimRole {
         /// Energy cap in Wh (0 = none).
         #[arg(long, default_value_t = 0)]
         energy_cap_wh: u32,
+        /// The credential file to write (mode 0600; must not exist).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Flood a CAN interface with seeded junk at 100% load of a real bus at
     /// --bitrate (the attack suite's pile-side attacker), for --seconds.
     Flood {
+        /// The SocketCAN interface to flood.
         #[arg(long, value_name = "IFACE")]
         can: String,
         /// How long to flood.
@@ -419,7 +445,10 @@ fn fail(msg: &str) -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<(), String> {
     match command {
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { file, config } => {
+            let config = file
+                .or(config)
+                .unwrap_or_else(|| PathBuf::from(bmsgw::service::config::DEFAULT_PATH));
             let report = bmsgw::service::check::check(&config)
                 .map_err(|e| format!("check-config: {}", chain(&e)))?;
             print!("{}", report.render());
@@ -488,14 +517,39 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     broker_port,
                 },
         } => pki_dev(out, force, broker_port),
-        Command::Status { json, socket } => status(json, socket).await,
+        Command::Status {
+            json,
+            socket,
+            config,
+        } => status(json, socket_of(socket, config, "status")?).await,
         Command::Ticket {
-            what: TicketCommand::Import { file, socket },
-        } => ticket_import(&file, socket).await,
+            what:
+                TicketCommand::Import {
+                    file,
+                    socket,
+                    config,
+                },
+        } => ticket_import(&file, socket_of(socket, config, "ticket import")?).await,
         Command::StoreWriter { store, start } => {
             bmsgw::store::writer::run(&store, start, &mut std::io::stdout().lock())
                 .map_err(|e| format!("store-writer: {}", chain(&e)))
         }
+    }
+}
+
+/// The control socket a command talks to: `--socket`, or the one the
+/// config file (`--config`) names; `None` leaves it to the defaults.
+fn socket_of(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    what: &str,
+) -> Result<Option<PathBuf>, String> {
+    match (socket, config) {
+        (Some(s), _) => Ok(Some(s)),
+        (None, Some(path)) => bmsgw::service::config::Config::load(&path)
+            .map(|c| Some(c.control.socket))
+            .map_err(|e| format!("{what}: {}", chain(&e))),
+        (None, None) => Ok(None),
     }
 }
 

@@ -27,4 +27,10 @@ async fn every_demo_scenario_behaves_as_expected() {
     let offline = &report.scenarios[2];
     assert_eq!(offline.credential, Some("voucher"));
     assert!(text.contains("summary"), "{text}");
+    // Written for a newcomer: every heading ends the same way, and no
+    // message names a GB/T message to explain something else.
+    for heading in text.lines().filter(|l| l.starts_with("── ")) {
+        assert!(heading.ends_with("───"), "{heading:?}");
+    }
+    assert!(!text.contains("CSD's"), "{text}");
 }

@@ -76,7 +76,7 @@ pub enum ErrorEvent {
 /// Why a bus operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("CAN interface {iface}: {op} failed: {source}")]
+    #[error("CAN interface {iface}: {op} failed: {source}{}", what_to_do(.source, .iface))]
     Io {
         iface: String,
         op: &'static str,
@@ -94,6 +94,28 @@ pub enum BusError {
     Closed,
 }
 
+/// What to do about a failed CAN socket operation, for the errors an
+/// integrator meets on a new board: appended to the error's message.
+fn what_to_do(e: &std::io::Error, iface: &str) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENODEV) => format!(
+            ". There is no interface {iface}: check the name (`ip link show`), or create it \
+             (a vcan: `modprobe vcan && ip link add dev {iface} type vcan && ip link set up {iface}`)"
+        ),
+        Some(libc::ENETDOWN) => format!(
+            ". {iface} is down: `ip link set up {iface}` (a real CAN interface first needs its \
+             bit rate: `ip link set {iface} type can bitrate 250000`)"
+        ),
+        Some(libc::EAFNOSUPPORT) => ". This kernel has no SocketCAN: load it (`modprobe can-raw`, \
+             and `modprobe vcan` for vcan), or use a kernel built with CONFIG_CAN"
+            .to_string(),
+        Some(libc::EPERM | libc::EACCES) => ". Not permitted: a unit's \
+             RestrictAddressFamilies= must include AF_CAN"
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
 /// An asynchronous CAN bus node.
 ///
 /// `recv` must be cancel-safe: the shell calls it inside `tokio::select!`
@@ -105,4 +127,43 @@ pub trait CanBus: Send {
 
     /// Wait for the next event on the bus.
     fn recv(&mut self) -> impl Future<Output = Result<BusEvent, BusError>> + Send;
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    fn open_error(errno: i32) -> String {
+        BusError::Io {
+            iface: "can0".into(),
+            op: "open",
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+        .to_string()
+    }
+
+    /// The errors a new board gives say what to do, not just the errno.
+    #[test]
+    fn can_errors_say_what_to_do() {
+        let e = open_error(libc::ENODEV);
+        assert!(
+            e.contains("no interface can0") && e.contains("ip link add dev can0 type vcan"),
+            "{e}"
+        );
+        let e = open_error(libc::ENETDOWN);
+        assert!(
+            e.contains("ip link set up can0") && e.contains("bitrate 250000"),
+            "{e}"
+        );
+        let e = open_error(libc::EAFNOSUPPORT);
+        assert!(
+            e.contains("modprobe can-raw") && e.contains("CONFIG_CAN"),
+            "{e}"
+        );
+        let e = open_error(libc::EACCES);
+        assert!(e.contains("AF_CAN"), "{e}");
+        // Others keep the plain error.
+        let e = open_error(libc::EIO);
+        assert!(e.ends_with("(os error 5)"), "{e}");
+    }
 }

@@ -125,10 +125,13 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_capped(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_owned(),
-        source,
+    // A chain is a few kilobytes.
+    let pem = crate::service::keyfile::read_bounded(path, 1024 * 1024).map_err(|source| {
+        TlsError::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        }
     })?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -156,23 +159,6 @@ fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
         }
     }
     Ok(certs)
-}
-
-/// A certificate file: at most 1 MiB (a chain is a few kilobytes).
-fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    const MAX: u64 = 1024 * 1024;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("over {MAX} bytes; a certificate file is a few kilobytes"),
-        ));
-    }
-    Ok(bytes)
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {

@@ -658,7 +658,7 @@ fn blame(
 /// A parser's message on one line, in the config's own words: TOML errors
 /// come as several lines with a caret under the column; a missing section
 /// is named as a section.
-fn one_line(message: &str) -> String {
+pub(crate) fn one_line(message: &str) -> String {
     let lines: Vec<&str> = message
         .lines()
         .map(str::trim)
@@ -685,22 +685,19 @@ fn one_line(message: &str) -> String {
 /// Reads at most `max` bytes of `path` as UTF-8 text: a larger file is
 /// refused before it is read into memory.
 fn read_bounded(path: &Path, max: usize) -> Result<String, ConfigError> {
-    use std::io::Read;
-    let read = |source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read)?;
-    let mut bytes = Vec::new();
-    file.take(max as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read)?;
-    if bytes.len() > max {
-        return Err(ConfigError::TooLarge {
-            path: path.to_owned(),
-            max,
-        });
-    }
+    let bytes = super::keyfile::read_bounded(path, max).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::InvalidData {
+            ConfigError::TooLarge {
+                path: path.to_owned(),
+                max,
+            }
+        } else {
+            ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })?;
     String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
         path: path.to_owned(),
         message: "not UTF-8 text".into(),

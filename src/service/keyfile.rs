@@ -90,6 +90,23 @@ pub fn write_secret_text(path: &Path, text: &str) -> Result<(), KeyFileError> {
         })
 }
 
+/// Any whole file bmsgw reads (configs, certificates, registries): at
+/// most `max` bytes, refused above that before more is read, so a huge or
+/// endless file (`/dev/zero`) cannot take the memory.
+pub fn read_bounded(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(path)?
+        .take(max as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("over {max} bytes, far more than such a file holds"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Read secret text, refusing loose permissions like [`load_key`].
 pub fn read_secret_text(path: &Path) -> Result<Zeroizing<String>, KeyFileError> {
     let io = |source| KeyFileError::Io {

@@ -93,7 +93,7 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", crate::service::config::one_line(&.source.to_string()))]
     Parse {
         path: PathBuf,
         #[source]
@@ -146,9 +146,17 @@ struct RawPile {
 
 /// Read a TOML file through the `config` crate into `T`.
 pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RegistryError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+    // Registries of many vehicles and piles stay far below 16 MiB.
+    let bytes =
+        crate::service::keyfile::read_bounded(path, 16 * 1024 * 1024).map_err(|source| {
+            RegistryError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    let text = String::from_utf8(bytes).map_err(|_| RegistryError::Read {
         path: path.to_owned(),
-        source,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
     })?;
     config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))

@@ -301,10 +301,12 @@ impl<'o, W: Write + Send> World<'o, W> {
     /// Begin a scenario: a heading, a fresh clock and fresh captures.
     pub(crate) fn begin(&mut self, title: &str) -> Result<(), DemoError> {
         writeln!(self.out)?;
+        // Every heading ends in a rule, however long its title (counted in
+        // characters: titles hold non-ASCII).
         writeln!(
             self.out,
             "── {title} {}",
-            "─".repeat(60usize.saturating_sub(title.len()))
+            "─".repeat(72usize.saturating_sub(title.chars().count()).max(3))
         )?;
         self.t0 = Instant::now();
         self.bms_seen.clear();
@@ -425,8 +427,10 @@ impl<'o, W: Write + Send> World<'o, W> {
             } => format!(
                 "session ended: {result}{}{}",
                 energy_wh.map_or(String::new(), |e| if e == 0 {
-                    // The demo charges for 2 s; CSD counts in 0.1 kWh steps.
-                    ", energy under CSD's 0.1 kWh step".to_string()
+                    // The demo charges for 2 s, and the pile reports its
+                    // energy (CSD) in steps of 0.1 kWh.
+                    ", under 0.1 kWh delivered (the pile reports energy in 0.1 kWh steps)"
+                        .to_string()
                 } else {
                     format!(", {:.1} kWh", f64::from(e) / 1000.0)
                 }),
