@@ -451,9 +451,13 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 .unwrap_or_else(|| PathBuf::from(bmsgw::service::config::DEFAULT_PATH));
             let report = bmsgw::service::check::check(&config)
                 .map_err(|e| format!("check-config: {}", chain(&e)))?;
-            print!("{}", report.render());
+            // Values from the file (host names, paths) may hold anything.
+            print!("{}", bmsgw::text::printable_lines(&report.render()));
             if report.passed() {
-                println!("{}: ok", config.display());
+                println!(
+                    "{}: ok",
+                    bmsgw::text::printable(&config.display().to_string())
+                );
                 Ok(())
             } else {
                 Err(format!(
@@ -582,7 +586,7 @@ async fn ticket_import(file: &std::path::Path, socket: Option<PathBuf>) -> Resul
     let chargers: Vec<String> = report.charger_numbers.iter().map(u32::to_string).collect();
     println!(
         "ticket import: {}: {} vouchers added{}, {} tickets revoked",
-        file.display(),
+        bmsgw::text::printable(&file.display().to_string()),
         report.vouchers,
         if chargers.is_empty() {
             String::new()
@@ -631,7 +635,10 @@ fn pki_dev(out: PathBuf, force: bool, broker_port: u16) -> Result<(), String> {
         } else {
             ""
         };
-        println!("pki dev: wrote {}{note}", path.display());
+        println!(
+            "pki dev: wrote {}{note}",
+            bmsgw::text::printable(&path.display().to_string())
+        );
     }
     Ok(())
 }

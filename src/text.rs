@@ -35,6 +35,15 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// [`printable`] for several lines: each line escaped, the line breaks
+/// kept.
+pub fn printable_lines(s: &str) -> String {
+    s.split('\n')
+        .map(|line| printable(line).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +60,10 @@ mod tests {
         assert_eq!(printable("\u{9b}31m"), "\\u{9b}31m");
         assert_eq!(printable("abc\u{202e}fed"), "abc\\u{202e}fed");
         assert_eq!(printable("Grüße 充电桩"), "Grüße 充电桩");
+        assert_eq!(
+            printable_lines("ok a\nFAIL \u{1b}[2J\n"),
+            "ok a\nFAIL \\u{1b}[2J\n"
+        );
     }
 
     proptest! {

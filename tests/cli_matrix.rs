@@ -217,3 +217,30 @@ fn every_file_argument_refuses_every_bad_file_clearly() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// What a config says is printed escaped too: `check-config` reports the
+/// broker's host name, here one that would set the terminal's title.
+#[test]
+fn check_config_never_prints_a_control_character_from_the_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bmsgw"));
+        c.args(args).current_dir(dir.path());
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        c.output().expect("bmsgw runs")
+    };
+    assert!(run(&["pki", "dev", "--out", "keys"], None).status.success());
+    let out = run(
+        &["check-config", "keys/gateway-veh-a.toml"],
+        Some(("BMSGW__CLOUD__HOST", "broker\u{1b}]0;pwned\u{7}.example")),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("pwned"), "the host is reported: {text}");
+    assert!(!text.contains(['\u{1b}', '\u{7}']), "{text:?}");
+}
