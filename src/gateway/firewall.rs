@@ -77,6 +77,17 @@ impl std::fmt::Display for Side {
     }
 }
 
+/// The deviations of the peer on `side`.
+pub(crate) fn side_deviations(
+    d: &mut crate::interop::LinkDeviations,
+    side: Side,
+) -> &mut crate::interop::SideDeviations {
+    match side {
+        Side::Bms => &mut d.bms,
+        Side::Pile => &mut d.pile,
+    }
+}
+
 /// A token bucket's shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {

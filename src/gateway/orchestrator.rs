@@ -685,15 +685,7 @@ impl Orchestrator {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        let d = match side {
-            Side::Bms => &mut s.deviations.bms,
-            Side::Pile => &mut s.deviations.pile,
-        };
-        if refused {
-            d.refused.add(deviation);
-        } else {
-            d.accepted.add(deviation);
-        }
+        super::firewall::side_deviations(&mut s.deviations, side).add(deviation, refused);
     }
 
     /// The bridge refused a message of `side`'s peer and took the

@@ -208,15 +208,6 @@ impl PeerCheck {
         }
     }
 
-    pub fn profile(&self) -> Profile {
-        self.profile
-    }
-
-    /// Whose messages this judges.
-    pub fn peer(&self) -> Sender {
-        self.peer
-    }
-
     /// The peer's current convention, once settled.
     pub fn current_sign(&self) -> Option<CurrentSign> {
         self.state.sign
@@ -377,34 +368,9 @@ impl PeerCheck {
                 "BCP before CRM(0xAA); kept for when recognition completes",
             )?;
         }
-        let max = bcp.max_charging_current;
-        let sign = CurrentSign::of(max.0)
-            .ok_or_else(|| implausible("the maximum charging current is 0 A".to_string()))?;
-        if let Some(settled) = self.state.sign
-            && settled != sign
-        {
-            return Err(implausible(format!(
-                "the current sign changed within the session (maximum raw {})",
-                max.0
-            )));
-        }
-        if sign == CurrentSign::Positive {
-            self.deviation(
-                kind,
-                Deviation::PositiveCurrent,
-                format!(
-                    "BCP's maximum charging current is raw {} ({} counted positive)",
-                    max.0,
-                    Current(2 * ZERO - max.0.min(2 * ZERO))
-                ),
-            )?;
-        }
-        bcp.max_charging_current = normalize(max, sign).ok_or_else(|| {
-            implausible(format!(
-                "maximum charging current raw {} is over 400 A",
-                max.0
-            ))
-        })?;
+        let (sign, max) =
+            self.settle_sign(kind, "maximum charging current", bcp.max_charging_current)?;
+        bcp.max_charging_current = max;
         if bcp.max_charging_voltage.0 == 0 {
             return Err(implausible(
                 "the maximum charging voltage is 0 V".to_string(),
@@ -506,6 +472,43 @@ impl PeerCheck {
         Ok(bcs)
     }
 
+    /// The peer's current convention, settled by its stated maximum `max`
+    /// (BCP's, CML's; `what` names it): the convention, and the maximum in
+    /// the standard's. A maximum on the discharge side is the positive
+    /// count (a deviation); 0 A, over 400 A, or a convention other than
+    /// one already settled this session cannot be right.
+    fn settle_sign(
+        &mut self,
+        kind: MessageKind,
+        what: &str,
+        max: Current,
+    ) -> Result<(CurrentSign, Current), PeerFault> {
+        let raw = max.0;
+        let sign =
+            CurrentSign::of(raw).ok_or_else(|| implausible(kind, format!("the {what} is 0 A")))?;
+        if let Some(settled) = self.state.sign
+            && settled != sign
+        {
+            return Err(implausible(
+                kind,
+                format!("the current sign changed within the session ({what} raw {raw})"),
+            ));
+        }
+        if sign == CurrentSign::Positive {
+            self.deviation(
+                kind,
+                Deviation::PositiveCurrent,
+                format!(
+                    "{kind}'s {what} is raw {raw} ({} counted positive)",
+                    Current(2 * ZERO - raw.min(2 * ZERO))
+                ),
+            )?;
+        }
+        let normalized = normalize(max, sign)
+            .ok_or_else(|| implausible(kind, format!("{what} raw {raw} is over 400 A")))?;
+        Ok((sign, normalized))
+    }
+
     /// A measured current (BCS, CCS) in the peer's settled convention.
     fn measured(&self, kind: MessageKind, c: Current) -> Result<Current, PeerFault> {
         let implausible = |why: String| implausible(kind, why);
@@ -537,30 +540,9 @@ impl PeerCheck {
     fn cml(&mut self, mut cml: Cml) -> Result<Cml, PeerFault> {
         let kind = MessageKind::Cml;
         let implausible = |why: String| implausible(kind, why);
-        let max = cml.max_output_current;
-        let sign = CurrentSign::of(max.0)
-            .ok_or_else(|| implausible("the maximum output current is 0 A".to_string()))?;
-        if let Some(settled) = self.state.sign
-            && settled != sign
-        {
-            return Err(implausible(format!(
-                "the current sign changed within the session (maximum raw {})",
-                max.0
-            )));
-        }
-        if sign == CurrentSign::Positive {
-            self.deviation(
-                kind,
-                Deviation::PositiveCurrent,
-                format!("CML's maximum output current is raw {}", max.0),
-            )?;
-        }
-        cml.max_output_current = normalize(max, sign).ok_or_else(|| {
-            implausible(format!(
-                "maximum output current raw {} is over 400 A",
-                max.0
-            ))
-        })?;
+        let (sign, max) =
+            self.settle_sign(kind, "maximum output current", cml.max_output_current)?;
+        cml.max_output_current = max;
         // The minimum current is informational and seen garbled in the
         // field (above the maximum): turned round with the maximum when it
         // can be, left alone otherwise, never refused.

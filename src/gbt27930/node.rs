@@ -234,11 +234,7 @@ impl<R: Role> Node<R> {
     }
 
     fn note_deviation(&mut self, deviation: Deviation, refused: bool, detail: String) {
-        if refused {
-            self.deviations.refused.add(deviation);
-        } else {
-            self.deviations.accepted.add(deviation);
-        }
+        self.deviations.add(deviation, refused);
         self.events.push_back(NodeEvent::Deviation {
             deviation,
             refused,

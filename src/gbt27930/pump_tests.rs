@@ -450,22 +450,28 @@ fn charger_times_out_on_bcs_alone_while_bcl_keeps_coming() {
 /// BCP but never acts on it: no configuration, no CML, until released.
 #[test]
 fn an_early_bcp_never_gets_past_a_held_recognition() {
-    let mut charger = Charger::new(ChargerConfig {
-        hold_recognition: true,
-        ..ChargerConfig::default()
-    });
     let t = Timestamp::from_millis;
-    charger.start(t(0));
-    charger.handle_message(
-        Message::Bhm(Bhm {
-            max_charging_voltage: units::DeciVolt(4200),
-        }),
-        t(10),
-    );
-    charger.handle_message(Message::Brm(BmsConfig::default().identity), t(20));
-    let bms = Bms::new(BmsConfig::default());
-    let bcp = bms.charging_parameters().expect("a BCP");
-    charger.handle_message(Message::Bcp(bcp), t(30));
+    // A charger holding recognition, given BHM, BRM and then an early BCP.
+    let held_with_early_bcp = || {
+        let mut charger = Charger::new(ChargerConfig {
+            hold_recognition: true,
+            ..ChargerConfig::default()
+        });
+        charger.start(t(0));
+        charger.handle_message(
+            Message::Bhm(Bhm {
+                max_charging_voltage: units::DeciVolt(4200),
+            }),
+            t(10),
+        );
+        charger.handle_message(Message::Brm(BmsConfig::default().identity), t(20));
+        let bcp = Bms::new(BmsConfig::default())
+            .charging_parameters()
+            .expect("a BCP");
+        charger.handle_message(Message::Bcp(bcp), t(30));
+        charger
+    };
+    let mut charger = held_with_early_bcp();
     for ms in (40..10_000).step_by(50) {
         charger.handle_timeout(t(ms));
     }
@@ -482,19 +488,7 @@ fn an_early_bcp_never_gets_past_a_held_recognition() {
         })
     )));
     // Released: CRM(0xAA) goes out, then configuration on the kept BCP.
-    let mut charger = Charger::new(ChargerConfig {
-        hold_recognition: true,
-        ..ChargerConfig::default()
-    });
-    charger.start(t(0));
-    charger.handle_message(
-        Message::Bhm(Bhm {
-            max_charging_voltage: units::DeciVolt(4200),
-        }),
-        t(10),
-    );
-    charger.handle_message(Message::Brm(BmsConfig::default().identity), t(20));
-    charger.handle_message(Message::Bcp(bms.charging_parameters().expect("BCP")), t(30));
+    let mut charger = held_with_early_bcp();
     charger.release_recognition(t(100));
     for ms in [100, 101, 350] {
         charger.handle_timeout(t(ms));

@@ -205,13 +205,6 @@ impl DeviationCounts {
     pub fn iter(&self) -> impl Iterator<Item = (Deviation, u64)> + '_ {
         self.0.iter().map(|(d, n)| (*d, *n))
     }
-
-    pub fn merge(&mut self, other: &DeviationCounts) {
-        for (d, n) in other.iter() {
-            let e = self.0.entry(d).or_default();
-            *e = e.saturating_add(n);
-        }
-    }
 }
 
 impl fmt::Display for DeviationCounts {
@@ -292,16 +285,12 @@ impl SideDeviations {
         self.accepted.is_empty() && self.refused.is_empty()
     }
 
-    pub fn merge(&mut self, other: &SideDeviations) {
-        self.accepted.merge(&other.accepted);
-        self.refused.merge(&other.refused);
-    }
-
-    /// Counts one deviation as accepted or, under the strict profile, refused.
-    pub fn count(&mut self, d: Deviation, profile: Profile) {
-        match profile {
-            Profile::Field => self.accepted.add(d),
-            Profile::Strict => self.refused.add(d),
+    /// Counts one deviation, accepted or refused.
+    pub fn add(&mut self, d: Deviation, refused: bool) {
+        if refused {
+            self.refused.add(d);
+        } else {
+            self.accepted.add(d);
         }
     }
 }
@@ -328,11 +317,6 @@ pub struct LinkDeviations {
 impl LinkDeviations {
     pub fn is_empty(&self) -> bool {
         self.bms.is_empty() && self.pile.is_empty()
-    }
-
-    pub fn merge(&mut self, other: &LinkDeviations) {
-        self.bms.merge(&other.bms);
-        self.pile.merge(&other.pile);
     }
 }
 

@@ -1003,7 +1003,8 @@ async fn can_loop<B: CanBus>(
                         MonitorEvent::Message(msg) => {
                             let (found, ignored) = watch_message(&mut watch, can, &msg, now);
                             for (side, deviation) in found {
-                                watched_side(&mut watched, side).accepted.add(deviation);
+                                crate::gateway::firewall::side_deviations(&mut watched, side)
+                                    .add(deviation, false);
                                 orch.on_deviation(side, deviation, false);
                             }
                             // As the pile reads it: an early BEM(CCS) ends nothing.
@@ -1024,7 +1025,8 @@ async fn can_loop<B: CanBus>(
                             };
                             if by == can.bms_address || by == can.pile_address {
                                 info!(%side, %deviation, "{detail}");
-                                watched_side(&mut watched, side).accepted.add(deviation);
+                                crate::gateway::firewall::side_deviations(&mut watched, side)
+                                    .add(deviation, false);
                                 orch.on_deviation(side, deviation, false);
                             }
                         }
@@ -1376,16 +1378,6 @@ fn watch_message(
         })
         .collect();
     (found, ignored)
-}
-
-fn watched_side(
-    d: &mut crate::interop::LinkDeviations,
-    side: Side,
-) -> &mut crate::interop::SideDeviations {
-    match side {
-        Side::Bms => &mut d.bms,
-        Side::Pile => &mut d.pile,
-    }
 }
 
 fn publish_snapshot(

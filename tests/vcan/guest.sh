@@ -590,6 +590,30 @@ with_logs() {
     return "$rc"
 }
 
+# own_daemon DIR BODY: daemon-start's whole setup (PKI, broker, cloud,
+# `bmsgw run`) in $OUT/DIR, its own directory so the logs do not mix with
+# the daemon-* steps', then the function BODY; every process is stopped
+# afterwards and the logs are shown on failure. For the suites in steps/:
+# a step runs in a subshell, so the globals set here stay local to it.
+own_daemon() {
+    D=$OUT/$1
+    D_PKI=$D/pki
+    D_GW=$D/gateway.toml
+    D_SOCK=$D/run/control.sock
+    D_MOSQ_CONF=$D/mosquitto.conf
+    MOSQ_STARTS_FILE=$D/mosquitto.starts
+    if mountpoint -q "$D/run" 2>/dev/null; then umount "$D/run"; fi
+    local rc=0
+    step_daemon_start && "$2" || rc=$?
+    [ "$rc" -eq 0 ] || { show_status; dump_logs; }
+    local p
+    for p in daemon cloud mosquitto; do
+        stop_proc "$p" TERM 15 || stop_proc "$p" KILL 5
+    done
+    if mountpoint -q "$D/run" 2>/dev/null; then umount "$D/run"; fi
+    return "$rc"
+}
+
 need_daemon() {
     [ -e "$D/started" ] || { echo "daemon-start did not pass" >"$REASON_FILE"; return 1; }
     running daemon || { echo "the daemon is not running (exit $(cat "$D/daemon.rc" 2>/dev/null))" >"$REASON_FILE"; return 1; }

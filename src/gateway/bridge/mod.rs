@@ -63,11 +63,13 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use super::firewall::{Firewall, FirewallConfig, FirewallCounters, FrameClass, Side};
+use super::firewall::{
+    Firewall, FirewallConfig, FirewallCounters, FrameClass, Side, side_deviations,
+};
 use crate::can::CanFrame;
 use crate::gbt27930::field::{PeerCheck, PeerFault, Verdict};
 use crate::gbt27930::{Bem, Bits2, Cem, Message, MessageKind, Recognition};
-use crate::interop::{Deviation, LinkDeviations, SideDeviations};
+use crate::interop::{Deviation, LinkDeviations};
 use crate::j1939::tp::{J1939Message, TpConfig, TpEvent, Transport};
 use crate::time::Timestamp;
 
@@ -258,7 +260,7 @@ impl Bridge {
         {
             debug!("pile authenticated: releasing the held CRM(0xAA)");
             // Already judged when it arrived; only the rewrite is undone.
-            self.send(Side::Pile, crm, false, now);
+            self.send(Side::Pile, crm, false, None, now);
         }
     }
 
@@ -306,7 +308,7 @@ impl Bridge {
         let Ok(out) = self.firewall.admit(from, msg, now) else {
             return;
         };
-        let Some(out) = self.judge(from, out, now) else {
+        let Some((out, decoded)) = self.judge(from, out, now) else {
             return;
         };
         if let Some(crm) = held {
@@ -325,16 +327,22 @@ impl Bridge {
                 return;
             }
         }
-        self.send(from, out, via_tp, now);
+        self.send(from, out, via_tp, decoded, now);
     }
 
     /// The side's [`PeerCheck`] on an admitted message: the message to
-    /// forward (the standard's reading of it), or `None`.
-    fn judge(&mut self, from: Side, mut msg: J1939Message, now: Timestamp) -> Option<J1939Message> {
+    /// forward (the standard's reading of it) with its decoded form (none
+    /// for a PGN that is not GB/T), or `None`.
+    fn judge(
+        &mut self,
+        from: Side,
+        mut msg: J1939Message,
+        now: Timestamp,
+    ) -> Option<(J1939Message, Option<Message>)> {
         // The firewall's decode rule passed, so a GB/T PGN decodes here.
         let decoded = match Message::decode(msg.pgn, &msg.data) {
             Ok(m) => m,
-            Err(_) => return Some(msg),
+            Err(_) => return Some((msg, None)),
         };
         let len = msg.data.len();
         let single_frame_bcs = decoded.kind() == MessageKind::Bcs && len == 8;
@@ -348,7 +356,7 @@ impl Bridge {
                     // Strict in what we send: the standard's form.
                     msg.data = m.encode();
                 }
-                Some(msg)
+                Some((msg, Some(m)))
             }
             Verdict::Drop => {
                 debug!(side = %from, pgn = %msg.pgn, "message dropped as a known deviation");
@@ -367,7 +375,7 @@ impl Bridge {
         let counters = self.firewall.counters_mut();
         counters.refused += 1;
         if let Some(d) = fault.reason.deviation() {
-            self.side_deviations(from).refused.add(d);
+            side_deviations(&mut self.deviations, from).add(d, true);
             self.events.push_back(BridgeEvent::Deviation {
                 side: from,
                 deviation: d,
@@ -413,11 +421,8 @@ impl Bridge {
     }
 
     fn note_deviation(&mut self, side: Side, deviation: Deviation, refused: bool, detail: String) {
-        let d = self.side_deviations(side);
-        if refused {
-            d.refused.add(deviation);
-        } else {
-            d.accepted.add(deviation);
+        side_deviations(&mut self.deviations, side).add(deviation, refused);
+        if !refused {
             info!(%side, %deviation, "{detail}");
         }
         self.events.push_back(BridgeEvent::Deviation {
@@ -426,13 +431,6 @@ impl Bridge {
             refused,
             detail,
         });
-    }
-
-    fn side_deviations(&mut self, side: Side) -> &mut SideDeviations {
-        match side {
-            Side::Bms => &mut self.deviations.bms,
-            Side::Pile => &mut self.deviations.pile,
-        }
     }
 
     fn check_mut(&mut self, side: Side) -> &mut PeerCheck {
@@ -444,8 +442,15 @@ impl Bridge {
 
     /// Keeps the other side's check, and the BCP replay, in step with what
     /// crossed from `from`.
-    fn after_forward(&mut self, from: Side, msg: &J1939Message, now: Timestamp) {
-        let Ok(decoded) = Message::decode(msg.pgn, &msg.data) else {
+    /// `decoded` when the caller has it already, else decoded here.
+    fn after_forward(
+        &mut self,
+        from: Side,
+        msg: &J1939Message,
+        decoded: Option<Message>,
+        now: Timestamp,
+    ) {
+        let Some(decoded) = decoded.or_else(|| Message::decode(msg.pgn, &msg.data).ok()) else {
             return;
         };
         self.check_mut(from.other()).context(&decoded, now);
@@ -492,10 +497,17 @@ impl Bridge {
             self.bcp_replay = None;
         }
         self.firewall.counters_mut().bcp_replayed += 1;
-        self.send(Side::Bms, msg, false, now);
+        self.send(Side::Bms, msg, false, None, now);
     }
 
-    fn send(&mut self, from: Side, msg: J1939Message, via_tp: bool, now: Timestamp) {
+    fn send(
+        &mut self,
+        from: Side,
+        msg: J1939Message,
+        via_tp: bool,
+        decoded: Option<Message>,
+        now: Timestamp,
+    ) {
         match self.transport(from.other()).send(msg.clone(), now) {
             Ok(()) => {
                 let c = self.firewall.counters_mut();
@@ -506,7 +518,7 @@ impl Bridge {
                 if via_tp {
                     c.resegmented += 1;
                 }
-                self.after_forward(from, &msg, now);
+                self.after_forward(from, &msg, decoded, now);
                 self.messages.push_back((from, msg));
             }
             Err(e) => {

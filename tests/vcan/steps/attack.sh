@@ -25,26 +25,7 @@ ATTACK_MIN_LOAD=90
 # vm_kib PID FIELD: a field of /proc/PID/status in KiB.
 vm_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null; }
 
-step_attack_flood() {
-    # Own directory, so these logs do not mix with the daemon-* steps'; the
-    # step runs in a subshell, so the globals below stay local to it.
-    D=$OUT/attack-daemon
-    D_PKI=$D/pki
-    D_GW=$D/gateway.toml
-    D_SOCK=$D/run/control.sock
-    D_MOSQ_CONF=$D/mosquitto.conf
-    MOSQ_STARTS_FILE=$D/mosquitto.starts
-    if mountpoint -q "$D/run" 2>/dev/null; then umount "$D/run"; fi
-    local rc=0
-    step_daemon_start && attack_flood_body || rc=$?
-    [ "$rc" -eq 0 ] || { show_status; dump_logs; }
-    local p
-    for p in daemon cloud mosquitto; do
-        stop_proc "$p" TERM 15 || stop_proc "$p" KILL 5
-    done
-    if mountpoint -q "$D/run" 2>/dev/null; then umount "$D/run"; fi
-    return "$rc"
-}
+step_attack_flood() { own_daemon attack-daemon attack_flood_body; }
 
 attack_flood_body() {
     local pid cap=$D/flood-vcan0.log flood_out=$D/flood.out

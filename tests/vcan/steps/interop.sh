@@ -309,26 +309,10 @@ step_interop_strict() {
     verdict
 }
 
-# The gateway: guest.sh's daemon setup in a directory of its own, as
-# attack.sh does; the step's subshell keeps these globals to itself.
+# The gateway: guest.sh's daemon setup in a directory of its own.
 step_interop_gateway() {
     PROBLEMS=()
-    D=$OUT/interop-daemon
-    D_PKI=$D/pki
-    D_GW=$D/gateway.toml
-    D_SOCK=$D/run/control.sock
-    D_MOSQ_CONF=$D/mosquitto.conf
-    MOSQ_STARTS_FILE=$D/mosquitto.starts
-    if mountpoint -q "$D/run" 2>/dev/null; then umount "$D/run"; fi
-    local rc=0
-    step_daemon_start && interop_gateway_body || rc=$?
-    [ "$rc" -eq 0 ] || { show_status; dump_logs; }
-    local p
-    for p in daemon cloud mosquitto; do
-        stop_proc "$p" TERM 15 || stop_proc "$p" KILL 5
-    done
-    if mountpoint -q "$D/run" 2>/dev/null; then umount "$D/run"; fi
-    return "$rc"
+    own_daemon interop-daemon interop_gateway_body
 }
 
 interop_gateway_body() {
