@@ -498,6 +498,7 @@ impl ControlHandler for Shared {
                 enabled: self.cloud_enabled,
                 state,
                 connects: counters.map_or(0, |c| c.connects),
+                connection_errors: counters.map_or(0, |c| c.connection_errors),
                 refused_answers: self.cloud.refused.load(Ordering::Relaxed),
                 grants: self.cloud.grants.load(Ordering::Relaxed),
                 denials: self.cloud.denials.load(Ordering::Relaxed),

@@ -69,6 +69,8 @@ pub struct CloudStatus {
     /// `connecting`, `connected`, `backoff`, `stopped` or `disabled`.
     pub state: String,
     pub connects: u64,
+    /// Failed connection attempts and dropped connections.
+    pub connection_errors: u64,
     /// Answers that did not pass the end-to-end checks.
     pub refused_answers: u64,
     pub grants: u64,
@@ -191,8 +193,8 @@ impl Status {
         line(
             &mut out,
             format_args!(
-                "  {state}  connects {}  grants {}  denials {}  timeouts {}  refused answers {}",
-                c.connects, c.grants, c.denials, c.timeouts, c.refused_answers
+                "  {state}  connects {}  connection errors {}  grants {}  denials {}  timeouts {}  refused answers {}",
+                c.connects, c.connection_errors, c.grants, c.denials, c.timeouts, c.refused_answers
             ),
         );
 
@@ -415,6 +417,7 @@ pub(crate) mod tests {
                 enabled: true,
                 state: "connected".into(),
                 connects: 1,
+                connection_errors: 2,
                 refused_answers: 0,
                 grants: 3,
                 denials: 1,
@@ -485,7 +488,7 @@ pub(crate) mod tests {
             "bmsgw 0.1.0  mode bridge  up 1h 02m 03s",
             "role  interface  state  frames in  frames out  errors",
             "pile  vcan1      DOWN   7          3           2",
-            "connected  connects 1  grants 3  denials 1  timeouts 0",
+            "connected  connects 1  connection errors 2  grants 3  denials 1  timeouts 0",
             "phase                 Charging",
             "started               2025-10-09 08:53:20 UTC",
             "energy                12.3 kWh",

@@ -366,17 +366,38 @@ async fn offline<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioRe
             ),
         );
     }
+    // The embedded broker keeps no session over a restart and, unlike
+    // mosquitto, acknowledges a publish that no one hears (no "no matching
+    // subscribers"), so the cloud must be subscribed before the gateway
+    // is back. The old instance goes first (its link backs off up to 10
+    // s); the broker returns just after a failed attempt of the gateway,
+    // whose next one is at least `reconnect_min` (1 s) away, which leaves
+    // the fresh instance that second to subscribe.
+    world.stop_cloud().await;
+    world.say("cloud", "stopped; a fresh instance starts once the broker is back");
+    let failed = world.status().await.map(|s| s.cloud.connection_errors);
+    let attempt = world
+        .wait_status_every(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            failed.is_some_and(|f| s.cloud.connection_errors > f)
+        })
+        .await;
+    c.check(
+        attempt.is_some(),
+        "the gateway made no connection attempt while the broker was down",
+    );
     let restarted = world.broker.restart();
     world.say("broker", "restarted");
     c.check(
         restarted.is_ok(),
         format!("broker restart: {:?}", restarted.err()),
     );
-    // The cloud's own link backs off up to 10 s; a fresh instance is
-    // subscribed again at once.
-    world.stop_cloud().await;
     world.start_cloud().await?;
     world.say("cloud", "reconnected");
+    let first = world.status().await.map_or(0, |s| s.cloud.connects);
+    c.check(
+        attempt.is_none_or(|a| first == a.cloud.connects),
+        "the gateway was back before the cloud had subscribed (the demo's timing failed, not the gateway)",
+    );
     // A fresh instance: every record it counts arrived after the restart.
     let uploaded = record_reaches_cloud(world, 0, Duration::from_secs(30)).await;
     c.check(

@@ -579,6 +579,17 @@ impl<'o, W: Write + Send> World<'o, W> {
         within: Duration,
         check: impl Fn(&Status) -> bool,
     ) -> Option<Status> {
+        self.wait_status_every(within, Duration::from_millis(50), check)
+            .await
+    }
+
+    /// [`wait_status`](Self::wait_status), asking every `poll`.
+    pub(crate) async fn wait_status_every(
+        &mut self,
+        within: Duration,
+        poll: Duration,
+        check: impl Fn(&Status) -> bool,
+    ) -> Option<Status> {
         let give_up = Instant::now() + within;
         loop {
             if let Some(s) = self.status().await
@@ -589,7 +600,7 @@ impl<'o, W: Write + Send> World<'o, W> {
             if Instant::now() > give_up {
                 return None;
             }
-            self.pause(Duration::from_millis(50)).await;
+            self.pause(poll).await;
         }
     }
 
