@@ -1,6 +1,6 @@
 //! The `bmsgw` command line. Parsing only: every subcommand is a library call.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 #[cfg(feature = "sim")]
 use std::time::Duration;
@@ -203,7 +203,8 @@ enum BenchCommand {
 enum PkiCommand {
     /// Generate a development PKI into DIR: CA, broker, cloud, vehicle and
     /// owner certificates, X25519 keys, pile root keys, the cloud's registry
-    /// and config files and a mosquitto ACL (secrets mode 0600).
+    /// and config files, and the broker's dynamic-security file and
+    /// mosquitto.conf (secrets mode 0600).
     Dev {
         /// The directory to write the PKI into (created; refused if it
         /// already holds files, unless --force). The config files it writes
@@ -213,9 +214,27 @@ enum PkiCommand {
         /// Replace an existing PKI in DIR.
         #[arg(long)]
         force: bool,
-        /// Broker port to write into cloud.toml.
+        /// Broker port to write into cloud.toml, mosquitto.conf and the
+        /// gateway's config.
         #[arg(long, default_value_t = bmsgw::sim::pki::DEFAULT_BROKER_PORT)]
         broker_port: u16,
+        /// Cloud instances to make a certificate and config file for
+        /// (cloud.toml, cloud-2.toml, ...): the broker takes a certificate's
+        /// CN as the client id, so instances cannot share one.
+        #[arg(long, value_name = "N", default_value_t = bmsgw::sim::pki::DEFAULT_CLOUD_INSTANCES)]
+        cloud_instances: u32,
+    },
+    /// Print the broker's dynamic-security file (see config/mosquitto/) for
+    /// the cloud's vehicle registry: one role per vehicle and per owner app,
+    /// revoked vehicles left out, and the cloud's role for instances
+    /// bmsgw-cloud-1..N. mosquitto reads it at start (not on SIGHUP).
+    BrokerAcl {
+        /// The cloud's vehicle registry (vehicles.toml).
+        #[arg(long, value_name = "FILE")]
+        vehicles: PathBuf,
+        /// Cloud instances (certificate CNs bmsgw-cloud-1..N).
+        #[arg(long, value_name = "N", default_value_t = bmsgw::sim::pki::DEFAULT_CLOUD_INSTANCES)]
+        cloud_instances: u32,
     },
 }
 
@@ -228,7 +247,9 @@ enum SimRole {
         /// cloud.toml (`bmsgw pki dev` writes one).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// Override [broker] client_id (each instance needs its own).
+        /// Override [broker] client_id. Each instance needs a certificate of
+        /// its own: the production broker uses the certificate's CN as the
+        /// client id, whatever this says.
         #[arg(long, value_name = "ID")]
         client_id: Option<String>,
     },
@@ -519,8 +540,17 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     out,
                     force,
                     broker_port,
+                    cloud_instances,
                 },
-        } => pki_dev(out, force, broker_port),
+        } => pki_dev(out, force, broker_port, cloud_instances),
+        #[cfg(feature = "sim")]
+        Command::Pki {
+            what:
+                PkiCommand::BrokerAcl {
+                    vehicles,
+                    cloud_instances,
+                },
+        } => pki_broker_acl(&vehicles, cloud_instances),
         Command::Status {
             json,
             socket,
@@ -599,11 +629,17 @@ async fn ticket_import(file: &std::path::Path, socket: Option<PathBuf>) -> Resul
 }
 
 #[cfg(feature = "sim")]
-fn pki_dev(out: PathBuf, force: bool, broker_port: u16) -> Result<(), String> {
+fn pki_dev(
+    out: PathBuf,
+    force: bool,
+    broker_port: u16,
+    cloud_instances: u32,
+) -> Result<(), String> {
     use bmsgw::sim::pki::{DevPki, DevPkiOptions};
     let opts = DevPkiOptions {
         force,
         broker_port,
+        cloud_instances,
         ..DevPkiOptions::new(out)
     };
     let pki = DevPki::generate(&opts).map_err(|e| format!("pki dev: {}", chain(&e)))?;
@@ -640,6 +676,33 @@ fn pki_dev(out: PathBuf, force: bool, broker_port: u16) -> Result<(), String> {
             bmsgw::text::printable(&path.display().to_string())
         );
     }
+    Ok(())
+}
+
+#[cfg(feature = "sim")]
+fn pki_broker_acl(vehicles: &Path, cloud_instances: u32) -> Result<(), String> {
+    use bmsgw::sim::pki::{MAX_CLOUD_INSTANCES, mosquitto_dynsec};
+    if !(1..=MAX_CLOUD_INSTANCES).contains(&cloud_instances) {
+        return Err(format!(
+            "pki broker-acl: --cloud-instances must be 1 to {MAX_CLOUD_INSTANCES}, not {cloud_instances}"
+        ));
+    }
+    let entries = bmsgw::sim::cloud::registry::Registry::load_vehicles(vehicles)
+        .map_err(|e| format!("pki broker-acl: {}", chain(&e)))?;
+    // An empty or misnamed table would give every vehicle no rights.
+    if entries.is_empty() {
+        return Err(format!(
+            "pki broker-acl: {}: no [[vehicle]] entries (an empty file?)",
+            bmsgw::text::printable(&vehicles.display().to_string())
+        ));
+    }
+    // A revoked vehicle keeps no right on the broker.
+    let ids: Vec<String> = entries
+        .iter()
+        .filter(|v| !v.revoked)
+        .map(|v| v.id.as_str().to_owned())
+        .collect();
+    print!("{}", mosquitto_dynsec(&ids, cloud_instances));
     Ok(())
 }
 

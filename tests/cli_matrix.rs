@@ -72,6 +72,11 @@ const CASES: &[Case] = &[
         args: |f, dir| owned(&["ticket", "import", f, "--socket", &format!("{dir}/no.sock")]),
     },
     Case {
+        name: "pki broker-acl --vehicles",
+        secret: false,
+        args: |f, _| owned(&["pki", "broker-acl", "--vehicles", f]),
+    },
+    Case {
         name: "sim cloud --config",
         secret: false,
         args: |f, _| owned(&["sim", "cloud", "--config", f]),

@@ -58,15 +58,12 @@ struct Cloud {
 }
 
 impl Cloud {
-    async fn start(
-        pki: &DevPki,
-        port: u16,
-        client_id: &str,
-        tweak: impl FnOnce(&mut CloudConfig),
-    ) -> Cloud {
-        let mut config = CloudConfig::load(&pki.cloud_toml).expect("cloud.toml from pki dev loads");
+    /// Cloud instance `n` (its own certificate and config file).
+    async fn start(pki: &DevPki, port: u16, n: u32, tweak: impl FnOnce(&mut CloudConfig)) -> Cloud {
+        let mut config =
+            CloudConfig::load(&pki.cloud_instance(n).toml).expect("cloud.toml from pki dev loads");
         config.broker.port = port;
-        config.broker.client_id = client_id.into();
+        let client_id = config.broker.client_id.clone();
         tweak(&mut config);
         let monitor = CloudMonitor::default();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -118,14 +115,15 @@ async fn vehicle(
     IdentityClient::new(link, vehicle_keys(pki, id))
 }
 
-/// A client with broker access (any certificate of the CA) and its own
-/// X25519 key, but not the cloud's.
+/// A client with broker access and a cloud instance's rights there (cloud
+/// instance 2's certificate: a compromised instance, or the broker itself
+/// re-delivering) and its own X25519 key, but not the cloud's.
 async fn intruder(
     pki: &DevPki,
     port: u16,
     watch: &[String],
 ) -> (Link, tokio::sync::mpsc::Receiver<Incoming>) {
-    let mut config = link_support::cloud(pki, "intruder", "127.0.0.1", port);
+    let mut config = link_support::cloud(pki, 2, "127.0.0.1", port);
     config.subscriptions = watch
         .iter()
         .map(|t| (t.clone(), bmsgw::cloud::link::QoS::AtLeastOnce))
@@ -165,7 +163,7 @@ fn check_grant(grant: &bmsgw::cloud::exchange::Grant) {
 async fn grant_through_rumqttd_lands_in_the_wallet() {
     let (_dir, pki) = pki_with(&[]);
     let broker = EmbeddedBroker::start(&pki).expect("embedded broker");
-    let cloud = Cloud::start(&pki, broker.port(), "cloud-1", |_| {}).await;
+    let cloud = Cloud::start(&pki, broker.port(), 1, |_| {}).await;
     let client = vehicle(&pki, "veh-a", broker.port(), |_| {}).await;
 
     let (grant, report) = fetch_ok(&client, DEADLINE).await;
@@ -207,7 +205,7 @@ async fn grant_through_mosquitto() {
     let Some(broker) = Mosquitto::start(&pki) else {
         return;
     };
-    let cloud = Cloud::start(&pki, broker.port(), "cloud-1", |_| {}).await;
+    let cloud = Cloud::start(&pki, broker.port(), 1, |_| {}).await;
     let client = vehicle(&pki, "veh-a", broker.port(), |_| {}).await;
     let (grant, _) = fetch_ok(&client, DEADLINE).await;
     check_grant(&grant);
@@ -307,7 +305,7 @@ async fn grant_for_another_vehicle_and_replayed_grant_are_refused() {
         link_support::resp_topic("veh-b"),
     ];
     let (attacker, mut seen) = intruder(&pki, broker.port(), &watch).await;
-    let cloud = Cloud::start(&pki, broker.port(), "cloud-1", |_| {}).await;
+    let cloud = Cloud::start(&pki, broker.port(), 1, |_| {}).await;
     let veh_a = vehicle(&pki, "veh-a", broker.port(), |_| {}).await;
     let veh_b = vehicle(&pki, "veh-b", broker.port(), |_| {}).await;
 
@@ -377,7 +375,7 @@ async fn grant_for_another_vehicle_and_replayed_grant_are_refused() {
 async fn owner_approval_granted() {
     let (_dir, pki) = pki_with(&["veh-b"]);
     let broker = EmbeddedBroker::start(&pki).expect("embedded broker");
-    let cloud = Cloud::start(&pki, broker.port(), "cloud-1", |_| {}).await;
+    let cloud = Cloud::start(&pki, broker.port(), 1, |_| {}).await;
     let client = vehicle(&pki, "veh-b", broker.port(), |_| {}).await;
     let fetch = {
         let client = client.clone();
@@ -436,7 +434,7 @@ async fn owner_approval_granted() {
 async fn owner_approval_timing_out_is_a_denial() {
     let (_dir, pki) = pki_with(&["veh-b"]);
     let broker = EmbeddedBroker::start(&pki).expect("embedded broker");
-    let cloud = Cloud::start(&pki, broker.port(), "cloud-1", |c| {
+    let cloud = Cloud::start(&pki, broker.port(), 1, |c| {
         c.settings.approval_deadline_s = 1
     })
     .await;
@@ -459,8 +457,8 @@ async fn owner_approval_timing_out_is_a_denial() {
 async fn two_cloud_instances_share_the_load_and_answer_each_request_once() {
     let (_dir, pki) = pki_with(&[]);
     let broker = EmbeddedBroker::start(&pki).expect("embedded broker");
-    let one = Cloud::start(&pki, broker.port(), "cloud-1", |_| {}).await;
-    let two = Cloud::start(&pki, broker.port(), "cloud-2", |_| {}).await;
+    let one = Cloud::start(&pki, broker.port(), 1, |_| {}).await;
+    let two = Cloud::start(&pki, broker.port(), 2, |_| {}).await;
     let client = vehicle(&pki, "veh-a", broker.port(), |_| {}).await;
     const N: u64 = 20;
     for _ in 0..N {
@@ -508,7 +506,7 @@ async fn broker_killed_mid_request_then_restarted_the_request_is_retried_and_ans
     .await;
     broker.kill();
     broker.restart();
-    let cloud = Cloud::start(&pki, port, "cloud-1", |_| {}).await;
+    let cloud = Cloud::start(&pki, port, 1, |_| {}).await;
     let (grant, _) = fetch
         .await
         .expect("fetch task")
@@ -561,7 +559,7 @@ async fn broker_killed_mid_request_then_restarted_the_request_is_retried_and_ans
 async fn session_records_queued_while_the_broker_is_down_reach_the_cloud() {
     let (_dir, pki) = pki_with(&[]);
     let mut broker = EmbeddedBroker::start(&pki).expect("embedded broker");
-    let cloud = Cloud::start(&pki, broker.port(), "cloud-1", |_| {}).await;
+    let cloud = Cloud::start(&pki, broker.port(), 1, |_| {}).await;
     // rumqttd keeps no sessions over a restart: the vehicle reconnects
     // slower than the cloud, so the cloud has re-subscribed before records
     // flow (a PUBACK means the broker has the message, not the cloud).
@@ -675,7 +673,7 @@ async fn a_record_nobody_is_subscribed_to_stays_queued_until_the_cloud_listens()
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(outbox.stats().expect("stats").records, 1, "record dropped");
 
-    let cloud = Cloud::start(&pki, broker.port(), "cloud-1", |_| {}).await;
+    let cloud = Cloud::start(&pki, broker.port(), 1, |_| {}).await;
     let monitor = cloud.monitor.clone();
     eventually("the cloud has the record", || monitor.stats().records == 1).await;
     eventually("the outbox is empty", || {

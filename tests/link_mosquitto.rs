@@ -1,8 +1,8 @@
 //! The cloud link against a real mosquitto (TLS 1.3 only, mutual TLS, CN
-//! as username, the dev PKI's ACL), started by `tests/support`: request and
-//! response, the broker killed in the middle of a request and restarted, a
-//! graceful restart that keeps the sessions, and the ACL's refusal reaching
-//! the caller. Without mosquitto each test prints a SKIPPED notice and
+//! as user name and client id, the dev PKI's dynamic-security ACLs),
+//! started by `tests/support`: request and response, the broker killed in
+//! the middle of a request and restarted, a graceful restart that keeps the
+//! sessions, and the ACL's refusal reaching the caller. Without mosquitto each test prints a SKIPPED notice and
 //! returns.
 
 #![cfg(feature = "sim")]
@@ -21,7 +21,7 @@ async fn request_and_response_through_mosquitto() {
     let Some(b) = Mosquitto::start(&pki) else {
         return;
     };
-    let (cloud, cloud_rx) = Link::start(cloud(&pki, "cloud-1", b.host(), b.port())).unwrap();
+    let (cloud, cloud_rx) = Link::start(cloud(&pki, 1, b.host(), b.port())).unwrap();
     let _responder = echo_responder(cloud.clone(), cloud_rx);
     let (veh, _veh_rx) = Link::start(vehicle(&pki, "veh-a", b.host(), b.port())).unwrap();
     connected(&cloud).await;
@@ -56,7 +56,7 @@ async fn mosquitto_killed_in_the_middle_of_a_request() {
     };
     // The cloud reconnects quickly; the vehicle waits at least 2 s, so the
     // cloud has subscribed again before the vehicle re-publishes.
-    let mut cloud_config = cloud(&pki, "cloud-1", b.host(), b.port());
+    let mut cloud_config = cloud(&pki, 1, b.host(), b.port());
     cloud_config.backoff_min = Duration::from_millis(10);
     cloud_config.backoff_max = Duration::from_millis(40);
     let (cloud, mut cloud_rx) = Link::start(cloud_config).unwrap();
@@ -130,7 +130,7 @@ async fn a_graceful_restart_keeps_the_sessions() {
     let Some(mut b) = Mosquitto::start(&pki) else {
         return;
     };
-    let (cloud, mut cloud_rx) = Link::start(cloud(&pki, "cloud-1", b.host(), b.port())).unwrap();
+    let (cloud, mut cloud_rx) = Link::start(cloud(&pki, 1, b.host(), b.port())).unwrap();
     let (veh, mut veh_rx) = Link::start(vehicle(&pki, "veh-a", b.host(), b.port())).unwrap();
     connected(&cloud).await;
     connected(&veh).await;
@@ -196,7 +196,7 @@ async fn a_shared_subscription_survives_a_graceful_restart() {
     let Some(mut b) = Mosquitto::start(&pki) else {
         return;
     };
-    let mut config = cloud(&pki, "cloud-1", b.host(), b.port());
+    let mut config = cloud(&pki, 1, b.host(), b.port());
     config.subscriptions = vec![(
         bmsgw::cloud::topics::CLOUD_EVENTS_FILTER.into(),
         bmsgw::cloud::link::QoS::AtLeastOnce,

@@ -22,7 +22,7 @@ fn broker(pki: &bmsgw::sim::pki::DevPki) -> EmbeddedBroker {
 async fn request_and_response_round_trip() {
     let (_dir, pki) = pki();
     let b = broker(&pki);
-    let (cloud, cloud_rx) = Link::start(cloud(&pki, "cloud-1", b.host(), b.port())).unwrap();
+    let (cloud, cloud_rx) = Link::start(cloud(&pki, 1, b.host(), b.port())).unwrap();
     let _responder = echo_responder(cloud.clone(), cloud_rx);
     let (veh, _veh_rx) = Link::start(vehicle(&pki, "veh-a", b.host(), b.port())).unwrap();
     connected(&cloud).await;
@@ -112,7 +112,7 @@ fn double_responder(link: Link, mut rx: mpsc::Receiver<bmsgw::cloud::link::Incom
 async fn a_second_answer_is_dropped_and_counted() {
     let (_dir, pki) = pki();
     let b = broker(&pki);
-    let (cloud, cloud_rx) = Link::start(cloud(&pki, "cloud-1", b.host(), b.port())).unwrap();
+    let (cloud, cloud_rx) = Link::start(cloud(&pki, 1, b.host(), b.port())).unwrap();
     double_responder(cloud.clone(), cloud_rx);
     let (veh, mut veh_rx) = Link::start(vehicle(&pki, "veh-a", b.host(), b.port())).unwrap();
     connected(&cloud).await;
@@ -144,7 +144,7 @@ async fn a_second_answer_is_dropped_and_counted() {
 async fn an_unanswered_request_times_out_and_a_late_answer_is_dropped() {
     let (_dir, pki) = pki();
     let b = broker(&pki);
-    let (cloud, mut cloud_rx) = Link::start(cloud(&pki, "cloud-1", b.host(), b.port())).unwrap();
+    let (cloud, mut cloud_rx) = Link::start(cloud(&pki, 1, b.host(), b.port())).unwrap();
     let (veh, mut veh_rx) = Link::start(vehicle(&pki, "veh-a", b.host(), b.port())).unwrap();
     connected(&cloud).await;
     connected(&veh).await;
@@ -179,7 +179,7 @@ async fn an_unanswered_request_times_out_and_a_late_answer_is_dropped() {
 async fn publish_confirmed_resolves_on_the_puback_even_across_a_broker_restart() {
     let (_dir, pki) = pki();
     let mut b = broker(&pki);
-    let (cloud, mut cloud_rx) = Link::start(cloud(&pki, "cloud-1", b.host(), b.port())).unwrap();
+    let (cloud, mut cloud_rx) = Link::start(cloud(&pki, 1, b.host(), b.port())).unwrap();
     let (veh, _veh_rx) = Link::start(vehicle(&pki, "veh-a", b.host(), b.port())).unwrap();
     connected(&cloud).await;
     connected(&veh).await;
@@ -222,7 +222,7 @@ async fn publish_confirmed_resolves_on_the_puback_even_across_a_broker_restart()
 async fn a_full_incoming_queue_drops_and_counts() {
     let (_dir, pki) = pki();
     let b = broker(&pki);
-    let (cloud, cloud_rx) = Link::start(cloud(&pki, "cloud-1", b.host(), b.port())).unwrap();
+    let (cloud, cloud_rx) = Link::start(cloud(&pki, 1, b.host(), b.port())).unwrap();
     let _responder = echo_responder(cloud.clone(), cloud_rx);
     let mut config = vehicle(&pki, "veh-a", b.host(), b.port());
     config.incoming_capacity = 2;
@@ -306,7 +306,7 @@ async fn the_broker_restarts_in_the_middle_of_a_request() {
     let mut b = broker(&pki);
     // The cloud reconnects quickly; the vehicle waits at least 2 s, so the
     // cloud has subscribed again before the vehicle re-publishes.
-    let mut cloud_config = cloud(&pki, "cloud-1", b.host(), b.port());
+    let mut cloud_config = cloud(&pki, 1, b.host(), b.port());
     cloud_config.backoff_min = Duration::from_millis(10);
     cloud_config.backoff_max = Duration::from_millis(40);
     let (cloud, mut cloud_rx) = Link::start(cloud_config).unwrap();

@@ -1,9 +1,10 @@
 //! The shipped broker configuration, `config/mosquitto/`, works as shipped:
 //! mosquitto starts with `mosquitto.conf` (only its paths and port replaced
-//! by a dev PKI's), a vehicle and the cloud connect over mutual TLS 1.3 and
-//! exchange a request under `acl`, a vehicle cannot write another
-//! vehicle's topics, and TLS 1.2 is refused. Also: `acl` holds the
-//! vehicle-independent rules `sim::pki::mosquitto_acl` generates.
+//! by a dev PKI's) and the example `dynamic-security.json` as it is; a
+//! vehicle and the cloud connect over mutual TLS 1.3 and exchange a request,
+//! a vehicle cannot write another vehicle's topics, and TLS 1.2 is refused.
+//! Also: the example is what `sim::pki::mosquitto_dynsec` generates for its
+//! vehicles.
 //!
 //! Skipped, with a printed notice, when mosquitto is not installed.
 
@@ -11,12 +12,10 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use bmsgw::sim::pki::{DevPki, DevPkiOptions, mosquitto_acl};
+use bmsgw::sim::pki::{DevPki, DevPkiOptions, mosquitto_dynsec};
 use support::mosquitto::Mosquitto;
 use support::mqtt::{RawClient, topic};
 
@@ -27,100 +26,65 @@ fn example(name: &str) -> PathBuf {
 }
 
 #[test]
-fn acl_example_holds_the_generated_rules() {
-    let example = std::fs::read_to_string(example("acl")).unwrap();
-    let rules = |text: &str| -> Vec<String> {
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_owned)
-            .collect()
-    };
-    // Owner entries are per vehicle (commented examples in the shipped
-    // file), so compare the rules every deployment needs.
-    assert_eq!(rules(&example), rules(&mosquitto_acl(&[])));
+fn the_dynsec_example_is_what_the_generator_writes() {
+    let example: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(example("dynamic-security.json")).unwrap())
+            .unwrap();
+    let generated: serde_json::Value =
+        serde_json::from_str(&mosquitto_dynsec(&["veh-a".into(), "veh-b".into()], 2)).unwrap();
+    assert_eq!(example, generated);
 }
 
-/// A mosquitto process; killed on drop.
-struct Broker {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `mosquitto.conf` with each path and the port replaced; everything else
-/// as shipped.
-fn test_config(pki: &DevPki, dir: &Path, acl: &Path, port: u16) -> String {
-    let shipped = std::fs::read_to_string(example("mosquitto.conf")).unwrap();
-    bmsgw::sim::mosquitto::shipped_config(&shipped, pki, acl, dir, port)
-        .unwrap_or_else(|e| panic!("the shipped file changed shape ({e}):\n{shipped}"))
-}
-
-fn start(pki: &DevPki, dir: &Path) -> Option<Broker> {
-    let Some(binary) = Mosquitto::binary() else {
-        let line = format!(
-            "SKIPPED: mosquitto not installed (apt-get install mosquitto) — {}",
-            support::test_name()
-        );
-        if std::env::var(support::mosquitto::REQUIRE_ENV).is_ok_and(|v| v == "1") {
-            panic!("{line}");
-        }
-        support::notice(&line);
-        return None;
-    };
-    let acl = dir.join("bmsgw.acl");
-    // The shipped ACL as is; the PKI's vehicles are veh-a and veh-b.
-    std::fs::copy(example("acl"), &acl).unwrap();
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, test_config(pki, dir, &acl, port)).unwrap();
-    let log = dir.join("mosquitto.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(binary)
-        .arg("-c")
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let mut broker = Broker { child, port, log };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-        if let Ok(Some(status)) = broker.child.try_wait() {
-            panic!("mosquitto exited ({status}):\n{}", broker.log());
-        }
+/// `bmsgw pki broker-acl` writes the file from the cloud's vehicle
+/// registry: the same as `pki dev`'s, and a revoked vehicle (and its owner
+/// app) left out.
+#[test]
+fn broker_acl_follows_the_vehicle_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(&DevPkiOptions::new(tmp.path().join("pki"))).unwrap();
+    let acl = |vehicles: &Path| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_bmsgw"))
+            .args(["pki", "broker-acl", "--vehicles"])
+            .arg(vehicles)
+            .output()
+            .unwrap();
         assert!(
-            Instant::now() < deadline,
-            "mosquitto did not listen:\n{}",
-            broker.log()
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Some(broker)
-}
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&pki.mosquitto_dynsec).unwrap()).unwrap();
+    assert_eq!(acl(&pki.vehicles_toml), written);
 
-impl Broker {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+    let registry = std::fs::read_to_string(&pki.vehicles_toml).unwrap();
+    let (a, b) = registry.split_at(registry.find("id = \"veh-b\"").unwrap());
+    let revoked = tmp.path().join("revoked.toml");
+    std::fs::write(
+        &revoked,
+        format!("{a}{}", b.replacen("revoked = false", "revoked = true", 1)),
+    )
+    .unwrap();
+    let users: Vec<String> = acl(&revoked)["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["username"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        users,
+        ["bmsgw-cloud-1", "bmsgw-cloud-2", "veh-a", "owner-veh-a"]
+    );
 }
 
 #[tokio::test]
 async fn the_shipped_broker_config_carries_a_request_and_refuses_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = DevPki::generate(&DevPkiOptions::new(tmp.path().join("pki"))).unwrap();
-    let Some(broker) = start(&pki, tmp.path()) else {
+    // The example file as shipped; the PKI's vehicles are its veh-a and veh-b.
+    let Some(broker) = Mosquitto::start_with(&pki, &example("dynamic-security.json")) else {
         return;
     };
     let a = pki.vehicle("veh-a");
@@ -129,7 +93,7 @@ async fn the_shipped_broker_config_carries_a_request_and_refuses_the_rest() {
 
     let mut cloud = RawClient::connect(
         host,
-        broker.port,
+        broker.port(),
         "bmsgw-cloud-1",
         pki.tls_client_config(&pki.cloud_cert, &pki.cloud_key)
             .unwrap(),
@@ -137,11 +101,11 @@ async fn the_shipped_broker_config_carries_a_request_and_refuses_the_rest() {
     .await
     .unwrap_or_else(|e| panic!("cloud: {e}\n{}", broker.log()));
     cloud
-        .subscribe_ok("$share/bmsgw-cloud/bmsgw/v1/+/identity/req")
+        .subscribe_ok("$share/bmsgw-cloud-req/bmsgw/v1/+/identity/req")
         .await;
     let mut veh_a = RawClient::connect(
         host,
-        broker.port,
+        broker.port(),
         "veh-a",
         pki.tls_client_config(&a.cert, &a.key).unwrap(),
     )
@@ -149,7 +113,7 @@ async fn the_shipped_broker_config_carries_a_request_and_refuses_the_rest() {
     .unwrap_or_else(|e| panic!("veh-a: {e}\n{}", broker.log()));
     let mut veh_b = RawClient::connect(
         host,
-        broker.port,
+        broker.port(),
         "veh-b",
         pki.tls_client_config(&b.cert, &b.key).unwrap(),
     )
@@ -180,7 +144,7 @@ async fn the_shipped_broker_config_carries_a_request_and_refuses_the_rest() {
         Command::new("openssl")
             .arg("s_client")
             .arg("-connect")
-            .arg(format!("127.0.0.1:{}", broker.port))
+            .arg(format!("127.0.0.1:{}", broker.port()))
             .arg(version)
             .arg("-CAfile")
             .arg(&pki.ca_cert)

@@ -1,5 +1,9 @@
-//! mosquitto with the dev PKI's ACL confines each vehicle and owner app to
-//! its own topics, over mutual TLS 1.3 only.
+//! mosquitto as shipped (`config/mosquitto/mosquitto.conf`), with the dev
+//! PKI's dynamic-security file, confines each vehicle and owner app to its
+//! own topics, over mutual TLS 1.3 only: a SUBSCRIBE outside them is refused
+//! at SUBACK, a publish outside them is refused in its PUBACK and dropped,
+//! and a certificate can only ever be its own CN's client (no takeover of
+//! another vehicle's or the cloud's client id).
 //!
 //! "Not delivered" is shown without waiting for a silence: after the
 //! forbidden message, the same sender sends an allowed marker that the same
@@ -17,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use bmsgw::sim::pki::{DevPki, DevPkiOptions};
-use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties, SubscribeReasonCode};
 use support::mosquitto::Mosquitto;
 use support::mqtt::{RawClient, topic};
 
@@ -45,8 +49,17 @@ impl Setup {
         self.pki.tls_client_config(cert, key).unwrap()
     }
 
-    async fn cloud(&self, client_id: &str) -> RawClient {
-        let tls = self.tls(&self.pki.cloud_cert, &self.pki.cloud_key);
+    /// Cloud instance `n` (its own certificate, CN `bmsgw-cloud-{n}`).
+    async fn cloud(&self, n: u32) -> RawClient {
+        let c = self.pki.cloud_instance(n);
+        let tls = self.tls(&c.cert, &c.key);
+        self.connect(&c.identity, tls).await
+    }
+
+    /// Vehicle `cert_of`'s certificate, asking for client id `client_id`.
+    async fn impostor(&self, cert_of: &str, client_id: &str) -> RawClient {
+        let f = self.pki.vehicle(cert_of);
+        let tls = self.tls(&f.cert, &f.key);
         self.connect(client_id, tls).await
     }
 
@@ -73,20 +86,26 @@ impl Setup {
 #[tokio::test]
 async fn a_vehicle_cannot_read_another_vehicles_responses() {
     let Some(s) = setup() else { return };
-    let mut cloud = s.cloud("cloud-1").await;
+    let mut cloud = s.cloud(1).await;
     let mut a = s.vehicle("veh-a").await;
     let mut b = s.vehicle("veh-b").await;
 
-    // mosquitto 2.0 grants any SUBSCRIBE and checks each delivery instead;
-    // A subscribes to B's responses three ways, and to its own.
+    // A subscribes to B's responses three ways: each refused at SUBACK.
     for filter in [
         "bmsgw/v1/veh-b/identity/resp",
         "bmsgw/v1/+/identity/resp",
         "bmsgw/v1/#",
-        "bmsgw/v1/veh-a/identity/resp",
+        "#",
     ] {
-        a.subscribe(filter).await;
+        let codes = a.subscribe(filter).await;
+        assert_eq!(
+            codes,
+            [SubscribeReasonCode::NotAuthorized],
+            "{filter}\n{}",
+            s.broker.log()
+        );
     }
+    a.subscribe_ok("bmsgw/v1/veh-a/identity/resp").await;
     b.subscribe_ok("bmsgw/v1/veh-b/identity/resp").await;
     b.subscribe_ok("bmsgw/v1/veh-b/vouchers").await;
 
@@ -126,7 +145,7 @@ async fn a_vehicle_cannot_read_another_vehicles_responses() {
 #[tokio::test]
 async fn a_vehicle_cannot_publish_as_another_vehicle() {
     let Some(s) = setup() else { return };
-    let mut cloud = s.cloud("cloud-1").await;
+    let mut cloud = s.cloud(1).await;
     // The cloud's shared subscription, and one that sees every approval.
     cloud.subscribe_ok(CLOUD_SHARE).await;
     cloud.subscribe_ok("bmsgw/v1/+/approval").await;
@@ -168,7 +187,7 @@ async fn a_vehicle_cannot_publish_as_another_vehicle() {
 #[tokio::test]
 async fn an_owner_approves_only_their_own_vehicle() {
     let Some(s) = setup() else { return };
-    let mut cloud = s.cloud("cloud-1").await;
+    let mut cloud = s.cloud(1).await;
     cloud.subscribe_ok("bmsgw/v1/#").await;
     let mut owner_a = s.owner("veh-a").await;
 
@@ -282,10 +301,139 @@ async fn the_harness_restarts_a_killed_broker_on_the_same_port() {
     a.closed().await;
     s.broker.restart();
     assert_eq!(s.broker.port(), port);
-    let mut cloud = s.cloud("cloud-1").await;
+    let mut cloud = s.cloud(1).await;
     cloud.subscribe_ok(CLOUD_SHARE).await;
     let mut a = s.vehicle("veh-a").await;
     a.publish("bmsgw/v1/veh-a/identity/req", b"after restart", None)
         .await;
     assert_eq!(&cloud.next_publish().await.payload[..], b"after restart");
+}
+
+/// Take-over: veh-a's certificate asks for veh-b's client id, then for a
+/// cloud instance's. The broker takes the certificate's CN as the client id
+/// (`use_username_as_clientid`), so the newcomer is veh-a: the real veh-b
+/// and the real cloud stay connected and keep getting their messages, and
+/// the impostor has none of their rights. (With the id taken from the
+/// client, mosquitto closes the older connection: the victim is knocked off
+/// and its session wiped.)
+#[tokio::test]
+async fn a_certificate_cannot_take_over_another_client_id() {
+    let Some(s) = setup() else { return };
+    let mut cloud = s.cloud(1).await;
+    cloud.subscribe_ok(CLOUD_SHARE).await;
+    let mut b = s.vehicle("veh-b").await;
+    b.subscribe_ok("bmsgw/v1/veh-b/vouchers").await;
+
+    // veh-a's certificate as veh-b, then as cloud instance 1.
+    let mut as_b = s.impostor("veh-a", "veh-b").await;
+    still_connected(&s, &mut cloud, &mut b).await;
+    let ack = as_b
+        .publish("bmsgw/v1/veh-b/identity/req", b"forged", None)
+        .await;
+    assert_eq!(ack.reason, PubAckReason::NotAuthorized);
+
+    let mut as_cloud = s.impostor("veh-a", "bmsgw-cloud-1").await;
+    still_connected(&s, &mut cloud, &mut b).await;
+    assert_eq!(
+        as_cloud.subscribe(CLOUD_SHARE).await,
+        [SubscribeReasonCode::NotAuthorized]
+    );
+    let ack = as_cloud
+        .publish("bmsgw/v1/veh-b/vouchers", b"forged push", None)
+        .await;
+    assert_eq!(ack.reason, PubAckReason::NotAuthorized);
+    // Both impostors were veh-a: the second took over the first, which is
+    // all a certificate can take over (its own CN's session).
+    as_b.closed().await;
+    let log = s.broker.log();
+    assert!(
+        !log.contains("Client veh-b already connected")
+            && !log.contains("Client bmsgw-cloud-1 already connected"),
+        "an impostor took over a client id:\n{log}"
+    );
+}
+
+/// `b` and `cloud` are both still connected: a push reaches `b`, and a
+/// request of `b` reaches `cloud`.
+async fn still_connected(s: &Setup, cloud: &mut RawClient, b: &mut RawClient) {
+    cloud
+        .publish("bmsgw/v1/veh-b/vouchers", b"still there", None)
+        .await;
+    let got = b.next_publish().await;
+    assert_eq!(
+        &got.payload[..],
+        b"still there",
+        "veh-b lost its connection\n{}",
+        s.broker.log()
+    );
+    let ack = b
+        .publish("bmsgw/v1/veh-b/identity/req", b"request", None)
+        .await;
+    assert_eq!(ack.reason, PubAckReason::Success);
+    assert_eq!(&cloud.next_publish().await.payload[..], b"request");
+}
+
+/// A vehicle cannot join the cloud's shared subscription (it would get a
+/// share of every vehicle's requests and drop them, while their senders
+/// get PUBACK 0x00) nor form a share group on its own topics: refused at
+/// SUBACK, and every request reaches the cloud.
+#[tokio::test]
+async fn a_vehicle_cannot_join_the_clouds_shared_subscription() {
+    let Some(s) = setup() else { return };
+    let mut cloud = s.cloud(1).await;
+    cloud.subscribe_ok(CLOUD_SHARE).await;
+    let mut a = s.vehicle("veh-a").await;
+    for filter in [
+        CLOUD_SHARE,
+        "$share/bmsgw-cloud-events/bmsgw/v1/+/events",
+        "$share/mine/bmsgw/v1/veh-a/vouchers",
+    ] {
+        assert_eq!(
+            a.subscribe(filter).await,
+            [SubscribeReasonCode::NotAuthorized],
+            "{filter}\n{}",
+            s.broker.log()
+        );
+    }
+    let mut b = s.vehicle("veh-b").await;
+    for i in 0..4u8 {
+        b.publish("bmsgw/v1/veh-b/identity/req", &[i], None).await;
+    }
+    for i in 0..4u8 {
+        assert_eq!(&cloud.next_publish().await.payload[..], &[i]);
+    }
+}
+
+/// Two cloud instances, each with its own certificate, share the request
+/// group and both stay connected; each gets every approval (not shared).
+#[tokio::test]
+async fn two_cloud_instances_share_the_requests_and_both_stay() {
+    let Some(s) = setup() else { return };
+    let mut one = s.cloud(1).await;
+    let mut two = s.cloud(2).await;
+    for c in [&mut one, &mut two] {
+        c.subscribe_ok(CLOUD_SHARE).await;
+        c.subscribe_ok("bmsgw/v1/+/approval").await;
+    }
+    let mut b = s.vehicle("veh-b").await;
+    for i in 0..4u8 {
+        b.publish("bmsgw/v1/veh-b/identity/req", &[i], None).await;
+    }
+    let mut owner = s.owner("veh-b").await;
+    owner
+        .publish("bmsgw/v1/veh-b/approval", b"approve", None)
+        .await;
+    // Each instance: its share of the requests, then the approval.
+    let mut requests = Vec::new();
+    for c in [&mut one, &mut two] {
+        loop {
+            let got = c.next_publish().await;
+            if topic(&got) == "bmsgw/v1/veh-b/approval" {
+                break;
+            }
+            requests.push(got.payload[0]);
+        }
+    }
+    requests.sort_unstable();
+    assert_eq!(requests, [0, 1, 2, 3], "{}", s.broker.log());
 }

@@ -5,13 +5,17 @@
 //! It exists so that no secret is ever committed: each test run makes its own
 //! CA and keys. It owns the file layout of that directory (the names listed
 //! in [`DevPki`]), the registry formats the reference cloud reads
-//! (`vehicles.toml`, `piles.toml`, `cloud.toml`) and the mosquitto ACL that
-//! confines each vehicle and owner app to its own topics.
+//! (`vehicles.toml`, `piles.toml`, `cloud.toml`), and the broker's side: the
+//! mosquitto dynamic-security file that confines each vehicle, owner app and
+//! cloud instance to its own topics, and a `mosquitto.conf` (the shipped one
+//! with this directory's paths) to run it with.
 //!
 //! Certificates: one ECDSA P-256 CA signs a broker certificate (SAN
 //! `localhost` and `127.0.0.1`, serverAuth) and client certificates
-//! (clientAuth) whose CN is the MQTT identity the broker sees: `bmsgw-cloud`,
-//! the vehicle id, and `owner-{vehicle id}`. Client certificates carry no
+//! (clientAuth) whose CN is the MQTT identity the broker sees: one
+//! `bmsgw-cloud-{n}` per cloud instance, the vehicle id, and
+//! `owner-{vehicle id}`. The broker takes the CN as the client id too
+//! (`use_username_as_clientid`), so two instances need two certificates. Client certificates carry no
 //! Organization: rumqttd's `verify-client-cert` would take it as a tenant id
 //! and prefix every topic with it.
 //!
@@ -41,8 +45,15 @@ use zeroize::Zeroizing;
 
 use crate::service::keyfile::{self, KeyFileError};
 
-/// MQTT identity (certificate CN) of the cloud identity service.
-pub const CLOUD_IDENTITY: &str = "bmsgw-cloud";
+/// Prefix of a cloud instance's identity (certificate CN): instance `n` is
+/// `bmsgw-cloud-{n}` ([`cloud_identity`]). Vehicle ids may not start with it.
+pub const CLOUD_IDENTITY_PREFIX: &str = "bmsgw-cloud";
+/// The dynamic-security role every cloud instance holds.
+pub const CLOUD_ROLE: &str = "bmsgw-cloud";
+/// Cloud instances `bmsgw pki dev` makes certificates for unless told.
+pub const DEFAULT_CLOUD_INSTANCES: u32 = 2;
+/// The most cloud instances one PKI is made for.
+pub const MAX_CLOUD_INSTANCES: u32 = 64;
 /// Prefix of an owner app's identity: `owner-{vehicle id}`.
 pub const OWNER_PREFIX: &str = "owner-";
 /// Broker port written into `cloud.toml` when the caller names none.
@@ -69,6 +80,8 @@ pub enum PkiError {
     DuplicateCharger { charger: u32 },
     #[error("validity_days must be at least 1")]
     Validity,
+    #[error("cloud instances must be 1 to {MAX_CLOUD_INSTANCES}, not {0}")]
+    CloudInstances(u32),
     #[error(
         "{dir} already holds files; refusing to overwrite a PKI (use --force, or another directory)"
     )]
@@ -121,8 +134,11 @@ pub struct DevPkiOptions {
     pub chargers: Vec<u32>,
     /// Lifetime of every certificate, in days.
     pub validity_days: u32,
-    /// Broker port written into `cloud.toml` (see [`DevPki::write_cloud_toml`]).
+    /// Broker port written into `cloud.toml` and `mosquitto.conf` (see
+    /// [`DevPki::write_cloud_toml`]).
     pub broker_port: u16,
+    /// Cloud instances, each with its own certificate and config file.
+    pub cloud_instances: u32,
     /// Replace the files of an existing PKI in `dir` (only the files this
     /// module writes are removed; nothing else in the directory is touched).
     pub force: bool,
@@ -140,6 +156,7 @@ impl DevPkiOptions {
             chargers: vec![1, 2],
             validity_days: 30,
             broker_port: DEFAULT_BROKER_PORT,
+            cloud_instances: DEFAULT_CLOUD_INSTANCES,
             force: false,
         }
     }
@@ -159,15 +176,36 @@ pub struct VehicleFiles {
     pub hpke_pub: PathBuf,
 }
 
+/// The files of one cloud instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloudInstanceFiles {
+    /// Its MQTT identity: certificate CN, user name and client id.
+    pub identity: String,
+    /// Client certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8 PEM, 0600).
+    pub key: PathBuf,
+    /// Its `bmsgw sim cloud --config` file.
+    pub toml: PathBuf,
+}
+
+/// The MQTT identity of cloud instance `n` (from 1).
+pub fn cloud_identity(n: u32) -> String {
+    format!("{CLOUD_IDENTITY_PREFIX}-{n}")
+}
+
 /// A generated development PKI: where each file is.
 ///
 /// Layout of `dir` (secrets marked 0600):
-/// `ca.pem`, `ca.key` (0600), `broker.pem`, `broker.key` (0600), `cloud.pem`,
-/// `cloud.key` (0600), `cloud-hpke.key` (0600), `cloud-hpke.pub`, and for
+/// `ca.pem`, `ca.key` (0600), `broker.pem`, `broker.key` (0600); for each
+/// cloud instance n `cloud-{n}.pem`, `cloud-{n}.key` (0600) and its config
+/// (`cloud.toml` for instance 1, `cloud-{n}.toml` for the others);
+/// `cloud-hpke.key` (0600), `cloud-hpke.pub` (shared by the instances); for
 /// each vehicle `vehicle-{id}.pem/.key`, `vehicle-{id}-hpke.key/.pub`,
 /// `owner-{id}.pem/.key`, `owner-{id}-hpke.key/.pub`; for each charger
-/// `pile-{n}-root.key` (0600); `vehicles.toml`, `piles.toml`, `cloud.toml`
-/// and `mosquitto.acl`.
+/// `pile-{n}-root.key` (0600); `vehicles.toml`, `piles.toml`, the broker's
+/// `dynamic-security.json` and `mosquitto.conf`, and the directory
+/// `mosquitto-data/` for its persistence.
 #[derive(Clone, Debug)]
 pub struct DevPki {
     pub dir: PathBuf,
@@ -175,23 +213,32 @@ pub struct DevPki {
     pub ca_key: PathBuf,
     pub broker_cert: PathBuf,
     pub broker_key: PathBuf,
+    /// Instance 1's certificate and key (see [`DevPki::cloud_instance`]).
     pub cloud_cert: PathBuf,
     pub cloud_key: PathBuf,
     pub cloud_hpke_key: PathBuf,
     pub cloud_hpke_pub: PathBuf,
     pub vehicles_toml: PathBuf,
     pub piles_toml: PathBuf,
+    /// Instance 1's config.
     pub cloud_toml: PathBuf,
-    pub mosquitto_acl: PathBuf,
+    /// The broker's dynamic-security plugin file (see [`mosquitto_dynsec`]).
+    pub mosquitto_dynsec: PathBuf,
+    /// `config/mosquitto/mosquitto.conf` with this directory's paths.
+    pub mosquitto_conf: PathBuf,
+    /// The broker's persistence directory in `mosquitto_conf`.
+    pub mosquitto_data: PathBuf,
     vehicles: Vec<String>,
     chargers: Vec<u32>,
+    cloud_instances: u32,
 }
 
 impl DevPki {
     /// Generate a complete PKI into `opts.dir`.
     pub fn generate(opts: &DevPkiOptions) -> Result<DevPki, PkiError> {
         validate(opts)?;
-        let pki = DevPki::layout(&opts.dir, opts.vehicles.clone(), opts.chargers.clone());
+        let pki = DevPki::layout(&opts.dir, opts.vehicles.clone(), opts.chargers.clone())
+            .with_cloud_instances(opts.cloud_instances);
         pki.prepare_dir(opts.force)?;
 
         let ca = Ca::new(opts.validity_days)?;
@@ -212,7 +259,10 @@ impl DevPki {
             &pki.broker_cert,
             &pki.broker_key,
         )?;
-        ca.issue_client(CLOUD_IDENTITY, &pki.cloud_cert, &pki.cloud_key)?;
+        for n in 1..=pki.cloud_instances {
+            let c = pki.cloud_instance(n);
+            ca.issue_client(&c.identity, &c.cert, &c.key)?;
+        }
         x25519_pair(&pki.cloud_hpke_key, &pki.cloud_hpke_pub)?;
 
         let mut registry = String::from(
@@ -257,7 +307,11 @@ impl DevPki {
         write_text(&pki.piles_toml, &piles)?;
 
         pki.write_cloud_toml(opts.broker_port)?;
-        write_text(&pki.mosquitto_acl, &mosquitto_acl(&pki.vehicles))?;
+        write_text(
+            &pki.mosquitto_dynsec,
+            &mosquitto_dynsec(&pki.vehicles, pki.cloud_instances),
+        )?;
+        pki.write_mosquitto_conf(opts.broker_port)?;
         Ok(pki)
     }
 
@@ -271,17 +325,80 @@ impl DevPki {
             ca_key: f("ca.key"),
             broker_cert: f("broker.pem"),
             broker_key: f("broker.key"),
-            cloud_cert: f("cloud.pem"),
-            cloud_key: f("cloud.key"),
+            cloud_cert: f("cloud-1.pem"),
+            cloud_key: f("cloud-1.key"),
             cloud_hpke_key: f("cloud-hpke.key"),
             cloud_hpke_pub: f("cloud-hpke.pub"),
             vehicles_toml: f("vehicles.toml"),
             piles_toml: f("piles.toml"),
             cloud_toml: f("cloud.toml"),
-            mosquitto_acl: f("mosquitto.acl"),
+            mosquitto_dynsec: f("dynamic-security.json"),
+            mosquitto_conf: f("mosquitto.conf"),
+            mosquitto_data: f("mosquitto-data"),
             vehicles,
             chargers,
+            cloud_instances: 1,
         }
+    }
+
+    /// The same layout with `n` cloud instances ([`DevPki::layout`] has one).
+    pub fn with_cloud_instances(mut self, n: u32) -> DevPki {
+        self.cloud_instances = n;
+        self
+    }
+
+    /// How many cloud instances this PKI was made for.
+    pub fn cloud_instances(&self) -> u32 {
+        self.cloud_instances
+    }
+
+    /// The files of cloud instance `n` (from 1; CN `bmsgw-cloud-{n}`).
+    pub fn cloud_instance(&self, n: u32) -> CloudInstanceFiles {
+        let toml = if n == 1 {
+            self.cloud_toml.clone()
+        } else {
+            self.dir.join(format!("cloud-{n}.toml"))
+        };
+        CloudInstanceFiles {
+            identity: cloud_identity(n),
+            cert: self.dir.join(format!("cloud-{n}.pem")),
+            key: self.dir.join(format!("cloud-{n}.key")),
+            toml,
+        }
+    }
+
+    /// (Re)write `mosquitto.conf`: the shipped production config with this
+    /// PKI's files, `dynamic-security.json`, `mosquitto-data/` (created)
+    /// and a listener on 127.0.0.1:`port`.
+    pub fn write_mosquitto_conf(&self, port: u16) -> Result<(), PkiError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.mosquitto_data)
+            .map_err(|source| PkiError::Io {
+                path: self.mosquitto_data.clone(),
+                source,
+            })?;
+        // mosquitto resolves relative paths against its working directory,
+        // not the file's: name everything absolutely.
+        let dir = std::path::absolute(&self.dir).map_err(|source| PkiError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let abs = DevPki::layout(&dir, self.vehicles.clone(), self.chargers.clone())
+            .with_cloud_instances(self.cloud_instances);
+        let conf = crate::sim::mosquitto::shipped_config(
+            crate::sim::mosquitto::SHIPPED_CONF,
+            &abs,
+            &abs.mosquitto_dynsec,
+            &abs.mosquitto_data,
+            port,
+        )
+        .map_err(|e| PkiError::Io {
+            path: self.mosquitto_conf.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        write_text(&self.mosquitto_conf, &conf)
     }
 
     /// The vehicle ids this PKI was made for.
@@ -309,42 +426,49 @@ impl DevPki {
         self.dir.join(format!("pile-{charger}-root.key"))
     }
 
-    /// (Re)write `cloud.toml`, the `bmsgw sim cloud --config` file, for a
-    /// broker on 127.0.0.1:`port` (tests start brokers on free ports).
+    /// (Re)write each instance's `bmsgw sim cloud --config` file
+    /// (`cloud.toml`, `cloud-2.toml`, …) for a broker on 127.0.0.1:`port`
+    /// (tests start brokers on free ports).
     pub fn write_cloud_toml(&self, port: u16) -> Result<(), PkiError> {
-        let text = format!(
-            "# Reference cloud configuration (generated by `bmsgw pki dev`).\n\
-             # Paths are relative to this file's directory.\n\
-             hpke_key = \"{hpke}\"\n\
-             vehicles = \"{vehicles}\"\n\
-             piles = \"{piles}\"\n\
-             grant_lifetime_s = 300\n\
-             vouchers_per_grant = 4\n\
-             voucher_lifetime_s = 604800\n\
-             voucher_energy_cap_wh = 60000\n\
-             approval_deadline_s = 60\n\
-             max_request_age_s = 30\n\
-             \n\
-             [broker]\n\
-             host = \"127.0.0.1\"\n\
-             port = {port}\n\
-             client_id = \"bmsgw-cloud-1\"\n\
-             \n\
-             [tls]\n\
-             ca = \"{ca}\"\n\
-             cert = \"{cert}\"\n\
-             key = \"{key}\"\n",
-            hpke = file_name(&self.cloud_hpke_key),
-            vehicles = file_name(&self.vehicles_toml),
-            piles = file_name(&self.piles_toml),
-            ca = file_name(&self.ca_cert),
-            cert = file_name(&self.cloud_cert),
-            key = file_name(&self.cloud_key),
-        );
-        std::fs::write(&self.cloud_toml, text).map_err(|source| PkiError::Io {
-            path: self.cloud_toml.clone(),
-            source,
-        })
+        for n in 1..=self.cloud_instances {
+            let c = self.cloud_instance(n);
+            let text = format!(
+                "# Reference cloud configuration of instance {n} (generated by `bmsgw pki dev`).\n\
+                 # Paths are relative to this file's directory.\n\
+                 hpke_key = \"{hpke}\"\n\
+                 vehicles = \"{vehicles}\"\n\
+                 piles = \"{piles}\"\n\
+                 grant_lifetime_s = 300\n\
+                 vouchers_per_grant = 4\n\
+                 voucher_lifetime_s = 604800\n\
+                 voucher_energy_cap_wh = 60000\n\
+                 approval_deadline_s = 60\n\
+                 max_request_age_s = 30\n\
+                 \n\
+                 [broker]\n\
+                 host = \"127.0.0.1\"\n\
+                 port = {port}\n\
+                 # The certificate's CN: the broker uses it as the client id.\n\
+                 client_id = \"{id}\"\n\
+                 \n\
+                 [tls]\n\
+                 ca = \"{ca}\"\n\
+                 cert = \"{cert}\"\n\
+                 key = \"{key}\"\n",
+                hpke = file_name(&self.cloud_hpke_key),
+                vehicles = file_name(&self.vehicles_toml),
+                piles = file_name(&self.piles_toml),
+                id = c.identity,
+                ca = file_name(&self.ca_cert),
+                cert = file_name(&c.cert),
+                key = file_name(&c.key),
+            );
+            std::fs::write(&c.toml, text).map_err(|source| PkiError::Io {
+                path: c.toml.clone(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// A rustls client configuration for the MQTT identity in `cert`/`key`
@@ -365,11 +489,13 @@ impl DevPki {
             self.ca_key.clone(),
             self.broker_cert.clone(),
             self.broker_key.clone(),
-            self.cloud_cert.clone(),
-            self.cloud_key.clone(),
             self.cloud_hpke_key.clone(),
             self.cloud_hpke_pub.clone(),
         ];
+        for n in 1..=self.cloud_instances {
+            let c = self.cloud_instance(n);
+            files.extend([c.cert, c.key, c.toml]);
+        }
         for id in &self.vehicles {
             for f in [self.vehicle(id), self.owner(id)] {
                 files.extend([f.cert, f.key, f.hpke_key, f.hpke_pub]);
@@ -379,8 +505,8 @@ impl DevPki {
         files.extend([
             self.vehicles_toml.clone(),
             self.piles_toml.clone(),
-            self.cloud_toml.clone(),
-            self.mosquitto_acl.clone(),
+            self.mosquitto_dynsec.clone(),
+            self.mosquitto_conf.clone(),
         ]);
         files
     }
@@ -390,9 +516,9 @@ impl DevPki {
         let mut files = vec![
             self.ca_key.clone(),
             self.broker_key.clone(),
-            self.cloud_key.clone(),
             self.cloud_hpke_key.clone(),
         ];
+        files.extend((1..=self.cloud_instances).map(|n| self.cloud_instance(n).key));
         for id in &self.vehicles {
             for f in [self.vehicle(id), self.owner(id)] {
                 files.extend([f.key, f.hpke_key]);
@@ -500,49 +626,88 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
     Ok(certs)
 }
 
-/// The ACL for mosquitto (`acl_file`), with `use_identity_as_username true`
-/// so that a username is a certificate CN.
+/// The mosquitto dynamic-security plugin's file (`plugin_opt_config_file`)
+/// for these vehicles and `cloud_instances` cloud instances.
 ///
-/// mosquitto 2.0's ACL file does not restrict SUBSCRIBE: any filter is
-/// granted, and each message is checked as a *read* of its own topic when
-/// it is delivered. A vehicle subscribed to another vehicle's topics
-/// therefore gets a SUBACK but never a message, and the cloud's
-/// `$share/bmsgw-cloud-req/bmsgw/v1/+/identity/req` is covered by its read
-/// grant on `bmsgw/v1/#`. Publishes are checked as writes; a denied QoS 1
-/// publish is acknowledged (v5: reason code) and dropped.
-pub fn mosquitto_acl(vehicles: &[String]) -> String {
-    let mut acl = format!(
-        "# mosquitto ACL for bmsgw (generated by `bmsgw pki dev`).\n\
-         # Usernames are certificate CNs (use_identity_as_username true).\n\
-         \n\
-         # The cloud identity service: the whole tree, including the\n\
-         # $share/{CLOUD_IDENTITY}/... subscriptions (checked as reads).\n\
-         user {CLOUD_IDENTITY}\n\
-         topic readwrite bmsgw/v1/#\n"
-    );
+/// Why the plugin and not an `acl_file`: mosquitto 2.0's ACL file grants
+/// every SUBSCRIBE and filters only on delivery, so a vehicle could join the
+/// cloud's `$share/bmsgw-cloud-req/…` group and silently swallow a share of
+/// every vehicle's requests (the publisher still gets PUBACK 0x00). The
+/// plugin refuses such a SUBSCRIBE at SUBACK (0x87). It has no `%u`
+/// substitution (2.0.11), so each vehicle and each owner app has a role of
+/// its own; default access is deny, except unsubscribing.
+///
+/// Clients carry no password (they log in with a certificate, whose CN the
+/// broker takes as the user name) and no `clientid`: the plugin does not
+/// enforce one for certificate logins (eclipse-mosquitto/mosquitto#2999);
+/// `use_username_as_clientid` in `mosquitto.conf` binds the client id.
+pub fn mosquitto_dynsec(vehicles: &[String], cloud_instances: u32) -> String {
+    use serde_json::{Value, json};
+    let acl =
+        |acltype: &str, topic: String| json!({"acltype": acltype, "topic": topic, "allow": true});
+    let client = |username: String, role: String| json!({"username": username, "roles": [{"rolename": role}]});
+    let mut clients: Vec<Value> = (1..=cloud_instances)
+        .map(|n| client(cloud_identity(n), CLOUD_ROLE.into()))
+        .collect();
+    // The whole tree, and its shared subscriptions: the plugin matches
+    // the full `$share/<group>/<filter>` string.
+    let cloud_acls: Vec<Value> = ["bmsgw/v1/#", "$share/+/bmsgw/v1/#"]
+        .into_iter()
+        .flat_map(|t| {
+            let mut a = vec![
+                acl("subscribePattern", t.into()),
+                acl("unsubscribePattern", t.into()),
+            ];
+            if !t.starts_with('$') {
+                a.insert(0, acl("publishClientReceive", t.into()));
+                a.insert(0, acl("publishClientSend", t.into()));
+            }
+            a
+        })
+        .collect();
+    let mut roles = vec![json!({"rolename": CLOUD_ROLE, "acls": cloud_acls})];
     for id in vehicles {
-        let _ = write!(
-            acl,
-            "\n# The owner app of {id}: only its approvals.\n\
-             user {OWNER_PREFIX}{id}\n\
-             topic write bmsgw/v1/{id}/approval\n"
-        );
+        // Ids are validated to [A-Za-z0-9_-]: literal topics, no wildcards.
+        let t = |leaf: &str| format!("bmsgw/v1/{id}/{leaf}");
+        let vehicle_role = format!("vehicle-{id}");
+        roles.push(json!({"rolename": vehicle_role, "acls": [
+            acl("publishClientSend", t("identity/req")),
+            acl("publishClientSend", t("events")),
+            acl("publishClientReceive", t("identity/resp")),
+            acl("publishClientReceive", t("vouchers")),
+            acl("subscribeLiteral", t("identity/resp")),
+            acl("subscribeLiteral", t("vouchers")),
+        ]}));
+        clients.push(client(id.clone(), vehicle_role));
+        let owner = format!("{OWNER_PREFIX}{id}");
+        roles.push(json!({"rolename": owner, "acls": [
+            acl("publishClientSend", t("approval")),
+        ]}));
+        clients.push(client(owner.clone(), owner));
     }
-    acl.push_str(
-        "\n# Vehicles (username = vehicle id): their own topics only. Patterns\n\
-         # apply to every user; ids are validated not to collide with the\n\
-         # cloud's or an owner's identity.\n\
-         pattern write bmsgw/v1/%u/identity/req\n\
-         pattern write bmsgw/v1/%u/events\n\
-         pattern read bmsgw/v1/%u/identity/resp\n\
-         pattern read bmsgw/v1/%u/vouchers\n",
-    );
-    acl
+    let file = json!({
+        "defaultACLAccess": {
+            "publishClientSend": false,
+            "publishClientReceive": false,
+            "subscribe": false,
+            "unsubscribe": true,
+        },
+        "clients": clients,
+        "groups": [],
+        "roles": roles,
+    });
+    // Serializing a `Value` (string keys only) cannot fail.
+    let mut text = serde_json::to_string_pretty(&file).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 fn validate(opts: &DevPkiOptions) -> Result<(), PkiError> {
     if opts.validity_days == 0 {
         return Err(PkiError::Validity);
+    }
+    if !(1..=MAX_CLOUD_INSTANCES).contains(&opts.cloud_instances) {
+        return Err(PkiError::CloudInstances(opts.cloud_instances));
     }
     let mut seen = HashSet::new();
     for id in &opts.vehicles {
@@ -561,9 +726,9 @@ fn validate(opts: &DevPkiOptions) -> Result<(), PkiError> {
         {
             return bad("a character outside the allowed set");
         }
-        // The ACL's %u patterns apply to every user: a vehicle named like
-        // the cloud or an owner app would share that identity's topics.
-        if id == CLOUD_IDENTITY || id.starts_with(OWNER_PREFIX) {
+        // A vehicle named like a cloud instance or an owner app would be
+        // that identity on the broker (the CN is the user name).
+        if id.starts_with(CLOUD_IDENTITY_PREFIX) || id.starts_with(OWNER_PREFIX) {
             return bad("reserved for the cloud or an owner app");
         }
         if !seen.insert(id) {
@@ -828,7 +993,10 @@ mod tests {
     fn writes_exactly_the_planned_files_with_secrets_0600() {
         let (_tmp, pki) = generate();
         let mut expected: Vec<String> = pki.files().iter().map(|p| file_name(p)).collect();
+        // And the broker's (empty) persistence directory.
+        expected.push(file_name(&pki.mosquitto_data));
         expected.sort();
+        assert!(pki.mosquitto_data.is_dir());
         let mut found: Vec<String> = std::fs::read_dir(&pki.dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -849,12 +1017,18 @@ mod tests {
             "vehicles.toml",
             "piles.toml",
             "cloud.toml",
-            "mosquitto.acl",
+            "cloud-2.toml",
+            "cloud-1.key",
+            "cloud-2.pem",
+            "dynamic-security.json",
+            "mosquitto.conf",
         ] {
             assert!(found.iter().any(|f| f == name), "{name} missing");
         }
         let secrets = pki.secret_files();
-        assert_eq!(secrets.len(), 4 + 2 * 2 * 2 + 2);
+        // CA, broker, cloud HPKE; 2 cloud instances; 2 vehicles and their
+        // owners (TLS and HPKE); 2 piles.
+        assert_eq!(secrets.len(), 3 + 2 + 2 * 2 * 2 + 2);
         for path in &secrets {
             assert_eq!(mode(path), 0o600, "{}", path.display());
         }
@@ -1047,15 +1221,84 @@ mod tests {
         assert_eq!(pki.dir.join(&cloud.piles), pki.piles_toml);
         assert!(cloud.grant_lifetime_s > 0 && cloud.approval_deadline_s > 0);
 
-        let acl = std::fs::read_to_string(&pki.mosquitto_acl).unwrap();
+        let dynsec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&pki.mosquitto_dynsec).unwrap()).unwrap();
+        let users: Vec<&str> = dynsec["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["username"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            users,
+            [
+                "bmsgw-cloud-1",
+                "bmsgw-cloud-2",
+                "veh-a",
+                "owner-veh-a",
+                "veh-b",
+                "owner-veh-b"
+            ]
+        );
+        let role = |name: &str| {
+            dynsec["roles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["rolename"] == name)
+                .unwrap_or_else(|| panic!("no role {name}"))["acls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    assert_eq!(a["allow"], true);
+                    format!(
+                        "{} {}",
+                        a["acltype"].as_str().unwrap(),
+                        a["topic"].as_str().unwrap()
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert!(role("bmsgw-cloud").contains(&"subscribePattern $share/+/bmsgw/v1/#".to_owned()));
+        assert_eq!(
+            role("vehicle-veh-a"),
+            [
+                "publishClientSend bmsgw/v1/veh-a/identity/req",
+                "publishClientSend bmsgw/v1/veh-a/events",
+                "publishClientReceive bmsgw/v1/veh-a/identity/resp",
+                "publishClientReceive bmsgw/v1/veh-a/vouchers",
+                "subscribeLiteral bmsgw/v1/veh-a/identity/resp",
+                "subscribeLiteral bmsgw/v1/veh-a/vouchers",
+            ]
+        );
+        assert_eq!(
+            role("owner-veh-b"),
+            ["publishClientSend bmsgw/v1/veh-b/approval"]
+        );
+        assert_eq!(dynsec["defaultACLAccess"]["subscribe"], false);
+
+        // Each instance: its own certificate, key and config.
+        for n in [1, 2] {
+            let c = pki.cloud_instance(n);
+            assert_eq!(mode(&c.key), 0o600);
+            let text = std::fs::read_to_string(&c.toml).unwrap();
+            assert!(
+                text.contains(&format!("client_id = \"bmsgw-cloud-{n}\"")),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("cert = \"cloud-{n}.pem\"")),
+                "{text}"
+            );
+        }
+        let conf = std::fs::read_to_string(&pki.mosquitto_conf).unwrap();
         for line in [
-            "user bmsgw-cloud\ntopic readwrite bmsgw/v1/#\n",
-            "user owner-veh-a\ntopic write bmsgw/v1/veh-a/approval\n",
-            "user owner-veh-b\ntopic write bmsgw/v1/veh-b/approval\n",
-            "pattern write bmsgw/v1/%u/identity/req\n",
-            "pattern read bmsgw/v1/%u/identity/resp\n",
+            format!("plugin_opt_config_file {}", pki.mosquitto_dynsec.display()),
+            format!("persistence_location {}/", pki.mosquitto_data.display()),
+            "use_username_as_clientid true".to_owned(),
         ] {
-            assert!(acl.contains(line), "{line:?} not in\n{acl}");
+            assert!(conf.lines().any(|l| l == line), "{line:?} not in\n{conf}");
         }
     }
 
@@ -1095,6 +1338,7 @@ mod tests {
             "a+b",
             "#",
             "bmsgw-cloud",
+            "bmsgw-cloud-3",
             "owner-x",
             &"v".repeat(59),
         ] {

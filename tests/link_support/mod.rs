@@ -63,16 +63,18 @@ pub fn vehicle(pki: &DevPki, id: &str, host: &str, port: u16) -> LinkConfig {
     c
 }
 
-/// The cloud: every vehicle's requests and events.
-pub fn cloud(pki: &DevPki, client_id: &str, host: &str, port: u16) -> LinkConfig {
+/// Cloud instance `n` (its certificate; the client id is its CN): every
+/// vehicle's requests and events.
+pub fn cloud(pki: &DevPki, n: u32, host: &str, port: u16) -> LinkConfig {
+    let files = pki.cloud_instance(n);
     let mut c = base(
         host,
         port,
-        client_id,
+        &files.identity,
         TlsFiles {
             ca: pki.ca_cert.clone(),
-            cert: pki.cloud_cert.clone(),
-            key: pki.cloud_key.clone(),
+            cert: files.cert,
+            key: files.key,
         },
     );
     c.subscriptions = vec![

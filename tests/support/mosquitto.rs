@@ -11,9 +11,12 @@
 //! broker.restart();   // same port, same config
 //! ```
 //!
-//! The listener requires a client certificate from the PKI's CA, uses its
-//! CN as the username (`use_identity_as_username`), accepts TLS 1.3 only and
-//! applies the PKI's `mosquitto.acl`; anonymous clients are refused.
+//! It runs the shipped production config (`config/mosquitto/mosquitto.conf`)
+//! with only its paths and listener replaced: a client certificate from the
+//! PKI's CA is required, its CN is the user name and the client id
+//! (`use_identity_as_username`, `use_username_as_clientid`), TLS 1.3 only,
+//! and the dynamic-security plugin applies a copy of the PKI's
+//! `dynamic-security.json`; anonymous clients are refused.
 //! Persistence is on, in the broker's temp dir, so [`Mosquitto::stop`]
 //! (SIGTERM) keeps sessions across a restart while [`Mosquitto::kill`]
 //! loses what was not yet saved. The broker's log (stderr, all log types)
@@ -45,6 +48,7 @@ pub struct Mosquitto {
     dir: tempfile::TempDir,
     conf: PathBuf,
     log: PathBuf,
+    dynsec: PathBuf,
     child: Option<Child>,
 }
 
@@ -58,6 +62,12 @@ impl Mosquitto {
     /// print a SKIPPED notice and return `None` when it is not installed.
     /// Panics (failing the test) with the broker's log if it does not start.
     pub fn start(pki: &DevPki) -> Option<Mosquitto> {
+        Mosquitto::start_with(pki, &pki.mosquitto_dynsec)
+    }
+
+    /// [`start`](Self::start) with another dynamic-security file (copied:
+    /// the plugin may rewrite its file).
+    pub fn start_with(pki: &DevPki, dynsec: &Path) -> Option<Mosquitto> {
         let Some(binary) = Mosquitto::binary() else {
             let line = format!(
                 "SKIPPED: mosquitto not installed (apt-get install mosquitto) — {}",
@@ -78,9 +88,11 @@ impl Mosquitto {
             port: 0,
             conf: dir.path().join("mosquitto.conf"),
             log: dir.path().join("mosquitto.log"),
+            dynsec: dir.path().join("dynamic-security.json"),
             dir,
             child: None,
         };
+        std::fs::copy(dynsec, &broker.dynsec).expect("copy the dynamic-security file");
         // The port is free when picked but may be taken before mosquitto
         // binds it: pick another then.
         for _ in 0..3 {
@@ -151,36 +163,18 @@ impl Mosquitto {
     }
 
     fn write_config(&self, pki: &DevPki) {
-        let p = |path: &Path| path.display().to_string();
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("the broker's data dir");
+        let shipped = bmsgw::sim::mosquitto::SHIPPED_CONF;
+        let conf =
+            bmsgw::sim::mosquitto::shipped_config(shipped, pki, &self.dynsec, &data, self.port)
+                .unwrap_or_else(|e| panic!("the shipped file changed shape ({e}):\n{shipped}"));
         let conf = format!(
-            "# bmsgw test broker (tests/support/mosquitto.rs)\n\
-             per_listener_settings false\n\
-             allow_anonymous false\n\
-             acl_file {acl}\n\
-             persistence true\n\
-             persistence_location {data}/\n\
-             # As root, mosquitto would switch to user `mosquitto`, which cannot\n\
-             # read the 0600 keys; `root` keeps the current user (no effect when\n\
-             # not started as root).\n\
-             user root\n\
+            "# bmsgw test broker (tests/support/mosquitto.rs): the shipped config\n\
+             {conf}\
              log_dest stderr\n\
              log_type all\n\
-             connection_messages true\n\
-             listener {port} 127.0.0.1\n\
-             cafile {ca}\n\
-             certfile {cert}\n\
-             keyfile {key}\n\
-             require_certificate true\n\
-             use_identity_as_username true\n\
-             tls_version tlsv1.3\n\
-             # Without it each small packet waits for a delayed ACK (~40 ms).\n\
-             set_tcp_nodelay true\n",
-            acl = p(&pki.mosquitto_acl),
-            data = p(self.dir.path()),
-            port = self.port,
-            ca = p(&pki.ca_cert),
-            cert = p(&pki.broker_cert),
-            key = p(&pki.broker_key),
+             connection_messages true\n"
         );
         std::fs::write(&self.conf, conf).expect("write mosquitto.conf");
     }

@@ -366,7 +366,8 @@ step auth-expired-and-loose-key step_auth_expired_and_loose_key
 step demo-socketcan step_demo_socketcan
 
 # --- the daemon: real processes, as deployed ------------------------------
-# mosquitto (TLS 1.3 only, mutual TLS, the ACL of `pki dev`, persistence),
+# mosquitto (TLS 1.3 only, mutual TLS, the dynamic-security ACLs and
+# mosquitto.conf of `pki dev`, persistence),
 # `bmsgw sim cloud`, `bmsgw run` in bridge mode between vcan0 (BMS side) and
 # vcan1 (pile side), and the BMS and pile simulators, each its own process.
 # The steps share one setup (daemon-start) and run in order: a step after a
@@ -622,7 +623,7 @@ need_daemon() {
 # Setup: the PKI, the broker, the cloud and the daemon, each a process.
 step_daemon_start() {
     rm -rf "$D"
-    mkdir -p "$D/mosquitto-data" "$D/state" "$D/run"
+    mkdir -p "$D/state" "$D/run"
     # $OUT is a 9p share, on which a Unix socket cannot be bound (ENXIO):
     # the control socket lives on a tmpfs, as /run/bmsgw does.
     mount -t tmpfs -o mode=0755 tmpfs "$D/run" || {
@@ -641,26 +642,21 @@ step_daemon_start() {
     }
 
     # The shipped production broker config (config/mosquitto/mosquitto.conf:
-    # TLS 1.3 only, client certificates whose CN is the username, the ACL,
-    # persistence) with only its paths and listener moved into $D.
-    local shipped=$BMSGW_ROOT/config/mosquitto/mosquitto.conf
-    sed -e "s|^listener 8883\$|listener $D_PORT 127.0.0.1|" \
-        -e "s|/etc/mosquitto/bmsgw/acl|$D_PKI/mosquitto.acl|" \
-        -e "s|/etc/mosquitto/bmsgw/|$D_PKI/|" \
-        -e "s|^persistence_location .*|persistence_location $D/mosquitto-data/|" \
-        "$shipped" >"$D_MOSQ_CONF" || {
-        echo "cannot read $shipped" >"$REASON_FILE"
+    # TLS 1.3 only, client certificates whose CN is the user name and the
+    # client id, the dynamic-security ACLs, persistence) as `pki dev` writes
+    # it, with only its paths and listener moved into $D_PKI.
+    cp "$D_PKI/mosquitto.conf" "$D_MOSQ_CONF" || {
+        echo "pki dev wrote no mosquitto.conf" >"$REASON_FILE"
         return 1
     }
     grep -qx "listener $D_PORT 127.0.0.1" "$D_MOSQ_CONF" &&
-        grep -qx "acl_file $D_PKI/mosquitto.acl" "$D_MOSQ_CONF" || {
-        echo "$shipped no longer has the listener/acl_file lines the lane rewrites" >"$REASON_FILE"
+        grep -qx "plugin_opt_config_file $D_PKI/dynamic-security.json" "$D_MOSQ_CONF" &&
+        grep -qx "use_username_as_clientid true" "$D_MOSQ_CONF" || {
+        echo "pki dev's mosquitto.conf lacks the listener, dynsec or client-id lines" >"$REASON_FILE"
         return 1
     }
-    # As root, mosquitto would switch to user mosquitto, which cannot read
-    # the 0600 broker key; root keeps the current user. Log to the step.
+    # Log to the step (the file already keeps the current user).
     cat >>"$D_MOSQ_CONF" <<EOF
-user root
 log_dest stderr
 log_type all
 connection_messages true

@@ -336,6 +336,10 @@ pub async fn run(opts: &CloudOptions, out: &mut dyn Write) -> Result<CloudReport
         // Owner approval would hold every grant for a person.
         approval_required: Vec::new(),
         chargers: vec![CHARGER],
+        // One certificate per instance: the broker takes the CN as the
+        // client id, so instances sharing one would knock each other off.
+        cloud_instances: u32::try_from(opts.instances.iter().copied().max().unwrap_or(1))
+            .unwrap_or(u32::MAX),
         ..DevPkiOptions::new(tmp.path().join("pki"))
     })?;
     let cloud_config = CloudConfig::load(&pki.cloud_toml)?;
@@ -516,7 +520,7 @@ pub fn broker_config(
     data_dir: &Path,
     port: u16,
 ) -> Result<String, CloudBenchError> {
-    let conf = mosquitto::shipped_config(shipped, pki, &pki.mosquitto_acl, data_dir, port)?;
+    let conf = mosquitto::shipped_config(shipped, pki, &pki.mosquitto_dynsec, data_dir, port)?;
     let mut out: Vec<String> = conf.lines().map(String::from).collect();
     out.extend(
         [
@@ -677,8 +681,9 @@ async fn start_broker(setup: &RunSetup<'_>) -> Result<(Proc, u16), CloudBenchErr
     })
 }
 
+/// Instance `index`'s identity (certificate CN, and so its client id).
 fn client_id(index: usize) -> String {
-    format!("bmsgw-cloud-{}", index + 1)
+    crate::sim::pki::cloud_identity(u32::try_from(index + 1).unwrap_or(u32::MAX))
 }
 
 /// Start K instances and wait until the broker has each one's SUBSCRIBE to
@@ -693,13 +698,15 @@ async fn start_instances(
         let id = client_id(i);
         let stdout = setup.dir.join(format!("{id}.out"));
         let stderr = setup.dir.join(format!("{id}.log"));
-        let args: [&std::ffi::OsStr; 6] = [
+        let toml = setup
+            .pki
+            .cloud_instance(u32::try_from(i + 1).unwrap_or(u32::MAX))
+            .toml;
+        let args: [&std::ffi::OsStr; 4] = [
             "sim".as_ref(),
             "cloud".as_ref(),
             "--config".as_ref(),
-            setup.pki.cloud_toml.as_os_str(),
-            "--client-id".as_ref(),
-            id.as_ref(),
+            toml.as_os_str(),
         ];
         instances.push(spawn(setup.bmsgw, &args, &stdout, &stderr)?);
     }
@@ -1056,6 +1063,7 @@ mod tests {
             "tls_version tlsv1.3",
             "require_certificate true",
             "use_identity_as_username true",
+            "use_username_as_clientid true",
             "persistence true",
             "persistence_location /data/",
             "max_queued_messages 10000",
@@ -1063,8 +1071,9 @@ mod tests {
         ] {
             assert!(conf.lines().any(|l| l == line), "{line} missing:\n{conf}");
         }
-        let acl = format!("acl_file {}", pki.mosquitto_acl.display());
-        assert!(conf.lines().any(|l| l == acl), "{conf}");
+        let dynsec = format!("plugin_opt_config_file {}", pki.mosquitto_dynsec.display());
+        assert!(conf.lines().any(|l| l == dynsec), "{conf}");
+        assert!(conf.lines().any(|l| l.starts_with("plugin ")), "{conf}");
         assert!(!conf.contains("/etc/mosquitto"), "{conf}");
     }
 

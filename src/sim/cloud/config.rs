@@ -15,12 +15,12 @@
 //! [broker]
 //! host = "127.0.0.1"
 //! port = 8883
-//! client_id = "bmsgw-cloud-1"        # unique per instance
+//! client_id = "bmsgw-cloud-1"        # the certificate's CN
 //!
 //! [tls]
 //! ca = "ca.pem"
-//! cert = "cloud.pem"
-//! key = "cloud.key"
+//! cert = "cloud-1.pem"               # one certificate per instance
+//! key = "cloud-1.key"
 //! ```
 //!
 //! Paths are relative to the directory of `cloud.toml`. Unknown keys are
@@ -65,14 +65,16 @@ impl Default for CloudSettings {
 pub struct BrokerConfig {
     pub host: String,
     pub port: u16,
-    /// Unique per instance: a broker disconnects the older of two sessions
-    /// with one client id.
+    /// The certificate's CN (`bmsgw-cloud-{n}`): the production broker
+    /// takes the CN as the client id whatever is sent here
+    /// (`use_username_as_clientid`), so each instance needs a certificate
+    /// of its own; this names the session on other brokers and in logs.
     #[serde(default = "default_client_id")]
     pub client_id: String,
 }
 
 fn default_client_id() -> String {
-    "bmsgw-cloud".into()
+    crate::sim::pki::cloud_identity(1)
 }
 
 /// The TLS client files (mutual TLS to the broker).
@@ -214,7 +216,7 @@ mod tests {
             BrokerConfig {
                 host: "127.0.0.1".into(),
                 port: 8883,
-                client_id: "bmsgw-cloud".into()
+                client_id: "bmsgw-cloud-1".into()
             }
         );
         assert_eq!(c.hpke_key, dir.path().join("cloud-hpke.key"));

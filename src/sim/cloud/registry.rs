@@ -70,6 +70,10 @@ pub enum EntryError {
     Id(#[source] VehicleIdError),
     #[error("`id` {0} appears more than once")]
     DuplicateId(VehicleId),
+    #[error(
+        "`id` {0} is reserved: on the broker it would be a cloud instance (bmsgw-cloud…) or an owner's app (owner-…)"
+    )]
+    ReservedId(VehicleId),
     #[error("`hpke_public`: {0}")]
     HpkePublic(#[source] KeyError),
     #[error("`owner_public`: {0}")]
@@ -204,6 +208,16 @@ impl Registry {
                 source,
             };
             let id = VehicleId::parse(&raw.id).map_err(|e| wrap(EntryError::Id(e)))?;
+            // The id is the certificate's CN, the broker's user name.
+            if [
+                crate::sim::pki::CLOUD_IDENTITY_PREFIX,
+                crate::sim::pki::OWNER_PREFIX,
+            ]
+            .iter()
+            .any(|p| id.as_str().starts_with(p))
+            {
+                return Err(wrap(EntryError::ReservedId(id)));
+            }
             if out.iter().any(|v| v.id == id) {
                 return Err(wrap(EntryError::DuplicateId(id)));
             }
@@ -372,6 +386,14 @@ mod tests {
                     "[[vehicle]]\nid = \"a\"\nhpke_public = \"{a}\"\n[[vehicle]]\nid = \"a\"\nhpke_public = \"{a}\"\n"
                 ),
                 "[[vehicle]] #2 (id \"a\"): `id` a appears more than once",
+            ),
+            (
+                format!("[[vehicle]]\nid = \"bmsgw-cloud-2\"\nhpke_public = \"{a}\"\n"),
+                "`id` bmsgw-cloud-2 is reserved",
+            ),
+            (
+                format!("[[vehicle]]\nid = \"owner-a\"\nhpke_public = \"{a}\"\n"),
+                "`id` owner-a is reserved",
             ),
             (
                 format!("[[vehicle]]\nid = \"a\"\nhpke_public = \"{a}\"\napproval = \"maybe\"\n"),

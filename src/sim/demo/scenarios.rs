@@ -374,7 +374,10 @@ async fn offline<W: Write + Send>(world: &mut World<'_, W>) -> Result<ScenarioRe
     // whose next one is at least `reconnect_min` (1 s) away, which leaves
     // the fresh instance that second to subscribe.
     world.stop_cloud().await;
-    world.say("cloud", "stopped; a fresh instance starts once the broker is back");
+    world.say(
+        "cloud",
+        "stopped; a fresh instance starts once the broker is back",
+    );
     let failed = world.status().await.map(|s| s.cloud.connection_errors);
     let attempt = world
         .wait_status_every(Duration::from_secs(10), Duration::from_millis(10), |s| {
