@@ -1,6 +1,6 @@
 //! The `bmsgw` command line. Parsing only: every subcommand is a library call.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 #[cfg(feature = "sim")]
 use std::time::Duration;
@@ -680,7 +680,7 @@ fn pki_dev(
 }
 
 #[cfg(feature = "sim")]
-fn pki_broker_acl(vehicles: &Path, cloud_instances: u32) -> Result<(), String> {
+fn pki_broker_acl(vehicles: &std::path::Path, cloud_instances: u32) -> Result<(), String> {
     use bmsgw::sim::pki::{MAX_CLOUD_INSTANCES, mosquitto_dynsec};
     if !(1..=MAX_CLOUD_INSTANCES).contains(&cloud_instances) {
         return Err(format!(
