@@ -25,6 +25,11 @@ mkdir -p "$STEPS"
 # Each step runs under this timeout so one hang cannot eat the lane.
 STEP_TIMEOUT=${BMSGW_STEP_TIMEOUT:-300}
 
+# The peers of the daemon steps (pki dev, sim cloud, sim bms, sim pile) run
+# from BMSGW_SIM_BIN: the arm64 lane (arm64.sh) runs `bmsgw run` from a lean
+# build, which has no `pki` or `sim` subcommands.
+BMSGW_SIM_BIN=${BMSGW_SIM_BIN:-$BMSGW_BIN}
+
 pass() { echo "PASS $1" | tee -a "$RESULTS"; }
 fail() { echo "FAIL $1: $2" | tee -a "$RESULTS"; }
 
@@ -515,11 +520,11 @@ run_sims() {
     shift
     local bms_args=("$@")
     [ ${#bms_args[@]} -gt 0 ] || bms_args=(--soc-start 60 --soc-end 62 --duration 2s)
-    "$BMSGW_BIN" --log-level info sim pile --can vcan1 --charger-number 1 --region-code 310 \
+    "$BMSGW_SIM_BIN" --log-level info sim pile --can vcan1 --charger-number 1 --region-code 310 \
         --require-auth --root-key-file "$D_PKI/pile-1-root.key" --key-offset 0 \
         >"$D/sims-$tag-pile.out" 2>&1 &
     SIM_PILE=$!
-    "$BMSGW_BIN" --log-level info sim bms --can vcan0 "${bms_args[@]}" --wait 30s \
+    "$BMSGW_SIM_BIN" --log-level info sim bms --can vcan0 "${bms_args[@]}" --wait 30s \
         >"$D/sims-$tag-bms.out" 2>&1 &
     SIM_BMS=$!
 }
@@ -630,7 +635,7 @@ step_daemon_start() {
         echo "cannot mount a tmpfs on $D/run" >"$REASON_FILE"
         return 1
     }
-    "$BMSGW_BIN" pki dev --out "$D_PKI" --broker-port "$D_PORT" >/dev/null || {
+    "$BMSGW_SIM_BIN" pki dev --out "$D_PKI" --broker-port "$D_PORT" >/dev/null || {
         echo "bmsgw pki dev failed" >"$REASON_FILE"
         return 1
     }
@@ -705,7 +710,7 @@ EOF
 
     start_mosquitto || return 1
     echo "--- starting bmsgw sim cloud"
-    spawn cloud "$D/cloud.log" "$BMSGW_BIN" --log-level info sim cloud --config "$D_PKI/cloud.toml" || return 1
+    spawn cloud "$D/cloud.log" "$BMSGW_SIM_BIN" --log-level info sim cloud --config "$D_PKI/cloud.toml" || return 1
     wait_for "sim cloud to connect to the broker" 60 cloud_has 'connected session_present' || return 1
     start_daemon || return 1
     wait_for "the daemon's cloud link to connect" 60 st_true '.cloud.state == "connected"' || return 1
