@@ -11,11 +11,25 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The binary, run under `ulimit -v` (KiB).
+/// The address-space limit, KiB. `BMSGW_CLI_MATRIX_VMEM_KIB` raises it
+/// for a 32-bit target under qemu-user, which reserves the guest's whole
+/// 4 GiB address space up front (the limit then bounds qemu, not bmsgw:
+/// the native and the aarch64 runs show the bound).
+fn vmem_limit_kib() -> u64 {
+    std::env::var("BMSGW_CLI_MATRIX_VMEM_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512 * 1024)
+}
+
+/// The binary, run under `ulimit -v`.
 fn bmsgw(args: &[String]) -> (Option<i32>, String) {
     let out = Command::new("sh")
         .arg("-c")
-        .arg("ulimit -v 524288 && exec \"$0\" \"$@\"")
+        .arg(format!(
+            "ulimit -v {} && exec \"$0\" \"$@\"",
+            vmem_limit_kib()
+        ))
         .arg(env!("CARGO_BIN_EXE_bmsgw"))
         .args(args)
         .env_remove("BMSGW_SOCKET")

@@ -865,7 +865,13 @@ mod tests {
     /// delivered before its time on the wire has passed.
     #[tokio::test]
     async fn precise_timing_keeps_the_model_on_a_real_clock() {
-        let bus = VirtualBus::with_precise_timing(250_000);
+        // A slow bus (5 kbit/s: 26 ms per frame) so that queuing the other
+        // 19 frames takes far less than the first frame's time on the wire
+        // even on a slow CPU or under emulation. At 250 kbit/s (0.5 ms) an
+        // emulated ARM queued them after the first had finished, and the
+        // order rightly became first come, first served.
+        const BITRATE: u32 = 5_000;
+        let bus = VirtualBus::with_precise_timing(BITRATE);
         let mut listener = bus.node();
         let frames: Vec<CanFrame> = (0..20u8)
             .map(|i| {
@@ -885,7 +891,7 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         let elapsed = start.elapsed();
-        let expected: Duration = frames.iter().map(|f| frame_duration(f, 250_000)).sum();
+        let expected: Duration = frames.iter().map(|f| frame_duration(f, BITRATE)).sum();
         assert_eq!(bus.stats().busy_time, expected);
         assert!(elapsed >= expected, "{elapsed:?} < {expected:?}");
         // The first frame queued has the idle bus to itself; the others,
