@@ -82,6 +82,8 @@ pub enum PkiError {
     Validity,
     #[error("cloud instances must be 1 to {MAX_CLOUD_INSTANCES}, not {0}")]
     CloudInstances(u32),
+    #[error("the built-in config/mosquitto/mosquitto.conf: {0}")]
+    BrokerConfig(#[from] crate::sim::mosquitto::ShapeError),
     #[error(
         "{dir} already holds files; refusing to overwrite a PKI (use --force, or another directory)"
     )]
@@ -371,14 +373,7 @@ impl DevPki {
     /// PKI's files, `dynamic-security.json`, `mosquitto-data/` (created)
     /// and a listener on 127.0.0.1:`port`.
     pub fn write_mosquitto_conf(&self, port: u16) -> Result<(), PkiError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.mosquitto_data)
-            .map_err(|source| PkiError::Io {
-                path: self.mosquitto_data.clone(),
-                source,
-            })?;
+        private_dir(&self.mosquitto_data)?;
         // mosquitto resolves relative paths against its working directory,
         // not the file's: name everything absolutely.
         let dir = std::path::absolute(&self.dir).map_err(|source| PkiError::Io {
@@ -393,11 +388,7 @@ impl DevPki {
             &abs.mosquitto_dynsec,
             &abs.mosquitto_data,
             port,
-        )
-        .map_err(|e| PkiError::Io {
-            path: self.mosquitto_conf.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        )?;
         write_text(&self.mosquitto_conf, &conf)
     }
 
@@ -463,10 +454,7 @@ impl DevPki {
                 cert = file_name(&c.cert),
                 key = file_name(&c.key),
             );
-            std::fs::write(&c.toml, text).map_err(|source| PkiError::Io {
-                path: c.toml.clone(),
-                source,
-            })?;
+            write_text(&c.toml, &text)?;
         }
         Ok(())
     }
@@ -544,11 +532,7 @@ impl DevPki {
             path: self.dir.clone(),
             source,
         };
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io)?;
+        private_dir(&self.dir)?;
         let mut entries = std::fs::read_dir(&self.dir).map_err(io)?;
         if entries.next().is_none() {
             return Ok(());
@@ -868,6 +852,18 @@ impl Secret for Zeroizing<String> {
 
 fn write_secret(path: &Path, secret: &impl Secret) -> Result<(), PkiError> {
     Ok(secret.write_to(path)?)
+}
+
+/// Create `path` and its parents, mode 0700 (an existing one is kept).
+fn private_dir(path: &Path) -> Result<(), PkiError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| PkiError::Io {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn write_text(path: &Path, text: &str) -> Result<(), PkiError> {

@@ -43,6 +43,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/vcan/host.sh
+. "$HERE/host.sh"
 CACHE=${BMSGW_ARM64_CACHE:-$ROOT/target/arm64-lane}
 OUT=${BMSGW_ARM64_OUT:-$CACHE/out}
 MEMORY=${BMSGW_ARM64_MEMORY:-1G}
@@ -62,9 +64,6 @@ MODULES=(vcan vxcan can-raw can-j1939 can-gw can-bcm can-isotp
     virtio_pci virtio_mmio virtio-rng 9p 9pnet_virtio)
 
 log() { printf '[arm64 lane] %s\n' "$*" >&2; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 ensure_tools() {
     local apt=()
@@ -207,17 +206,6 @@ EOF
     (cd "$ov" && printf '%s\n' init lane.env | cpio -o -H newc --quiet -R 0:0) >>"$INITRD"
 }
 
-watch_console() {
-    local line
-    while IFS= read -r line; do
-        printf '%s\n' "$line"
-        case $line in
-        *BMSGW_GUEST_START*) [ -e "$OUT/.t_guest_start" ] || now >"$OUT/.t_guest_start" ;;
-        *BMSGW_GUEST_DONE*) now >"$OUT/.t_guest_done" ;;
-        esac
-    done
-}
-
 main() {
     [ -n "${BMSGW_ARM64_BIN:-}" ] || { log "set BMSGW_ARM64_BIN to the arm64 bmsgw"; exit 2; }
     local bin sim_bin=${BMSGW_ARM64_SIM_BIN:-$BMSGW_ARM64_BIN}
@@ -282,38 +270,10 @@ main() {
     set -e
     t_end=$(now)
 
-    local passed=0 failed=0 problem=""
-    if [ -f "$OUT/results.txt" ]; then
-        passed=$(grep -c '^PASS ' "$OUT/results.txt" || true)
-        failed=$(grep -c '^FAIL ' "$OUT/results.txt" || true)
-    fi
-    if [ "$rc" -eq 124 ]; then
-        problem="the VM run timed out after ${LANE_TIMEOUT}s"
-    elif [ ! -f "$OUT/results.txt" ]; then
-        problem="the VM produced no results (qemu exit $rc; see $OUT/console.log)"
-    elif [ ! -f "$OUT/DONE" ]; then
-        problem="the guest script did not finish (qemu exit $rc; see $OUT/console.log)"
-    elif [ "$passed" -eq 0 ]; then
-        problem="no step passed"
-    fi
-
-    echo
-    echo "==== vcan arm64 lane results ($OUT) ===="
-    [ -f "$OUT/results.txt" ] && cat "$OUT/results.txt"
-    local boot="?" steps="?"
-    [ -f "$OUT/.t_guest_start" ] && boot=$(elapsed "$t_vm" "$(cat "$OUT/.t_guest_start")")
-    [ -f "$OUT/.t_guest_start" ] && [ -f "$OUT/.t_guest_done" ] &&
-        steps=$(elapsed "$(cat "$OUT/.t_guest_start")" "$(cat "$OUT/.t_guest_done")")
-    echo "timings: install $(elapsed "$t_start" "$t_tools")s, kernel $(elapsed "$t_tools" "$t_kernel")s," \
-        "rootfs ($ROOTFS_BUILT) $(elapsed "$t_kernel" "$t_rootfs")s, initramfs $(elapsed "$t_rootfs" "$t_initrd")s," \
-        "VM boot ${boot}s, guest steps ${steps}s, VM total $(elapsed "$t_vm" "$t_end")s," \
-        "lane total $(elapsed "$t_start" "$t_end")s"
-    echo "vcan arm64 lane: $passed passed, $failed failed"
-    if [ -n "$problem" ]; then
-        echo "vcan arm64 lane: FAILED: $problem"
-        exit 1
-    fi
-    [ "$failed" -eq 0 ] || exit 1
+    lane_verdict "vcan arm64 lane" qemu "$rc" "$t_vm" "$t_end" \
+        "install $(elapsed "$t_start" "$t_tools")s, kernel $(elapsed "$t_tools" "$t_kernel")s,\
+ rootfs ($ROOTFS_BUILT) $(elapsed "$t_kernel" "$t_rootfs")s,\
+ initramfs $(elapsed "$t_rootfs" "$t_initrd")s," "$t_start"
 }
 
 main "$@"

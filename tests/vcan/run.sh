@@ -32,6 +32,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/vcan/host.sh
+. "$HERE/host.sh"
 OUT=${BMSGW_VCAN_OUT:-$ROOT/target/vcan-lane}
 MEMORY=${BMSGW_VCAN_MEMORY:-1G}
 CPUS=${BMSGW_VCAN_CPUS:-2}
@@ -56,12 +58,6 @@ print("%.1f" % best)
 '
 
 log() { printf '[vcan lane] %s\n' "$*" >&2; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
 
 find_kernel() {
     if [ -n "${BMSGW_VCAN_KERNEL:-}" ]; then
@@ -147,19 +143,6 @@ print(exe)
 ' "$1"
 }
 
-# Copies the VM console through, noting (host clock) when the guest script
-# starts and ends, which gives the boot time.
-watch_console() {
-    local line
-    while IFS= read -r line; do
-        printf '%s\n' "$line"
-        case $line in
-        *BMSGW_GUEST_START*) [ -e "$OUT/.t_guest_start" ] || now >"$OUT/.t_guest_start" ;;
-        *BMSGW_GUEST_DONE*) now >"$OUT/.t_guest_done" ;;
-        esac
-    done
-}
-
 main() {
     local t_start t_tools t_built t_vm t_end
     t_start=$(now)
@@ -216,36 +199,8 @@ main() {
     set -e
     t_end=$(now)
 
-    local passed=0 failed=0 problem=""
-    if [ -f "$OUT/results.txt" ]; then
-        passed=$(grep -c '^PASS ' "$OUT/results.txt" || true)
-        failed=$(grep -c '^FAIL ' "$OUT/results.txt" || true)
-    fi
-    if [ "$rc" -eq 124 ]; then
-        problem="the VM run timed out after ${LANE_TIMEOUT}s"
-    elif [ ! -f "$OUT/results.txt" ]; then
-        problem="the VM produced no results (vng exit $rc; see $OUT/console.log)"
-    elif [ ! -f "$OUT/DONE" ]; then
-        problem="the guest script did not finish (vng exit $rc; see $OUT/console.log)"
-    elif [ "$passed" -eq 0 ]; then
-        problem="no step passed"
-    fi
-
-    echo
-    echo "==== vcan lane results ($OUT) ===="
-    [ -f "$OUT/results.txt" ] && cat "$OUT/results.txt"
-    local boot="?" steps="?"
-    [ -f "$OUT/.t_guest_start" ] && boot=$(elapsed "$t_vm" "$(cat "$OUT/.t_guest_start")")
-    [ -f "$OUT/.t_guest_start" ] && [ -f "$OUT/.t_guest_done" ] &&
-        steps=$(elapsed "$(cat "$OUT/.t_guest_start")" "$(cat "$OUT/.t_guest_done")")
-    echo "timings: install $(elapsed "$t_start" "$t_tools")s, build $(elapsed "$t_tools" "$t_built")s, VM boot ${boot}s," \
-        "guest steps ${steps}s, VM total $(elapsed "$t_vm" "$t_end")s, lane total $(elapsed "$t_start" "$t_end")s"
-    echo "vcan lane: $passed passed, $failed failed"
-    if [ -n "$problem" ]; then
-        echo "vcan lane: FAILED: $problem"
-        exit 1
-    fi
-    [ "$failed" -eq 0 ] || exit 1
+    lane_verdict "vcan lane" vng "$rc" "$t_vm" "$t_end" \
+        "install $(elapsed "$t_start" "$t_tools")s, build $(elapsed "$t_tools" "$t_built")s," "$t_start"
 }
 
 main "$@"
