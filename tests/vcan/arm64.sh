@@ -27,6 +27,10 @@
 #                        (--no-default-features) has no `pki`/`sim`
 #                        subcommands, so with a lean BMSGW_ARM64_BIN this
 #                        must be given.
+#   BMSGW_ARM64_ECU_BIN  the build steps/bench.sh measures (start -> READY,
+#                        RSS, the bridge against can-gw): an aarch64 or an
+#                        armv7 (gnueabihf, run in the kernel's 32-bit
+#                        compat mode) lean build; default BMSGW_ARM64_BIN
 #   BMSGW_ARM64_ONLY     steps to run (bash regex, as BMSGW_VCAN_ONLY;
 #                        default '^daemon-(start|online)$'; kernel-can always)
 #   BMSGW_ARM64_OUT      output directory (default target/arm64-lane/out)
@@ -57,8 +61,12 @@ MIRRORS=("deb http://deb.debian.org/debian $SUITE main"
     "deb http://deb.debian.org/debian-security $SUITE-security main")
 # The guest's userland. guest.sh needs bash, coreutils, procps (pkill),
 # util-linux (mount, mountpoint), mawk, grep, sed; the daemon steps
-# mosquitto and jq; kernel-can kmod and iproute2.
-PACKAGES=can-utils,iproute2,mosquitto,jq,kmod,procps
+# mosquitto and jq; kernel-can kmod and iproute2; steps/bench.sh python3
+# (start -> READY) and cangw/cangen (can-utils). armhf is a second
+# architecture so that the armv7 build runs too: Debian's arm64 kernel
+# runs 32-bit ARM programs (CONFIG_COMPAT), given their loader and libc.
+ARCHES=arm64,armhf
+PACKAGES=can-utils,iproute2,mosquitto,jq,kmod,procps,python3-minimal,libc6:armhf,libgcc-s1:armhf
 # Modules loaded in the guest (their dependencies come along).
 MODULES=(vcan vxcan can-raw can-j1939 can-gw can-bcm can-isotp
     virtio_pci virtio_mmio virtio-rng 9p 9pnet_virtio)
@@ -115,14 +123,14 @@ fetch_kernel() {
 # Sets ROOTFS_TAR: the arm64 userland, built once per package list.
 build_rootfs() {
     local key
-    key=$(printf '%s\n' "$SUITE" "$PACKAGES" "${MIRRORS[@]}" v1 | sha256sum | cut -c1-12)
+    key=$(printf '%s\n' "$SUITE" "$ARCHES" "$PACKAGES" "${MIRRORS[@]}" v1 | sha256sum | cut -c1-12)
     ROOTFS_TAR=$CACHE/rootfs-$SUITE-arm64-$key.tar
     if [ -e "$ROOTFS_TAR" ]; then
         ROOTFS_BUILT=cached
         return
     fi
     log "building the arm64 rootfs (mmdebstrap, maintainer scripts under qemu-user)"
-    mmdebstrap --mode=root --arch=arm64 --variant=minbase --include="$PACKAGES" \
+    mmdebstrap --mode=root --format=tar --architectures="$ARCHES" --variant=minbase --include="$PACKAGES" \
         --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
         "$SUITE" "$ROOTFS_TAR.tmp" "${MIRRORS[@]}" >"$CACHE/mmdebstrap.log" 2>&1 || {
@@ -209,10 +217,15 @@ EOF
 main() {
     [ -n "${BMSGW_ARM64_BIN:-}" ] || { log "set BMSGW_ARM64_BIN to the arm64 bmsgw"; exit 2; }
     local bin sim_bin=${BMSGW_ARM64_SIM_BIN:-$BMSGW_ARM64_BIN}
-    for bin in "$BMSGW_ARM64_BIN" "$sim_bin"; do
+    local ecu_bin=${BMSGW_ARM64_ECU_BIN:-$BMSGW_ARM64_BIN}
+    for bin in "$BMSGW_ARM64_BIN" "$sim_bin" "$ecu_bin"; do
         [ -f "$bin" ] || { log "no such file: $bin"; exit 2; }
+        # ELF, 64-bit little-endian, e_machine AArch64 (0xb7); the ECU
+        # build may also be 32-bit ARM (0x28).
         head -c 20 "$bin" | od -An -tx1 | tr -d ' \n' | grep -q '^7f454c460201.\{24\}b700' ||
-            { log "$bin is not an aarch64 ELF"; exit 2; }
+            { [ "$bin" = "$ecu_bin" ] &&
+                head -c 20 "$bin" | od -An -tx1 | tr -d ' \n' | grep -q '^7f454c460101.\{24\}2800'; } ||
+            { log "$bin is not an aarch64 ELF (nor, for BMSGW_ARM64_ECU_BIN, a 32-bit ARM one)"; exit 2; }
     done
     # The peers need `pki` and `sim` (the default features). The arm64 ELF
     # runs here through binfmt_misc (qemu-user).
@@ -236,13 +249,14 @@ main() {
     mkdir -p "$OUT/bin"
     cp "$BMSGW_ARM64_BIN" "$OUT/bin/bmsgw"
     cp "$sim_bin" "$OUT/bin/bmsgw-sim"
+    cp "$ecu_bin" "$OUT/bin/bmsgw-ecu"
     build_initrd
     {
         printf 'BMSGW_ROOT=%q\n' "$ROOT"
         printf 'BMSGW_BIN=%q\n' "$OUT/bin/bmsgw"
         printf 'BMSGW_SIM_BIN=%q\n' "$OUT/bin/bmsgw-sim"
-        printf 'BMSGW_ECU_BIN=%q\n' "$OUT/bin/bmsgw"
-        printf 'BMSGW_COMMIT=%q\n' "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        printf 'BMSGW_ECU_BIN=%q\n' "$OUT/bin/bmsgw-ecu"
+        bench_env
         printf 'BMSGW_VCAN_ONLY=%q\n' "$ONLY"
         [ -z "${BMSGW_STEP_TIMEOUT:-}" ] || printf 'BMSGW_STEP_TIMEOUT=%q\n' "$BMSGW_STEP_TIMEOUT"
         # guest.sh names the cargo test executables of the amd64 lane at top

@@ -5,6 +5,36 @@
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 
+# Best of 3 of a pure-Python loop, in ms: a CPU-bound reference timed on
+# the host and again in the guest (see bench_env).
+BENCH_REF_PY='
+import time
+best = None
+for _ in range(3):
+    t = time.perf_counter()
+    x = 0
+    for i in range(1000000):
+        x += i * i
+    ms = (time.perf_counter() - t) * 1000
+    best = ms if best is None else min(best, ms)
+print("%.1f" % best)
+'
+
+# The guest.env lines steps/bench.sh needs for its figures (the guest has no
+# view of the host): the commit, the host's load, the reference loop's time
+# here (its ratio to the guest's is the emulation's slowdown, reported
+# beside the guest's absolute times), and the bench knobs that are set.
+bench_env() {
+    printf 'BMSGW_COMMIT=%q\n' "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    printf 'BMSGW_HOST_LOADAVG=%q\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+    printf 'BMSGW_BENCH_REF_PY=%q\n' "$BENCH_REF_PY"
+    printf 'BMSGW_HOST_REF_MS=%q\n' "$(python3 -c "$BENCH_REF_PY")"
+    local b
+    for b in BMSGW_BENCH_READY_RUNS BMSGW_BENCH_REPS BMSGW_BENCH_GEN_SECS; do
+        [ -z "${!b:-}" ] || printf '%s=%q\n' "$b" "${!b}"
+    done
+}
+
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }

@@ -43,19 +43,6 @@ LANE_TIMEOUT=${BMSGW_VCAN_TIMEOUT:-1200}
 # guest.env as BMSGW_TEST_<TARGET IN UPPER CASE>. Add new targets here.
 TEST_TARGETS=(vcan_socketcan vcan_j1939 fault_disk)
 
-# Best of 3 of a pure-Python loop, in ms (see BMSGW_HOST_REF_MS below).
-BENCH_REF_PY='
-import time
-best = None
-for _ in range(3):
-    t = time.perf_counter()
-    x = 0
-    for i in range(1000000):
-        x += i * i
-    ms = (time.perf_counter() - t) * 1000
-    best = ms if best is None else min(best, ms)
-print("%.1f" % best)
-'
 
 log() { printf '[vcan lane] %s\n' "$*" >&2; }
 
@@ -162,22 +149,11 @@ main() {
         printf 'BMSGW_ROOT=%q\n' "$ROOT"
         printf 'BMSGW_BIN=%q\n' "$ROOT/target/release/bmsgw"
         printf 'BMSGW_ECU_BIN=%q\n' "$ROOT/target/ecu/release/bmsgw"
-        # For the figures steps/bench.sh records (the guest has no host view).
-        printf 'BMSGW_COMMIT=%q\n' "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-        printf 'BMSGW_HOST_LOADAVG=%q\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-        # A CPU-bound reference, timed here and again in the guest: the
-        # ratio is the emulation's slowdown, which steps/bench.sh reports
-        # beside the guest's absolute times.
-        printf 'BMSGW_BENCH_REF_PY=%q\n' "$BENCH_REF_PY"
-        printf 'BMSGW_HOST_REF_MS=%q\n' "$(python3 -c "$BENCH_REF_PY")"
+        bench_env
         [ -z "${BMSGW_VCAN_ONLY:-}" ] || printf 'BMSGW_VCAN_ONLY=%q\n' "$BMSGW_VCAN_ONLY"
         [ -z "${BMSGW_STEP_TIMEOUT:-}" ] || printf 'BMSGW_STEP_TIMEOUT=%q\n' "$BMSGW_STEP_TIMEOUT"
         [ -z "${BMSGW_FAULT_KILLS:-}" ] || printf 'BMSGW_FAULT_KILLS=%q\n' "$BMSGW_FAULT_KILLS"
         [ -z "${BMSGW_FAULT_SEED:-}" ] || printf 'BMSGW_FAULT_SEED=%q\n' "$BMSGW_FAULT_SEED"
-        local b
-        for b in BMSGW_BENCH_READY_RUNS BMSGW_BENCH_REPS BMSGW_BENCH_GEN_SECS; do
-            [ -z "${!b:-}" ] || printf '%s=%q\n' "$b" "${!b}"
-        done
         local t exe var
         for t in "${TEST_TARGETS[@]}"; do
             exe=$(test_executable "$t")

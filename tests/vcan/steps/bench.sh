@@ -89,6 +89,14 @@ step_bench_start() {
     bench_out guest_kernel "$(uname -r)"
     bench_out guest_load "$(cut -d' ' -f1-3 /proc/loadavg)"
     bench_out ecu_binary_bytes "$(stat -c %s "$BMSGW_ECU_BIN")"
+    # ELF e_machine: the arm64 lane measures an aarch64 or an armv7 build.
+    local machine
+    machine=$(od -An -tx1 -j18 -N2 "$BMSGW_ECU_BIN" | tr -d ' \n')
+    case $machine in
+    3e00) machine=x86_64 ;; b700) machine=aarch64 ;; 2800) machine=arm ;;
+    esac
+    bench_out ecu_binary_machine "$machine"
+    bench_out guest_machine "$(uname -m)"
     # The emulation's slowdown on a CPU-bound reference (run.sh timed the
     # same code on the host just before the VM booted).
     if [ -n "${BMSGW_BENCH_REF_PY:-}" ] && [ -n "${BMSGW_HOST_REF_MS:-}" ]; then
