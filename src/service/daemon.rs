@@ -39,7 +39,7 @@ use super::status::{
 use super::systemd::Systemd;
 use crate::auth::{Rng, SystemRng, VoucherWallet};
 use crate::can::{BusError, BusEvent, CanBus, SocketCanBus, SocketCanOptions};
-use crate::cloud::client::{FetchError, IdentityClient};
+use crate::cloud::client::{FetchError, FetchProgress, IdentityClient};
 use crate::cloud::envelope::{KeyPair, PublicKey};
 use crate::cloud::exchange::{ExchangeParams, PushEvent, VehicleKeys, open_push};
 use crate::cloud::link::{Incoming, Link, LinkState};
@@ -615,7 +615,10 @@ async fn push_handler(
 /// shutdown, that nothing it asked for is still in flight.
 enum StoreJob {
     /// Spend a voucher and journal its session's draft in one commit.
-    Spend { session: u64, draft: DraftBasis },
+    Spend {
+        session: u64,
+        draft: DraftBasis,
+    },
     /// Vouchers that came with a grant.
     AddVouchers(Vec<crate::auth::Credential>),
     Journal(SessionRecord),
@@ -687,10 +690,7 @@ fn run_store_job(shared: &Shared, job: StoreJob) -> LoopMsg {
                 // Not journaled: the session never presents its credential
                 // (the BMS times out).
                 Err(e) => {
-                    shared.unhealthy(format!(
-                        "store write failed: {}",
-                        super::logging::chain(&e)
-                    ));
+                    shared.unhealthy(format!("store write failed: {}", super::logging::chain(&e)));
                     LoopMsg::Stored
                 }
             }
@@ -705,10 +705,9 @@ fn run_store_job(shared: &Shared, job: StoreJob) -> LoopMsg {
                 Ok(_) => info!(record = %hex::encode(record.record_id), "record queued"),
                 // The whole chain: "outbox push failed" alone does not say
                 // that the disk is full.
-                Err(e) => shared.unhealthy(format!(
-                    "store write failed: {}",
-                    super::logging::chain(&e)
-                )),
+                Err(e) => {
+                    shared.unhealthy(format!("store write failed: {}", super::logging::chain(&e)))
+                }
             }
             LoopMsg::Stored
         }
@@ -757,17 +756,25 @@ fn encode(record: &SessionRecord) -> (String, Zeroizing<Vec<u8>>) {
 
 /// A fact for the CAN loop, from the store writer or a cloud task.
 enum LoopMsg {
-    Cloud { session: u64, answer: CloudAnswer },
-    Voucher { session: u64, answer: VoucherAnswer },
+    Cloud {
+        session: u64,
+        answer: CloudAnswer,
+    },
+    Voucher {
+        session: u64,
+        answer: VoucherAnswer,
+    },
     /// The draft `record_id` is committed.
-    Journaled { record_id: [u8; 16] },
+    Journaled {
+        record_id: [u8; 16],
+    },
     /// A store job with nothing to tell the orchestrator is done.
     Stored,
 }
 
 impl LoopMsg {
     /// Whether this answers a store job.
-    fn from_store(&self) -> bool {
+    fn answers_a_store_job(&self) -> bool {
         !matches!(self, LoopMsg::Cloud { .. })
     }
 }
@@ -783,22 +790,25 @@ async fn ask_cloud(
     tx: mpsc::UnboundedSender<LoopMsg>,
 ) {
     let started = Instant::now();
-    let pending_tx = tx.clone();
+    let progress_tx = tx.clone();
+    let counters = &shared.cloud;
     let fetched = client
-        .fetch_with(params, timeout, &mut SystemRng, move |deadline| {
-            let _ = pending_tx.send(LoopMsg::Cloud {
-                session,
-                answer: CloudAnswer::Pending { deadline },
-            });
+        .fetch_with(params, timeout, &mut SystemRng, |progress| {
+            let answer = match progress {
+                FetchProgress::Pending { deadline } => CloudAnswer::Pending { deadline },
+                // Counted as it happens: the orchestrator may stop waiting
+                // before the fetch ends.
+                FetchProgress::Refused(why) => {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    CloudAnswer::Refused(why.to_string())
+                }
+            };
+            let _ = progress_tx.send(LoopMsg::Cloud { session, answer });
         })
         .await;
-    let counters = &shared.cloud;
     let answer = match fetched {
         Ok((grant, report)) => {
             counters.grants.fetch_add(1, Ordering::Relaxed);
-            counters
-                .refused
-                .fetch_add(u64::from(report.refused), Ordering::Relaxed);
             CloudAnswer::Granted {
                 credential: grant.credential,
                 vouchers: grant.vouchers,
@@ -814,11 +824,8 @@ async fn ask_cloud(
             counters.denials.fetch_add(1, Ordering::Relaxed);
             CloudAnswer::Denied("the owner did not approve in time".into())
         }
-        Err((e, report)) => {
+        Err((e, _)) => {
             counters.timeouts.fetch_add(1, Ordering::Relaxed);
-            counters
-                .refused
-                .fetch_add(u64::from(report.refused), Ordering::Relaxed);
             CloudAnswer::Failed(e.to_string())
         }
     };
@@ -1094,9 +1101,12 @@ async fn can_loop<B: CanBus>(
                         let handle = cloud_tasks.spawn(task.instrument(span.clone()));
                         asking.insert(session, handle);
                     }
-                    Action::CancelCloud { session } => {
+                    Action::CancelCloud { session, timed_out } => {
                         if let Some(handle) = asking.remove(&session) {
                             handle.abort();
+                        }
+                        if timed_out {
+                            shared.cloud.timeouts.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Action::SpendVoucher { session, draft } => {
@@ -1161,7 +1171,7 @@ async fn can_loop<B: CanBus>(
             match rx.recv().await {
                 Some(msg) => {
                     let _g = span.enter();
-                    if msg.from_store() {
+                    if msg.answers_a_store_job() {
                         store_in_flight -= 1;
                     }
                     on_fact(&mut orch, msg, clock.now());
@@ -1245,7 +1255,7 @@ async fn can_loop<B: CanBus>(
             }
             Some(msg) = rx.recv() => {
                 let _g = span.enter();
-                if msg.from_store() {
+                if msg.answers_a_store_job() {
                     store_in_flight = store_in_flight.saturating_sub(1);
                 }
                 on_fact(&mut orch, msg, clock.now());

@@ -58,6 +58,9 @@ pub enum CloudAnswer {
     /// The cloud holds the grant until the owner approves, by `deadline`
     /// (Unix seconds).
     Pending { deadline: u32 },
+    /// An answer was refused (forged, replayed, for another vehicle); the
+    /// request goes on.
+    Refused(String),
     /// The cloud said no (denied, or the owner declined): no voucher is
     /// used then, since that would bypass the decision.
     Denied(String),
@@ -158,10 +161,17 @@ impl DraftBasis {
 #[derive(Debug)]
 pub enum Action {
     /// Ask the cloud for a grant; report [`Orchestrator::on_cloud`].
-    AskCloud { session: u64, params: ExchangeParams },
+    AskCloud {
+        session: u64,
+        params: ExchangeParams,
+    },
     /// The answer to `session`'s request is no longer wanted (a voucher is
     /// used instead, or the session ended): stop waiting for it.
-    CancelCloud { session: u64 },
+    CancelCloud {
+        session: u64,
+        /// The request timed out (rather than its session ending).
+        timed_out: bool,
+    },
     /// Spend a voucher for the pile, and journal `draft.draft(Voucher, its
     /// ticket id, now)` in the same commit, so that a voucher is spent
     /// exactly when its session has a record; report
@@ -256,13 +266,20 @@ enum Stage {
     AwaitingCloud {
         deadline: Timestamp,
         approval: Option<u32>,
+        /// Answers refused so far, and the last one's reason.
+        refused: u32,
+        last_refusal: Option<String>,
     },
-    /// The shell is spending a voucher; `why` the cloud was not used.
-    SpendingVoucher { why: String },
+    /// The shell is spending a voucher; `why` the cloud was not used, and
+    /// how many of its answers were refused.
+    SpendingVoucher { why: String, refused: u32 },
     /// An online credential, held until its draft record is durable: a
     /// crash in between would leave a session the pile accepted (and may
     /// charge) with no record of it.
-    Journaling { credential: Credential, pile: Address },
+    Journaling {
+        credential: Credential,
+        pile: Address,
+    },
     /// The credential was presented to the pile.
     Authenticating,
     /// The pile proved its key; the gate is open.
@@ -385,19 +402,32 @@ impl Orchestrator {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        let Stage::AwaitingCloud { deadline, approval } = s.stage else {
+        let Stage::AwaitingCloud {
+            deadline,
+            approval,
+            refused,
+            ref last_refusal,
+        } = s.stage
+        else {
             return;
         };
         if now < deadline {
             return;
         }
+        let refusals = last_refusal
+            .as_ref()
+            .map(|r| format!(" ({refused} answer(s) refused, last: {r})"))
+            .unwrap_or_default();
         let session = s.view.session;
-        self.actions.push_back(Action::CancelCloud { session });
+        self.actions.push_back(Action::CancelCloud {
+            session,
+            timed_out: true,
+        });
         if approval.is_some() {
-            self.fail_credential("the owner did not approve in time".into());
+            self.fail_credential(format!("the owner did not approve in time{refusals}"));
         } else {
             let why = format!(
-                "cloud: no answer within {:?}",
+                "cloud: no valid answer within {:?}{refusals}",
                 self.policy.request_timeout
             );
             self.spend_voucher(why);
@@ -478,6 +508,8 @@ impl Orchestrator {
                             s.stage = Stage::AwaitingCloud {
                                 deadline: now + self.policy.request_timeout,
                                 approval: None,
+                                refused: 0,
+                                last_refusal: None,
                             };
                         }
                         self.actions.push_back(Action::AskCloud {
@@ -566,14 +598,29 @@ impl Orchestrator {
                 // for the final answer to travel.
                 let wait = Duration::from_secs(u64::from(deadline.saturating_sub(unix)))
                     + self.policy.request_timeout;
-                if let Some(s) = self.session.as_mut() {
-                    s.stage = Stage::AwaitingCloud {
-                        deadline: now + wait,
-                        approval: Some(deadline),
-                    };
+                if let Some(Stage::AwaitingCloud {
+                    deadline: until,
+                    approval,
+                    ..
+                }) = self.session.as_mut().map(|s| &mut s.stage)
+                {
+                    *until = now + wait;
+                    *approval = Some(deadline);
                 }
                 info!(deadline, "awaiting owner approval");
-                self.notices.push_back(Notice::AwaitingApproval { deadline });
+                self.notices
+                    .push_back(Notice::AwaitingApproval { deadline });
+            }
+            CloudAnswer::Refused(why) => {
+                if let Some(Stage::AwaitingCloud {
+                    refused,
+                    last_refusal,
+                    ..
+                }) = self.session.as_mut().map(|s| &mut s.stage)
+                {
+                    *refused += 1;
+                    *last_refusal = Some(why);
+                }
             }
             CloudAnswer::Denied(reason) => self.fail_credential(reason),
             CloudAnswer::Failed(why) => self.spend_voucher(format!("cloud: {why}")),
@@ -582,8 +629,10 @@ impl Orchestrator {
 
     /// What the wallet did with [`Action::SpendVoucher`] for `session`.
     pub fn on_voucher(&mut self, session: u64, answer: VoucherAnswer, unix: u32) {
-        let why = match self.session.as_ref().map(|s| (s.view.session, &s.stage)) {
-            Some((id, Stage::SpendingVoucher { why })) if id == session => why.clone(),
+        let (why, refused) = match self.session.as_ref().map(|s| (s.view.session, &s.stage)) {
+            Some((id, Stage::SpendingVoucher { why, refused })) if id == session => {
+                (why.clone(), *refused)
+            }
             _ => {
                 if let VoucherAnswer::Taken(credential) = &answer {
                     self.late_voucher(session, credential);
@@ -601,7 +650,7 @@ impl Orchestrator {
                 credential,
                 CredentialKind::Voucher,
                 Duration::ZERO,
-                0,
+                refused,
                 format!("voucher ({why})"),
                 unix,
             ),
@@ -688,7 +737,12 @@ impl Orchestrator {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        s.stage = Stage::SpendingVoucher { why };
+        // The cloud's refused answers, counted while it was asked.
+        let refused = match s.stage {
+            Stage::AwaitingCloud { refused, .. } => refused,
+            _ => 0,
+        };
+        s.stage = Stage::SpendingVoucher { why, refused };
         self.actions.push_back(Action::SpendVoucher {
             session: s.view.session,
             draft,
@@ -869,6 +923,7 @@ impl Orchestrator {
         {
             self.actions.push_back(Action::CancelCloud {
                 session: s.view.session,
+                timed_out: false,
             });
         }
         if let Some(s) = self

@@ -131,7 +131,11 @@ fn online_session_asks_journals_authenticates_and_records() {
     let next = actions(&mut o);
     // The grant's vouchers are kept; the credential waits for the draft to
     // be durable.
-    let [Action::StoreVouchers { vouchers }, Action::Journal { draft }] = &next[..] else {
+    let [
+        Action::StoreVouchers { vouchers },
+        Action::Journal { draft },
+    ] = &next[..]
+    else {
         panic!("expected the vouchers and the journal, got {next:?}");
     };
     assert_eq!(vouchers.len(), 2);
@@ -191,12 +195,20 @@ fn a_voucher_is_used_when_the_cloud_does_not_answer_in_time() {
     let mut o = orch();
     let mut rng = StreamRng::new(9);
     let session = asked(&mut o, 1000, &mut rng);
+    // A forged answer is refused by the shell's exchange; the wait goes on.
+    o.on_cloud(
+        session,
+        CloudAnswer::Refused("bad signature".into()),
+        t(1500),
+        NOW,
+    );
+    assert!(actions(&mut o).is_empty());
     o.handle_timeout(t(1000) + (TIMEOUT - Duration::from_millis(1)));
     assert!(actions(&mut o).is_empty(), "not before the timeout");
     o.handle_timeout(t(1000) + TIMEOUT);
     let acts = actions(&mut o);
     assert!(
-        matches!(acts.first(), Some(Action::CancelCloud { session: s }) if *s == session),
+        matches!(acts.first(), Some(Action::CancelCloud { session: s, timed_out: true }) if *s == session),
         "{acts:?}"
     );
     let [_, Action::SpendVoucher { draft, .. }] = &acts[..] else {
@@ -208,11 +220,14 @@ fn a_voucher_is_used_when_the_cloud_does_not_answer_in_time() {
     assert!(matches!(actions(&mut o)[..], [Action::StartAuth { .. }]));
     let n = notices(&mut o);
     assert!(
-        n.iter().any(|n| matches!(n, Notice::Credential { kind: CredentialKind::Voucher, detail, .. }
-            if detail.contains("no answer within"))),
+        n.iter().any(|n| matches!(n, Notice::Credential { kind: CredentialKind::Voucher, detail, refused: 1, .. }
+            if detail.contains("no valid answer within 2s (1 answer(s) refused, last: bad signature)"))),
         "{n:?}"
     );
-    assert_eq!(o.current().and_then(|v| v.credential), Some(CredentialKind::Voucher));
+    assert_eq!(
+        o.current().and_then(|v| v.credential),
+        Some(CredentialKind::Voucher)
+    );
 }
 
 /// A link known down (in backoff) or disabled is not asked: the BMS waits
@@ -257,7 +272,12 @@ fn a_failed_request_falls_back_to_a_voucher_at_once() {
     let mut o = orch();
     let mut rng = StreamRng::new(9);
     let session = asked(&mut o, 0, &mut rng);
-    o.on_cloud(session, CloudAnswer::Failed("link stopped".into()), t(10), NOW);
+    o.on_cloud(
+        session,
+        CloudAnswer::Failed("link stopped".into()),
+        t(10),
+        NOW,
+    );
     spending(&mut o, session);
     assert_eq!(o.poll_timeout(), None);
 }
@@ -277,7 +297,12 @@ fn a_denial_is_final() {
     assert!(actions(&mut o).is_empty(), "no voucher after a denial");
     o.handle_timeout(t(10) + TIMEOUT * 3);
     assert!(actions(&mut o).is_empty(), "and none at the old deadline");
-    o.on_observer(ended(EndResult::BmsError("CRM timeout".into()), None), t(6000), NOW + 6, &mut rng);
+    o.on_observer(
+        ended(EndResult::BmsError("CRM timeout".into()), None),
+        t(6000),
+        NOW + 6,
+        &mut rng,
+    );
     let end = actions(&mut o);
     assert!(no_record(&end), "{end:?}");
     assert!(
@@ -294,7 +319,12 @@ fn owner_approval_extends_the_wait_and_its_timeout_is_a_refusal() {
     let mut o = orch();
     let mut rng = StreamRng::new(9);
     let session = asked(&mut o, 0, &mut rng);
-    o.on_cloud(session, CloudAnswer::Pending { deadline: NOW + 60 }, t(100), NOW);
+    o.on_cloud(
+        session,
+        CloudAnswer::Pending { deadline: NOW + 60 },
+        t(100),
+        NOW,
+    );
     assert!(o.awaiting_approval());
     let n = notices(&mut o);
     assert!(
@@ -304,7 +334,10 @@ fn owner_approval_extends_the_wait_and_its_timeout_is_a_refusal() {
     let deadline = t(100) + Duration::from_secs(60) + TIMEOUT;
     assert_eq!(o.poll_timeout(), Some(deadline));
     o.handle_timeout(t(0) + TIMEOUT);
-    assert!(actions(&mut o).is_empty(), "the first timeout no longer applies");
+    assert!(
+        actions(&mut o).is_empty(),
+        "the first timeout no longer applies"
+    );
     o.handle_timeout(deadline);
     let acts = actions(&mut o);
     assert!(
@@ -313,14 +346,21 @@ fn owner_approval_extends_the_wait_and_its_timeout_is_a_refusal() {
     );
     assert!(!o.awaiting_approval());
     assert!(
-        notices(&mut o).iter().any(|n| matches!(n, Notice::NoCredential { reason }
+        notices(&mut o)
+            .iter()
+            .any(|n| matches!(n, Notice::NoCredential { reason }
             if reason.contains("did not approve in time"))),
     );
 
     // Approved in time: the grant is used as any other.
     let mut o = orch();
     let session = asked(&mut o, 0, &mut rng);
-    o.on_cloud(session, CloudAnswer::Pending { deadline: NOW + 60 }, t(100), NOW);
+    o.on_cloud(
+        session,
+        CloudAnswer::Pending { deadline: NOW + 60 },
+        t(100),
+        NOW,
+    );
     o.on_cloud(session, granted(0), t(30_000), NOW + 30);
     assert!(!o.awaiting_approval());
     assert!(matches!(actions(&mut o)[..], [Action::Journal { .. }]));
@@ -338,20 +378,32 @@ fn a_stop_while_waiting_for_the_cloud_spends_and_records_nothing() {
         if shutdown {
             o.on_shutdown(NOW + 1);
         } else {
-            o.on_observer(ended(EndResult::Silence(Duration::from_secs(10)), None), t(900), NOW + 1, &mut rng);
+            o.on_observer(
+                ended(EndResult::Silence(Duration::from_secs(10)), None),
+                t(900),
+                NOW + 1,
+                &mut rng,
+            );
         }
         let acts = actions(&mut o);
         assert!(
-            acts.iter().any(|a| matches!(a, Action::CancelCloud { session: s } if *s == session)),
+            acts.iter().any(|a| matches!(a, Action::CancelCloud { session: s, timed_out: false } if *s == session)),
             "{acts:?}"
         );
         assert!(no_record(&acts), "{acts:?}");
-        assert!(!acts.iter().any(|a| matches!(a, Action::SpendVoucher { .. })));
+        assert!(
+            !acts
+                .iter()
+                .any(|a| matches!(a, Action::SpendVoucher { .. }))
+        );
         assert_eq!(o.poll_timeout(), None);
         // An answer that still comes is dropped; its vouchers are kept.
         o.on_cloud(session, granted(1), t(1000), NOW + 2);
         let late = actions(&mut o);
-        assert!(matches!(late[..], [Action::StoreVouchers { .. }]), "{late:?}");
+        assert!(
+            matches!(late[..], [Action::StoreVouchers { .. }]),
+            "{late:?}"
+        );
     }
 }
 
@@ -388,20 +440,32 @@ fn no_credential_reaches_the_pile_before_its_draft_is_durable() {
     let acts = actions(&mut o);
     assert!(matches!(acts[..], [Action::Journal { .. }]), "{acts:?}");
     o.on_auth(AuthOutcome::FakePile, t(60));
-    assert!(actions(&mut o).is_empty(), "no handshake runs before the commit");
+    assert!(
+        actions(&mut o).is_empty(),
+        "no handshake runs before the commit"
+    );
     // Voucher: the spend is the commit.
     let mut o = orch();
     let session = asked(&mut o, 0, &mut rng);
     o.on_cloud(session, CloudAnswer::Failed("x".into()), t(10), NOW);
     spending(&mut o, session);
     o.on_voucher(session, VoucherAnswer::Failed("disk full".into()), NOW);
-    assert!(actions(&mut o).is_empty(), "a failed spend presents nothing");
+    assert!(
+        actions(&mut o).is_empty(),
+        "a failed spend presents nothing"
+    );
     let n = notices(&mut o);
     assert!(
-        n.iter().any(|n| matches!(n, Notice::NoCredential { reason } if reason.contains("disk full"))),
+        n.iter()
+            .any(|n| matches!(n, Notice::NoCredential { reason } if reason.contains("disk full"))),
         "{n:?}"
     );
-    o.on_observer(ended(EndResult::BmsError("CRM timeout".into()), None), t(6000), NOW + 6, &mut rng);
+    o.on_observer(
+        ended(EndResult::BmsError("CRM timeout".into()), None),
+        t(6000),
+        NOW + 6,
+        &mut rng,
+    );
     assert!(no_record(&actions(&mut o)), "nothing was spent");
 }
 
@@ -575,8 +639,7 @@ fn shutdown_mid_session_records_it_as_interrupted() {
         panic!("expected a failure, got {:?}", record.result);
     };
     assert!(
-        reason.contains("interrupted in the handshake phase")
-            && reason.contains("gateway stopped"),
+        reason.contains("interrupted in the handshake phase") && reason.contains("gateway stopped"),
         "{reason}"
     );
     assert_eq!(record.stopped_at, NOW + 3);
