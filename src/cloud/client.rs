@@ -48,6 +48,17 @@ pub struct FetchReport {
     pub pending_until: Option<u32>,
 }
 
+/// What happens while a fetch waits, as it happens.
+#[derive(Debug)]
+pub enum FetchProgress<'a> {
+    /// The cloud holds the grant for the owner until `deadline` (Unix
+    /// seconds).
+    Pending { deadline: u32 },
+    /// An answer was refused (forged, replayed, for another vehicle); the
+    /// fetch goes on waiting for the genuine one.
+    Refused(&'a ExchangeError),
+}
+
 /// The vehicle's side of the cloud link.
 #[derive(Clone, Debug)]
 pub struct IdentityClient {
@@ -80,15 +91,16 @@ impl IdentityClient {
         self.fetch_with(params, timeout, rng, |_| {}).await
     }
 
-    /// [`fetch`](Self::fetch), calling `on_pending` with the approval
-    /// deadline when the cloud holds the grant for the owner (so the
-    /// gateway can show "awaiting approval" while it waits).
+    /// [`fetch`](Self::fetch), telling `on_progress` what happens while it
+    /// waits: the approval deadline when the cloud holds the grant for the
+    /// owner, and each refused answer (so the gateway can count them even
+    /// if it stops waiting first).
     pub async fn fetch_with(
         &self,
         params: ExchangeParams,
         timeout: Duration,
         rng: &mut dyn Rng,
-        mut on_pending: impl FnMut(u32) + Send,
+        mut on_progress: impl FnMut(FetchProgress<'_>) + Send,
     ) -> Result<(Grant, FetchReport), (FetchError, FetchReport)> {
         let (mut exchange, request) = IdentityExchange::start(params, &self.keys, unix_now(), rng);
         let mut report = FetchReport::default();
@@ -138,7 +150,7 @@ impl IdentityClient {
                 Ok(ExchangeEvent::PendingApproval { deadline }) => {
                     info!(vehicle = %self.keys.vehicle_id, deadline, "awaiting owner approval");
                     report.pending_until = Some(deadline);
-                    on_pending(deadline);
+                    on_progress(FetchProgress::Pending { deadline });
                     give_up = instant_at_unix(deadline) + timeout;
                 }
                 Ok(ExchangeEvent::Denied { reason, detail }) => {
@@ -148,6 +160,7 @@ impl IdentityClient {
                 Err(refusal) => {
                     warn!(vehicle = %self.keys.vehicle_id, error = %refusal, "answer refused");
                     report.refused += 1;
+                    on_progress(FetchProgress::Refused(&refusal));
                     last_refusal = Some(refusal.to_string());
                 }
             }

@@ -19,14 +19,14 @@
 //! open), CAN, control socket, then READY to systemd. The cloud link starts
 //! last and connects on its own schedule; the daemon does not wait for it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use zeroize::Zeroizing;
 
@@ -39,7 +39,7 @@ use super::status::{
 use super::systemd::Systemd;
 use crate::auth::{Rng, SystemRng, VoucherWallet};
 use crate::can::{BusError, BusEvent, CanBus, SocketCanBus, SocketCanOptions};
-use crate::cloud::client::{FetchError, IdentityClient};
+use crate::cloud::client::{FetchError, FetchProgress, IdentityClient};
 use crate::cloud::envelope::{KeyPair, PublicKey};
 use crate::cloud::exchange::{ExchangeParams, PushEvent, VehicleKeys, open_push};
 use crate::cloud::link::{Incoming, Link, LinkState};
@@ -51,7 +51,8 @@ use crate::gateway::bridge::{Bridge, BridgeEvent};
 use crate::gateway::firewall::{FirewallConfig, RateLimit, Side};
 use crate::gateway::observer::{ObserverConfig, SessionObserver};
 use crate::gateway::orchestrator::{
-    Action, CredentialResult, DraftBasis, Notice, Orchestrator, SessionView,
+    Action, CloudAnswer, CloudLink, CredentialPolicy, DraftBasis, Notice, Orchestrator,
+    SessionView, VoucherAnswer,
 };
 use crate::gateway::vehicle_auth::AuthNode;
 use crate::j1939::Pgn;
@@ -183,7 +184,6 @@ pub async fn run_on<B: CanBus + 'static>(
         errors: Mutex::new(VecDeque::new()),
         healthy: AtomicBool::new(true),
         unhealthy_reason: Mutex::new(None),
-        live_session: AtomicU64::new(0),
     });
 
     // Under systemd the RuntimeDirectory exists already; elsewhere (tests,
@@ -222,7 +222,14 @@ pub async fn run_on<B: CanBus + 'static>(
     // them.
     let wake = Arc::new(Notify::new());
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel::<StoreJob>();
-    let writer = tokio::spawn(store_writer(shared.clone(), jobs_rx, wake.clone()));
+    // Facts for the CAN loop: the store writer's answers and the cloud's.
+    let (facts_tx, facts_rx) = mpsc::unbounded_channel::<LoopMsg>();
+    let writer = tokio::spawn(store_writer(
+        shared.clone(),
+        jobs_rx,
+        facts_tx.clone(),
+        wake.clone(),
+    ));
 
     systemd.status(&format!("{mode}: CAN and store up; cloud connecting"));
     systemd.ready();
@@ -254,6 +261,7 @@ pub async fn run_on<B: CanBus + 'static>(
         shared: shared.clone(),
         client: client.clone(),
         jobs: jobs_tx,
+        facts: (facts_tx, facts_rx),
         observe,
         systemd: &systemd,
     };
@@ -373,10 +381,6 @@ struct Shared {
     errors: Mutex<VecDeque<ErrorEntry>>,
     healthy: AtomicBool,
     unhealthy_reason: Mutex<Option<String>>,
-    /// The session in progress (0: none), kept by the CAN loop, so that a
-    /// credential task does not spend a voucher for a session that ended
-    /// while the cloud was being asked.
-    live_session: AtomicU64,
 }
 
 /// How many errors `status` keeps.
@@ -606,55 +610,138 @@ async fn push_handler(
 // ---------------------------------------------------------------------------
 // The store writer
 
+/// The orchestrator's store actions, done in order. Each job answers the
+/// CAN loop with exactly one [`LoopMsg`], which is how the loop knows, at
+/// shutdown, that nothing it asked for is still in flight.
 enum StoreJob {
-    /// The draft, and who is told once it is committed (the loop, which
-    /// holds the credential back until then).
-    Journal(SessionRecord, oneshot::Sender<()>),
+    /// Spend a voucher and journal its session's draft in one commit.
+    Spend {
+        session: u64,
+        draft: DraftBasis,
+    },
+    /// Vouchers that came with a grant.
+    AddVouchers(Vec<crate::auth::Credential>),
+    Journal(SessionRecord),
     Record(SessionRecord),
 }
 
 async fn store_writer(
     shared: Arc<Shared>,
     mut jobs: mpsc::UnboundedReceiver<StoreJob>,
+    facts: mpsc::UnboundedSender<LoopMsg>,
     wake: Arc<Notify>,
 ) {
     while let Some(job) = jobs.recv().await {
-        let store = shared.store.clone();
-        let outbox = shared.outbox.clone();
-        let result =
-            tokio::task::spawn_blocking(move || -> Result<(&'static str, [u8; 16]), StoreError> {
-                match job {
-                    StoreJob::Journal(draft, committed) => {
-                        let (topic, payload) = encode(&draft);
-                        // Not told on failure: the session then never
-                        // presents its credential (the BMS times out).
-                        store.journal_open(&draft.record_id, &topic, &payload)?;
-                        let _ = committed.send(());
-                        Ok(("draft journaled", draft.record_id))
-                    }
-                    StoreJob::Record(record) => {
-                        let (topic, payload) = encode(&record);
-                        outbox.push_record(&topic, &payload)?;
-                        store.journal_close(&record.record_id)?;
-                        Ok(("record queued", record.record_id))
+        let s = shared.clone();
+        let done = tokio::task::spawn_blocking(move || run_store_job(&s, job)).await;
+        let msg = match done {
+            Ok(msg) => msg,
+            Err(e) => {
+                shared.unhealthy(format!("store task failed: {e}"));
+                LoopMsg::Stored
+            }
+        };
+        if matches!(msg, LoopMsg::Journaled { .. } | LoopMsg::Stored) {
+            wake.notify_one();
+        }
+        let _ = facts.send(msg);
+    }
+}
+
+/// One store job, on a blocking thread; its answer for the loop.
+fn run_store_job(shared: &Shared, job: StoreJob) -> LoopMsg {
+    match job {
+        StoreJob::Spend { session, draft } => LoopMsg::Voucher {
+            session,
+            answer: spend_voucher(shared, &draft),
+        },
+        StoreJob::AddVouchers(vouchers) => {
+            let stored = match shared.wallet.lock() {
+                Ok(mut w) => vouchers
+                    .into_iter()
+                    .filter(|v| match w.add(v.clone()) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(error = %e, "voucher from the grant not stored");
+                            false
+                        }
+                    })
+                    .count(),
+                Err(_) => 0,
+            };
+            debug!(stored, "vouchers from the grant stored");
+            LoopMsg::Stored
+        }
+        StoreJob::Journal(draft) => {
+            let (topic, payload) = encode(&draft);
+            match shared
+                .store
+                .journal_open(&draft.record_id, &topic, &payload)
+            {
+                // Info, with the record id, once committed: an operator (and
+                // the VM lane's kill -9 check) can match every record the
+                // daemon owes the cloud against what the cloud received.
+                Ok(()) => {
+                    info!(record = %hex::encode(draft.record_id), "draft journaled");
+                    LoopMsg::Journaled {
+                        record_id: draft.record_id,
                     }
                 }
-            })
-            .await;
-        match result {
-            // Info, with the record id, once committed: an operator (and the
-            // VM lane's kill -9 check) can match every record the daemon
-            // owes the cloud against what the cloud received.
-            Ok(Ok((what, record_id))) => {
-                info!(record = %hex::encode(record_id), "{what}");
-                wake.notify_one();
+                // Not journaled: the session never presents its credential
+                // (the BMS times out).
+                Err(e) => {
+                    shared.unhealthy(format!("store write failed: {}", super::logging::chain(&e)));
+                    LoopMsg::Stored
+                }
             }
-            // The whole chain: "outbox push failed" alone does not say
-            // that the disk is full.
-            Ok(Err(e)) => {
-                shared.unhealthy(format!("store write failed: {}", super::logging::chain(&e)))
+        }
+        StoreJob::Record(record) => {
+            let (topic, payload) = encode(&record);
+            let queued = shared
+                .outbox
+                .push_record(&topic, &payload)
+                .and_then(|_| shared.store.journal_close(&record.record_id));
+            match queued {
+                Ok(_) => info!(record = %hex::encode(record.record_id), "record queued"),
+                // The whole chain: "outbox push failed" alone does not say
+                // that the disk is full.
+                Err(e) => {
+                    shared.unhealthy(format!("store write failed: {}", super::logging::chain(&e)))
+                }
             }
-            Err(e) => shared.unhealthy(format!("store task failed: {e}")),
+            LoopMsg::Stored
+        }
+    }
+}
+
+/// Spends a voucher for the draft's pile with the draft record in the same
+/// commit: a voucher is spent exactly when its session has a record.
+fn spend_voucher(shared: &Shared, draft: &DraftBasis) -> VoucherAnswer {
+    let Ok(mut wallet) = shared.wallet.lock() else {
+        return VoucherAnswer::Failed("wallet lock poisoned".into());
+    };
+    let now = unix_now();
+    let taken = wallet.take_journaled(draft.charger_number, now, |credential| {
+        let record = draft.draft(CredentialKind::Voucher, credential.ticket_id(), now);
+        let (topic, payload) = encode(&record);
+        Draft {
+            record_id: record.record_id,
+            topic,
+            payload: payload.to_vec(),
+        }
+    });
+    match taken {
+        Ok(Some(credential)) => {
+            // Greppable like the journal's: the VM lane's kill -9 check
+            // matches every record owed against the cloud's.
+            info!(record = %hex::encode(draft.record_id), "draft journaled");
+            VoucherAnswer::Taken(credential)
+        }
+        Ok(None) => VoucherAnswer::None,
+        Err(e) => {
+            let e = super::logging::chain(&e);
+            shared.error(format!("wallet: {e}"));
+            VoucherAnswer::Failed(e)
         }
     }
 }
@@ -665,191 +752,106 @@ fn encode(record: &SessionRecord) -> (String, Zeroizing<Vec<u8>>) {
 }
 
 // ---------------------------------------------------------------------------
-// Credentials
+// The cloud
 
+/// A fact for the CAN loop, from the store writer or a cloud task.
 enum LoopMsg {
-    Credential {
+    Cloud {
         session: u64,
-        result: CredentialResult,
+        answer: CloudAnswer,
     },
-    Pending {
+    Voucher {
         session: u64,
-        deadline: u32,
+        answer: VoucherAnswer,
     },
     /// The draft `record_id` is committed.
     Journaled {
         record_id: [u8; 16],
     },
+    /// A store job with nothing to tell the orchestrator is done.
+    Stored,
 }
 
-/// Cloud first; a voucher when the cloud does not answer within the
-/// request timeout, or at once when the link is known to be down (in
-/// backoff after a failed attempt): the BMS waits only 5 s for CRM(0xAA).
-/// A link that is still connecting gets the request (it is sent on
-/// connect) and the timeout.
-async fn obtain_credential(
+impl LoopMsg {
+    /// Whether this answers a store job.
+    fn answers_a_store_job(&self) -> bool {
+        !matches!(self, LoopMsg::Cloud { .. })
+    }
+}
+
+/// Asks the cloud for `session`'s grant and reports what happened: the
+/// answer, or why there is none. The orchestrator decides what follows.
+async fn ask_cloud(
     session: u64,
-    client: Option<IdentityClient>,
+    client: IdentityClient,
     shared: Arc<Shared>,
     params: ExchangeParams,
-    draft: DraftBasis,
     timeout: Duration,
     tx: mpsc::UnboundedSender<LoopMsg>,
 ) {
-    let charger = params.charger_number;
     let started = Instant::now();
-    let why = match client {
-        Some(client)
-            if matches!(
-                client.link().state(),
-                LinkState::Connected | LinkState::Connecting
-            ) =>
-        {
-            let pending_tx = tx.clone();
-            let fetched = client
-                .fetch_with(params, timeout, &mut SystemRng, move |deadline| {
-                    let _ = pending_tx.send(LoopMsg::Pending { session, deadline });
-                })
-                .await;
-            match fetched {
-                Ok((grant, report)) => {
-                    shared.cloud.grants.fetch_add(1, Ordering::Relaxed);
-                    shared
-                        .cloud
-                        .refused
-                        .fetch_add(u64::from(report.refused), Ordering::Relaxed);
-                    let stored = store_vouchers(&shared, grant.vouchers).await;
-                    debug!(stored, "vouchers from the grant stored");
-                    let _ = tx.send(LoopMsg::Credential {
-                        session,
-                        result: CredentialResult::Online {
-                            credential: grant.credential,
-                            elapsed: started.elapsed(),
-                            refused: report.refused,
-                        },
-                    });
-                    return;
+    let progress_tx = tx.clone();
+    let counters = &shared.cloud;
+    let fetched = client
+        .fetch_with(params, timeout, &mut SystemRng, |progress| {
+            let answer = match progress {
+                FetchProgress::Pending { deadline } => CloudAnswer::Pending { deadline },
+                // Counted as it happens: the orchestrator may stop waiting
+                // before the fetch ends.
+                FetchProgress::Refused(why) => {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    CloudAnswer::Refused(why.to_string())
                 }
-                Err((FetchError::Denied { reason, detail }, _)) => {
-                    shared.cloud.denials.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.send(LoopMsg::Credential {
-                        session,
-                        result: CredentialResult::Denied(format!(
-                            "the cloud denied the grant ({reason}): {detail}"
-                        )),
-                    });
-                    return;
-                }
-                Err((FetchError::ApprovalTimeout { .. }, _)) => {
-                    shared.cloud.denials.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.send(LoopMsg::Credential {
-                        session,
-                        result: CredentialResult::Denied(
-                            "the owner did not approve in time".into(),
-                        ),
-                    });
-                    return;
-                }
-                Err((e, report)) => {
-                    shared.cloud.timeouts.fetch_add(1, Ordering::Relaxed);
-                    shared
-                        .cloud
-                        .refused
-                        .fetch_add(u64::from(report.refused), Ordering::Relaxed);
-                    format!("cloud: {e}")
-                }
+            };
+            let _ = progress_tx.send(LoopMsg::Cloud { session, answer });
+        })
+        .await;
+    let answer = match fetched {
+        Ok((grant, report)) => {
+            counters.grants.fetch_add(1, Ordering::Relaxed);
+            CloudAnswer::Granted {
+                credential: grant.credential,
+                vouchers: grant.vouchers,
+                elapsed: started.elapsed(),
+                refused: report.refused,
             }
         }
-        Some(client) => format!("cloud link is {}", link_state_name(client.link().state())),
-        None => "cloud link disabled".to_string(),
+        Err((FetchError::Denied { reason, detail }, _)) => {
+            counters.denials.fetch_add(1, Ordering::Relaxed);
+            CloudAnswer::Denied(format!("the cloud denied the grant ({reason}): {detail}"))
+        }
+        Err((FetchError::ApprovalTimeout { .. }, _)) => {
+            counters.denials.fetch_add(1, Ordering::Relaxed);
+            CloudAnswer::Denied("the owner did not approve in time".into())
+        }
+        Err((e, _)) => {
+            counters.timeouts.fetch_add(1, Ordering::Relaxed);
+            CloudAnswer::Failed(e.to_string())
+        }
     };
-    // The liveness check, the spend and the hand-over to the loop happen
-    // under the wallet's lock: the loop, when it stops, takes that lock
-    // after clearing `live_session`, so a voucher is either handed over
-    // before the loop's last look at its messages (and recorded), or never
-    // taken.
-    let shared_b = shared.clone();
-    let tx_b = tx.clone();
-    let why_b = why.clone();
-    let handed_over = tokio::task::spawn_blocking(move || {
-        let why = why_b;
-        let mut wallet = match shared_b.wallet.lock() {
-            Ok(w) => w,
-            Err(_) => return Err("wallet lock poisoned".to_string()),
-        };
-        if shared_b.live_session.load(Ordering::SeqCst) != session {
-            // Nothing was sent yet: keep the voucher for a session that
-            // can use it.
-            info!(%why, "the session ended before a credential arrived; no voucher taken");
-            let result = CredentialResult::Unavailable(format!("{why}; the session had ended"));
-            let _ = tx_b.send(LoopMsg::Credential { session, result });
-            return Ok(());
-        }
-        // The draft record goes into the spend's own commit: the voucher is
-        // spent exactly when its session has a record to report.
-        let now = unix_now();
-        let taken = wallet.take_journaled(charger, now, |credential| {
-            let record = draft.draft(CredentialKind::Voucher, credential.ticket_id(), now);
-            let (topic, payload) = encode(&record);
-            Draft {
-                record_id: record.record_id,
-                topic,
-                payload: payload.to_vec(),
-            }
-        });
-        let result = match taken {
-            Ok(Some(credential)) => {
-                // Greppable like the store writer's: the VM lane's kill -9
-                // check matches every record owed against the cloud's.
-                info!(record = %hex::encode(draft.record_id), "draft journaled");
-                CredentialResult::Voucher {
-                    credential,
-                    why: format!("voucher ({why})"),
-                    journaled: true,
-                }
-            }
-            Ok(None) => CredentialResult::Unavailable(format!(
-                "{why}, and no voucher for charger {charger}"
-            )),
-            Err(e) => {
-                let e = super::logging::chain(&e);
-                shared_b.error(format!("wallet: {e}"));
-                CredentialResult::Unavailable(format!("{why}, and the wallet failed: {e}"))
-            }
-        };
-        let _ = tx_b.send(LoopMsg::Credential { session, result });
-        Ok(())
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r);
-    if let Err(e) = handed_over {
-        shared.error(format!("wallet: {e}"));
-        let result = CredentialResult::Unavailable(format!("{why}, and the wallet failed: {e}"));
-        let _ = tx.send(LoopMsg::Credential { session, result });
+    let _ = tx.send(LoopMsg::Cloud { session, answer });
+}
+
+/// The link's state as the orchestrator needs it.
+fn cloud_link(state: LinkState) -> CloudLink {
+    match state {
+        LinkState::Connected | LinkState::Connecting => CloudLink::Usable,
+        other => CloudLink::Down(link_state_name(other).to_string()),
     }
 }
 
-async fn store_vouchers(shared: &Shared, vouchers: Vec<crate::auth::Credential>) -> usize {
-    if vouchers.is_empty() {
-        return 0;
+async fn link_changed(watch: &mut Option<watch::Receiver<LinkState>>) -> Option<LinkState> {
+    match watch {
+        Some(w) => match w.changed().await {
+            Ok(()) => Some(*w.borrow_and_update()),
+            Err(_) => {
+                // The link is gone (shutdown): no more changes.
+                *watch = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
     }
-    let wallet = shared.wallet.clone();
-    tokio::task::spawn_blocking(move || {
-        let Ok(mut w) = wallet.lock() else { return 0 };
-        vouchers
-            .into_iter()
-            .filter(|v| match w.add(v.clone()) {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(error = %e, "voucher from the grant not stored");
-                    false
-                }
-            })
-            .count()
-    })
-    .await
-    .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -860,6 +862,11 @@ struct LoopCtx<'a> {
     shared: Arc<Shared>,
     client: Option<IdentityClient>,
     jobs: mpsc::UnboundedSender<StoreJob>,
+    /// Where the store writer and the cloud tasks report facts.
+    facts: (
+        mpsc::UnboundedSender<LoopMsg>,
+        mpsc::UnboundedReceiver<LoopMsg>,
+    ),
     observe: Observe,
     systemd: &'a Systemd,
 }
@@ -929,15 +936,26 @@ async fn can_loop<B: CanBus>(
         pile: can.pile_address,
         silence: config.session.bus_silence,
     });
-    let mut orch = Orchestrator::new(config.vehicle.id.clone(), config.cloud.want_vouchers)
-        .with_throttle(config.session.throttle);
+    let mut orch = Orchestrator::new(
+        config.vehicle.id.clone(),
+        CredentialPolicy {
+            want_vouchers: config.cloud.want_vouchers,
+            request_timeout: config.cloud.request_timeout,
+        },
+    )
+    .with_throttle(config.session.throttle);
+    let mut link_watch = ctx.client.as_ref().map(|c| c.link().state_watch());
+    orch.on_cloud_link(match &link_watch {
+        Some(w) => cloud_link(*w.borrow()),
+        None => CloudLink::Disabled,
+    });
     let mut auth: Option<AuthNode> = None;
     let auth_config = crate::auth::VehicleAuthConfig {
         challenge_timeout: config.session.auth_timeout,
         result_timeout: config.session.auth_timeout,
         ..crate::auth::VehicleAuthConfig::default()
     };
-    let (tx, mut rx) = mpsc::unbounded_channel::<LoopMsg>();
+    let (tx, mut rx) = ctx.facts;
     let mut counters = [BusCounters {
         up: true,
         ..Default::default()
@@ -949,10 +967,13 @@ async fn can_loop<B: CanBus>(
         .map(|every| tokio::time::interval(every.max(Duration::from_millis(100))));
     let mut shutdown = std::pin::pin!(shutdown);
     let mut stopping = false;
-    let mut settled = false;
     let mut rng = SystemRng;
-    // Credential tasks in flight; settled before the loop returns.
-    let mut credential_tasks = tokio::task::JoinSet::new();
+    // Cloud requests in flight, by session: the orchestrator cancels them.
+    let mut cloud_tasks = tokio::task::JoinSet::new();
+    let mut asking: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+    // Store jobs sent and not yet answered: the loop ends only when none is
+    // left, so that a voucher spent as the gateway stops gets its record.
+    let mut store_in_flight = 0usize;
 
     loop {
         // Move everything along until nothing moves.
@@ -1054,13 +1075,7 @@ async fn can_loop<B: CanBus>(
             }
             while let Some(ev) = observer.poll_event() {
                 moved = true;
-                if matches!(ev, crate::gateway::observer::ObserverEvent::Started)
-                    || (orch.current().is_none()
-                        && matches!(
-                            ev,
-                            crate::gateway::observer::ObserverEvent::ChargeRequest { .. }
-                        ))
-                {
+                if orch.starts_session(&ev) {
                     span = info_span!("session", id = orch.next_session_id());
                 }
                 let _g = span.enter();
@@ -1070,35 +1085,45 @@ async fn can_loop<B: CanBus>(
                 moved = true;
                 let _g = span.enter();
                 match action {
-                    Action::FetchCredential {
-                        session,
-                        params,
-                        draft,
-                    } => {
-                        shared.live_session.store(session, Ordering::SeqCst);
-                        let task = obtain_credential(
+                    Action::AskCloud { session, params } => {
+                        // The orchestrator asks only while the link is usable.
+                        let Some(client) = ctx.client.clone() else {
+                            continue;
+                        };
+                        let task = ask_cloud(
                             session,
-                            ctx.client.clone(),
+                            client,
                             shared.clone(),
                             params,
-                            draft,
                             config.cloud.request_timeout,
                             tx.clone(),
                         );
-                        credential_tasks.spawn(task.instrument(span.clone()));
+                        let handle = cloud_tasks.spawn(task.instrument(span.clone()));
+                        asking.insert(session, handle);
+                    }
+                    Action::CancelCloud { session, timed_out } => {
+                        if let Some(handle) = asking.remove(&session) {
+                            handle.abort();
+                        }
+                        if timed_out {
+                            shared.cloud.timeouts.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Action::SpendVoucher { session, draft } => {
+                        if ctx.jobs.send(StoreJob::Spend { session, draft }).is_ok() {
+                            store_in_flight += 1;
+                        }
+                    }
+                    Action::StoreVouchers { vouchers } => {
+                        if ctx.jobs.send(StoreJob::AddVouchers(vouchers)).is_ok() {
+                            store_in_flight += 1;
+                        }
                     }
                     Action::Journal { draft } => {
-                        // The loop goes on meanwhile; the commit comes
-                        // back as a LoopMsg and releases the credential.
-                        let (committed, done) = oneshot::channel();
-                        let record_id = draft.record_id;
-                        if ctx.jobs.send(StoreJob::Journal(draft, committed)).is_ok() {
-                            let tx = tx.clone();
-                            tokio::spawn(async move {
-                                if done.await.is_ok() {
-                                    let _ = tx.send(LoopMsg::Journaled { record_id });
-                                }
-                            });
+                        // The loop goes on meanwhile; the commit comes back
+                        // as a fact and releases the credential.
+                        if ctx.jobs.send(StoreJob::Journal(draft)).is_ok() {
+                            store_in_flight += 1;
                         }
                     }
                     Action::StartAuth { credential, pile } => {
@@ -1118,7 +1143,9 @@ async fn can_loop<B: CanBus>(
                         auth = None;
                     }
                     Action::Record { record } => {
-                        let _ = ctx.jobs.send(StoreJob::Record(record));
+                        if ctx.jobs.send(StoreJob::Record(record)).is_ok() {
+                            store_in_flight += 1;
+                        }
                     }
                 }
             }
@@ -1133,16 +1160,24 @@ async fn can_loop<B: CanBus>(
                 break;
             }
         }
-        shared
-            .live_session
-            .store(orch.current().map_or(0, |v| v.session), Ordering::SeqCst);
         publish_snapshot(&shared, &orch, bridge.as_ref(), &counters, &watched);
-        while credential_tasks.try_join_next().is_some() {}
-        if stopping && !settled {
-            // One more turn of the loop records what settling hands over
-            // (a voucher spent for the session just interrupted).
-            settled = true;
-            settle_credentials(&shared, &mut credential_tasks, &mut rx, &mut orch).await;
+        while cloud_tasks.try_join_next().is_some() {}
+        asking.retain(|_, h| !h.is_finished());
+        if stopping && store_in_flight > 0 {
+            // Stopping: nothing is asked of the cloud any more, but what
+            // the store was asked to do is answered first (a voucher spent
+            // for the session just interrupted gets its record).
+            cloud_tasks.abort_all();
+            match rx.recv().await {
+                Some(msg) => {
+                    let _g = span.enter();
+                    if msg.answers_a_store_job() {
+                        store_in_flight -= 1;
+                    }
+                    on_fact(&mut orch, msg, clock.now());
+                }
+                None => store_in_flight = 0,
+            }
             continue;
         }
         if stopping {
@@ -1159,6 +1194,7 @@ async fn can_loop<B: CanBus>(
             monitor.as_ref().and_then(Monitor::poll_timeout),
             observer.poll_timeout(),
             auth.as_ref().and_then(AuthNode::poll_timeout),
+            orch.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -1219,23 +1255,13 @@ async fn can_loop<B: CanBus>(
             }
             Some(msg) = rx.recv() => {
                 let _g = span.enter();
-                match msg {
-                    LoopMsg::Credential { session, result } => {
-                        orch.on_credential(session, result, unix_now());
-                    }
-                    LoopMsg::Journaled { record_id } => orch.on_journaled(&record_id),
-                    LoopMsg::Pending { session, deadline } => {
-                        if orch.current().is_some_and(|s| s.session == session) {
-                            info!(deadline, "awaiting owner approval");
-                            if let Ok(mut snap) = shared.snapshot.lock() {
-                                snap.awaiting_approval = true;
-                            }
-                            if let Some(sink) = &ctx.observe.notices {
-                                let _ = sink.send((clock.now(), Notice::AwaitingApproval { deadline }));
-                            }
-                        }
-                    }
+                if msg.answers_a_store_job() {
+                    store_in_flight = store_in_flight.saturating_sub(1);
                 }
+                on_fact(&mut orch, msg, clock.now());
+            }
+            Some(state) = link_changed(&mut link_watch) => {
+                orch.on_cloud_link(cloud_link(state));
             }
             () = clock.sleep_until(deadline) => {
                 let now = clock.now();
@@ -1249,6 +1275,8 @@ async fn can_loop<B: CanBus>(
                 if let Some(a) = auth.as_mut() {
                     a.handle_timeout(now);
                 }
+                let _g = span.enter();
+                orch.handle_timeout(now);
             }
             _ = tick(&mut watchdog) => {
                 if shared.healthy.load(Ordering::SeqCst) {
@@ -1259,30 +1287,13 @@ async fn can_loop<B: CanBus>(
     }
 }
 
-/// At shutdown, after `live_session` went to 0: wait until no credential
-/// task is inside the wallet (a task that spent a voucher has handed it
-/// over by then, see `obtain_credential`), stop the tasks still waiting
-/// for the cloud (they have spent nothing, and a later check would find
-/// the session gone), and give the orchestrator every credential handed
-/// over, so a voucher spent for the interrupted session gets its record.
-async fn settle_credentials(
-    shared: &Arc<Shared>,
-    tasks: &mut tokio::task::JoinSet<()>,
-    rx: &mut mpsc::UnboundedReceiver<LoopMsg>,
-    orch: &mut Orchestrator,
-) {
-    let wallet = shared.wallet.clone();
-    let _ = tokio::task::spawn_blocking(move || drop(wallet.lock())).await;
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
-    while let Ok(msg) = rx.try_recv() {
-        match msg {
-            LoopMsg::Credential { session, result } => {
-                orch.on_credential(session, result, unix_now());
-            }
-            LoopMsg::Journaled { record_id } => orch.on_journaled(&record_id),
-            LoopMsg::Pending { .. } => {}
-        }
+/// A fact from the store writer or a cloud task, for the orchestrator.
+fn on_fact(orch: &mut Orchestrator, msg: LoopMsg, now: Timestamp) {
+    match msg {
+        LoopMsg::Cloud { session, answer } => orch.on_cloud(session, answer, now, unix_now()),
+        LoopMsg::Voucher { session, answer } => orch.on_voucher(session, answer, unix_now()),
+        LoopMsg::Journaled { record_id } => orch.on_journaled(&record_id),
+        LoopMsg::Stored => {}
     }
 }
 
@@ -1300,16 +1311,6 @@ fn on_notice(shared: &Shared, notice: &Notice) {
         Notice::NoCredential { reason } => shared.error(format!("no credential: {reason}")),
         Notice::PileRefused { reason } => shared.error(format!("pile authentication: {reason}")),
         Notice::Refused { reason } => shared.error(reason.clone()),
-        Notice::SessionEnded { .. } => {
-            if let Ok(mut snap) = shared.snapshot.lock() {
-                snap.awaiting_approval = false;
-            }
-        }
-        Notice::Credential { .. } => {
-            if let Ok(mut snap) = shared.snapshot.lock() {
-                snap.awaiting_approval = false;
-            }
-        }
         _ => {}
     }
 }
@@ -1400,6 +1401,7 @@ fn publish_snapshot(
         snap.last_session = Some(last);
     }
     snap.session = current;
+    snap.awaiting_approval = orch.awaiting_approval();
     // `status` lists the BMS side first in bridge mode; the loop counts
     // the pile side (or the single bus) at index 0.
     let order = if bridge.is_some() {
