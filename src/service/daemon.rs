@@ -8,10 +8,15 @@
 //!   other tasks it talks to through channels, so a slow broker or a slow
 //!   SD card never delays a frame. It also pings the systemd watchdog, and
 //!   only while the daemon is healthy;
-//! - a **credential task** per session (cloud first, voucher fallback; a
-//!   voucher is spent and its session's draft journaled in one commit);
-//! - the **store writer**, which journals the drafts of online sessions and
-//!   queues records in order;
+//! - a **cloud request** per session the orchestrator asks the cloud for,
+//!   which reports what the cloud answered (or refused, or that it failed)
+//!   and decides nothing: the orchestrator owns the timeout, the voucher
+//!   fallback and every other rule of the credential policy;
+//! - the **store writer**, which does the orchestrator's store actions in
+//!   order (spend a voucher with its session's draft in one commit, keep a
+//!   grant's vouchers, journal a draft, queue a record) and answers each
+//!   one; at shutdown the CAN loop waits for every answer, so a voucher
+//!   spent as the gateway stops still gets its record;
 //! - the **outbox publisher** and the **push handler** on the cloud link;
 //! - the **control socket**.
 //!
