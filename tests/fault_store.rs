@@ -91,8 +91,10 @@ async fn the_documented_recovery_gives_a_working_daemon() {
     let aside = path.with_extension("redb.damaged");
     std::fs::rename(&path, &aside).expect("move aside");
     rig.start_daemon(no_faults());
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(!rig.daemon_finished(), "the daemon runs on a new store");
+    // READY comes after the store is open: the daemon runs on a new store.
+    rig.daemon_ready()
+        .await
+        .expect("the daemon starts on a new store");
     rig.stop_daemon().await.expect("clean stop");
     assert_eq!(std::fs::read(&aside).expect("kept"), b"garbage");
     assert_eq!(rig.ledger().remaining, 0, "a new, empty store");

@@ -23,14 +23,14 @@ use bmsgw::gateway::orchestrator::Notice;
 use bmsgw::gbt27930::session::Summary;
 use bmsgw::gbt27930::{ChargerNumber, RegionCode};
 use bmsgw::service::config::{CanInterfaces, Config};
-use bmsgw::service::daemon::{Buses, DaemonError, Observe, run_on};
+use bmsgw::service::daemon::{Buses, DaemonError, SpawnError, Spawned};
 use bmsgw::sim::SimError;
 use bmsgw::sim::bms::{self, BmsSimOptions};
 use bmsgw::sim::pile::{self, PileAuthSetup, PileSimOptions};
 use bmsgw::sim::pki::{DevPki, DevPkiOptions, GatewayTomlOptions};
 use bmsgw::store::{OutboxPolicy, Store};
 use bmsgw::time::{Timestamp, unix_now};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 pub const BITRATE: u32 = 250_000;
 pub const CHARGER: u32 = 1;
@@ -46,11 +46,6 @@ pub fn no_faults() -> FaultConfig {
     }
 }
 
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), DaemonError>>,
-}
-
 pub struct Rig {
     _dir: tempfile::TempDir,
     pub pki: DevPki,
@@ -59,7 +54,7 @@ pub struct Rig {
     pub pile: VirtualBus,
     notices_tx: mpsc::UnboundedSender<(Timestamp, Notice)>,
     pub notices: mpsc::UnboundedReceiver<(Timestamp, Notice)>,
-    daemon: Option<Running>,
+    daemon: Option<Spawned>,
     /// Ticket ids of the vouchers put in the wallet.
     pub issued: BTreeSet<[u8; 12]>,
     /// The pile's replay cache, kept across sessions as a real pile's is.
@@ -167,18 +162,19 @@ impl Rig {
                 },
             ),
         };
-        let config = self.config.clone();
-        let observe = Observe {
-            notices: Some(self.notices_tx.clone()),
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            run_on(&config, buses, observe, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        self.daemon = Some(Running { stop, task });
+        self.daemon = Some(Spawned::start(
+            self.config.clone(),
+            buses,
+            Some(self.notices_tx.clone()),
+        ));
+    }
+
+    /// Waits until the daemon is ready (READY, as systemd would see it).
+    pub async fn daemon_ready(&mut self) -> Result<(), SpawnError> {
+        match self.daemon.as_mut() {
+            Some(d) => d.ready(Duration::from_secs(20)).await,
+            None => Err(SpawnError::Stopped),
+        }
     }
 
     /// Stop the daemon as SIGTERM does; its result.
@@ -186,8 +182,7 @@ impl Rig {
         let Some(d) = self.daemon.take() else {
             return Ok(());
         };
-        let _ = d.stop.send(());
-        d.task.await.expect("daemon task")
+        d.stop().await
     }
 
     /// Kill the daemon as `kill -9` would, as far as one process can:
@@ -195,13 +190,12 @@ impl Rig {
     /// path run. (A real `kill -9` is in the VM lane.)
     pub async fn abort_daemon(&mut self) {
         if let Some(d) = self.daemon.take() {
-            d.task.abort();
-            let _ = d.task.await;
+            d.abort().await;
         }
     }
 
     pub fn daemon_finished(&self) -> bool {
-        self.daemon.as_ref().is_none_or(|d| d.task.is_finished())
+        self.daemon.as_ref().is_none_or(Spawned::finished)
     }
 
     pub fn pile_options(&self) -> PileSimOptions {

@@ -69,7 +69,10 @@ use crate::time::{Clock, Timestamp, unix_now};
 mod can_loop;
 mod cloud;
 mod shared;
+mod spawned;
 mod store_writer;
+
+pub use spawned::{SpawnError, Spawned};
 
 use can_loop::{LoopCtx, can_loop};
 use cloud::{LoopMsg, ask_cloud, cloud_link, link_changed, link_state_name, push_handler};
@@ -121,11 +124,15 @@ pub enum Buses<B> {
     Bridge { bms: B, pile: B },
 }
 
-/// Extra outputs for an embedding program (the demo): every [`Notice`] as
-/// it happens, stamped with the daemon's monotonic time.
+/// Extra outputs for an embedding program (the demo, the test rigs).
 #[derive(Clone, Default)]
 pub struct Observe {
+    /// Every [`Notice`] as it happens, stamped with the daemon's monotonic
+    /// time.
     pub notices: Option<mpsc::UnboundedSender<(Timestamp, Notice)>>,
+    /// Told once, when the daemon tells systemd READY=1: keys loaded, store
+    /// open, buses and control socket up. Dropped unsent if it fails first.
+    pub ready: Option<mpsc::UnboundedSender<()>>,
 }
 
 /// Run the daemon on SocketCAN as `config` says, until `shutdown`.
@@ -248,6 +255,9 @@ pub async fn run_on<B: CanBus + 'static>(
 
     systemd.status(&format!("{mode}: CAN and store up; cloud connecting"));
     systemd.ready();
+    if let Some(ready) = &observe.ready {
+        let _ = ready.send(());
+    }
     info!(mode, vehicle = %keys.vehicle_id, "bmsgw running");
 
     // The cloud link: started after READY, connects on its own schedule.

@@ -21,7 +21,7 @@ use crate::cloud::topics::VehicleId;
 use crate::gbt27930::session::Summary;
 use crate::gbt27930::{ChargerNumber, RegionCode};
 use crate::service::config::{CanInterfaces, Config};
-use crate::service::daemon::{Buses, DaemonError, Observe, run_on};
+use crate::service::daemon::{Buses, Spawned};
 use crate::service::status::Status;
 use crate::sim::SimError;
 use crate::sim::bms::BmsSimOptions;
@@ -67,11 +67,8 @@ pub struct Rig {
     /// The genuine pile's replay cache, kept across sessions as a real
     /// pile keeps it.
     replay: MemoryReplayStore,
-    daemon: Option<DaemonRun>,
+    daemon: Option<Spawned>,
 }
-
-/// The running daemon: its stop signal and its task.
-type DaemonRun = (oneshot::Sender<()>, JoinHandle<Result<(), DaemonError>>);
 
 impl Rig {
     /// A dev PKI, the daemon running in bridge mode, and the vouchers
@@ -130,45 +127,30 @@ impl Rig {
             bms: self.bms_bus.node(),
             pile: self.pile_bus.node(),
         };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            run_on(&config, buses, Observe::default(), async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        self.daemon = Some((stop, task));
-        for _ in 0..200 {
-            if self.status().await.is_some() {
-                return Ok(());
-            }
-            if self.daemon.as_ref().is_some_and(|(_, t)| t.is_finished()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut daemon = Spawned::start(config, buses, None);
+        let ready = daemon.ready(Duration::from_secs(10)).await;
+        self.daemon = Some(daemon);
+        if let Err(e) = ready {
+            let _ = self.stop_daemon().await;
+            return Err(e.to_string());
         }
-        Err(match self.stop_daemon().await {
-            Err(e) => e,
-            Ok(()) => "the daemon's control socket never answered".into(),
-        })
+        Ok(())
     }
 
     /// Stops the daemon as SIGTERM would; its error, if it failed.
     pub async fn stop_daemon(&mut self) -> Result<(), String> {
-        let Some((stop, task)) = self.daemon.take() else {
+        let Some(daemon) = self.daemon.take() else {
             return Ok(());
         };
-        let _ = stop.send(());
-        match task.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("daemon failed: {e}")),
-            Err(e) => Err(format!("daemon task: {e}")),
-        }
+        daemon
+            .stop()
+            .await
+            .map_err(|e| format!("daemon failed: {e}"))
     }
 
     /// Whether the daemon task is still running (it did not crash).
     pub fn daemon_running(&self) -> bool {
-        self.daemon.as_ref().is_some_and(|(_, t)| !t.is_finished())
+        self.daemon.as_ref().is_some_and(|d| !d.finished())
     }
 
     async fn import_vouchers(&self, count: usize) -> Result<(), String> {

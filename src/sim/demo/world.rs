@@ -15,7 +15,7 @@ use crate::gateway::orchestrator::Notice;
 use crate::gbt27930::timeline::{Timeline, TimelineOptions};
 use crate::gbt27930::{ChargerNumber, RegionCode};
 use crate::service::config::{CanInterfaces, Config};
-use crate::service::daemon::{Buses, DaemonError, Observe, run_on};
+use crate::service::daemon::{Buses, Spawned};
 use crate::service::status::Status;
 use crate::sim::bms::BmsSimOptions;
 use crate::sim::broker::EmbeddedBroker;
@@ -148,12 +148,6 @@ struct CloudRun {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The gateway daemon, running.
-struct DaemonRun {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), DaemonError>>,
-}
-
 /// Which vehicle's gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Vehicle {
@@ -179,7 +173,7 @@ pub(crate) struct World<'o, W: Write + Send> {
     pub(crate) broker: EmbeddedBroker,
     cloud: Option<CloudRun>,
     pub(crate) buses: BusSet,
-    daemon: Option<(Vehicle, DaemonRun)>,
+    daemon: Option<(Vehicle, Spawned)>,
     configs: [Config; 2],
     notices_tx: mpsc::UnboundedSender<(crate::time::Timestamp, Notice)>,
     notices: mpsc::UnboundedReceiver<(crate::time::Timestamp, Notice)>,
@@ -507,8 +501,8 @@ impl<'o, W: Write + Send> World<'o, W> {
         &mut self.configs[v as usize]
     }
 
-    /// Start `v`'s gateway (stopping another one first) and wait until its
-    /// control socket answers.
+    /// Start `v`'s gateway (stopping another one first) and wait until it
+    /// is ready.
     pub(crate) async fn start_daemon(&mut self, v: Vehicle) -> Result<(), DemoError> {
         if self.daemon.as_ref().is_some_and(|(cur, _)| *cur == v) {
             return Ok(());
@@ -516,50 +510,18 @@ impl<'o, W: Write + Send> World<'o, W> {
         self.stop_daemon().await?;
         let config = self.config(v).clone();
         let buses = self.buses.daemon_buses()?;
-        let observe = Observe {
-            notices: Some(self.notices_tx.clone()),
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            run_on(&config, buses, observe, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        self.daemon = Some((v, DaemonRun { stop, task }));
-        let give_up = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.status().await.is_some() {
-                return Ok(());
-            }
-            if let Some((_, d)) = &self.daemon
-                && d.task.is_finished()
-            {
-                return self.stop_daemon().await;
-            }
-            if Instant::now() > give_up {
-                return Err(DemoError::Setup(
-                    "the gateway's control socket never answered".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut daemon = Spawned::start(config, buses, Some(self.notices_tx.clone()));
+        let ready = daemon.ready(Duration::from_secs(20)).await;
+        self.daemon = Some((v, daemon));
+        ready.map_err(|e| DemoError::Setup(format!("gateway of {}: {e}", v.id())))
     }
 
     /// Stop the running gateway as SIGTERM would.
     pub(crate) async fn stop_daemon(&mut self) -> Result<(), DemoError> {
         if let Some((v, d)) = self.daemon.take() {
-            let _ = d.stop.send(());
-            match d.task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return Err(DemoError::Setup(format!(
-                        "gateway of {} failed: {e}",
-                        v.id()
-                    )));
-                }
-                Err(e) => return Err(DemoError::Setup(format!("gateway task: {e}"))),
-            }
+            d.stop()
+                .await
+                .map_err(|e| DemoError::Setup(format!("gateway of {} failed: {e}", v.id())))?;
         }
         Ok(())
     }
