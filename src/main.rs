@@ -81,7 +81,7 @@ enum Command {
         #[command(subcommand)]
         role: SimRole,
     },
-    /// Test helper for tests/outbox_kill.rs: push session records into the
+    /// Test helper for tests/system/outbox_kill.rs: push session records into the
     /// outbox of STORE until killed, printing each commit.
     #[command(hide = true)]
     StoreWriter {

@@ -9,7 +9,7 @@
 //! crashed broker looks like to its clients), and [`restart`] brings a fresh
 //! broker up on the same port.
 //!
-//! What rumqttd 0.20 cannot do, and the mosquitto suite (`tests/mqtt_acl.rs`)
+//! What rumqttd 0.20 cannot do, and the mosquitto suite (`tests/broker/mqtt_acl.rs`)
 //! covers instead:
 //! - **No ACLs.** Any client with a certificate from the CA may publish and
 //!   subscribe to any topic; the certificate's CN is not an identity (client

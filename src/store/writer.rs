@@ -1,5 +1,5 @@
 //! The process behind the hidden `bmsgw store-writer` subcommand, which
-//! `tests/outbox_kill.rs` kills with SIGKILL at random points to show the
+//! `tests/system/outbox_kill.rs` kills with SIGKILL at random points to show the
 //! outbox loses nothing it acknowledged.
 //!
 //! It pushes session records forever and reports on stdout, flushed, only

@@ -175,7 +175,7 @@ step_cargo_tests() {
 
 step kernel-can step_kernel_can
 step can-utils-loopback step_can_utils_loopback
-BMSGW_VCAN=vcan0 step socketcan step_cargo_tests socketcan "$BMSGW_TEST_VCAN_SOCKETCAN"
+BMSGW_VCAN=vcan0 step socketcan step_cargo_tests socketcan "$BMSGW_TEST_VM" vcan_socketcan::
 
 # Two separate processes, BMS sim and pile sim, to a complete session on
 # vcan0, while candump records the bus.
@@ -363,7 +363,7 @@ step_demo_socketcan() {
 
 step sim-session step_sim_session
 step decode-capture step_decode_capture
-BMSGW_VCAN=vcan0 BMSGW_LANE_TMP=$OUT step j1939-interop step_cargo_tests j1939 "$BMSGW_TEST_VCAN_J1939"
+BMSGW_VCAN=vcan0 BMSGW_LANE_TMP=$OUT step j1939-interop step_cargo_tests j1939 "$BMSGW_TEST_VM" vcan_j1939::
 step auth-keys step_auth_keys
 step auth-session step_auth_session
 step auth-refused-without-gateway step_auth_refused_without_gateway

@@ -41,7 +41,7 @@ LANE_TIMEOUT=${BMSGW_VCAN_TIMEOUT:-1200}
 
 # cargo test targets built for the guest; each one's executable is passed in
 # guest.env as BMSGW_TEST_<TARGET IN UPPER CASE>. Add new targets here.
-TEST_TARGETS=(vcan_socketcan vcan_j1939 fault_disk)
+TEST_TARGETS=(vm)
 
 
 log() { printf '[vcan lane] %s\n' "$*" >&2; }

@@ -1,5 +1,5 @@
 //! A node on the inlet bus that sends junk back to back: the attack suite's
-//! flood (`bmsgw sim flood`, `tests/attack_flood.rs`).
+//! flood (`bmsgw sim flood`, `tests/system/attack_flood.rs`).
 //!
 //! [`Junk`] makes every kind of frame a pile-side attacker could send at the
 //! bridge, from a seed so a failing run can be repeated: random identifiers

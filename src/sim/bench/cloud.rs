@@ -5,7 +5,7 @@
 //! Every run starts from nothing, so no run inherits another's sessions:
 //! - a fresh **mosquitto** with the shipped `config/mosquitto/mosquitto.conf`
 //!   (TLS 1.3 only, mutual TLS, CN as username, the ACL, persistence), only
-//!   its paths and port replaced, as `tests/mosquitto_example.rs` does. A
+//!   its paths and port replaced, as `tests/broker/mosquitto_example.rs` does. A
 //!   broker that outlived a run would keep the old instances' persistent
 //!   `$share/…` sessions and go on handing requests to them while they are
 //!   gone;

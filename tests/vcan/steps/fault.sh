@@ -15,7 +15,7 @@
 #                        (BMSGW_FAULT_KILLS, default 100), half with the
 #                        broker down (vouchers): 0 vouchers spent twice and
 #                        0 records lost, against the cloud's and piles' view
-#   fault-disk           tests/fault_disk.rs (real ENOSPC on a small tmpfs)
+#   fault-disk           tests/vm/fault_disk.rs (real ENOSPC on a small tmpfs)
 #
 # The figures are printed in the step logs as "FAULT name=value" lines.
 
@@ -265,7 +265,7 @@ step_fault_stop() {
     return 0
 }
 
-# tests/fault_disk.rs mounts its own small tmpfs (real ENOSPC); its temp
+# tests/vm/fault_disk.rs mounts its own small tmpfs (real ENOSPC); its temp
 # directories go on a tmpfs too (/ is read-only, $OUT is 9p).
 step_fault_disk() {
     local tmp=$OUT/fault-disk-tmp
@@ -274,7 +274,7 @@ step_fault_disk() {
         return 1
     }
     local rc=0
-    TMPDIR=$tmp step_cargo_tests fault_disk "$BMSGW_TEST_FAULT_DISK" || rc=$?
+    TMPDIR=$tmp step_cargo_tests fault_disk "$BMSGW_TEST_VM" fault_disk:: || rc=$?
     umount "$tmp"
     return "$rc"
 }

@@ -6,7 +6,7 @@ This is the lean ECU build: no simulators, embedded broker or dev PKI."
 SECTION = "net"
 
 # The repository has no LICENSE file; Cargo.toml's `license` line is the
-# licence statement (tests/yocto_layer.rs checks this checksum).
+# licence statement (tests/system/yocto_layer.rs checks this checksum).
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://Cargo.toml;beginline=7;endline=7;md5=2507bd5f0713f05419cd2f22fa06fe62"
 

@@ -12,14 +12,11 @@
 //! (which waits 5 s for CRM(0xAA)), and the session must complete.
 //! Real clock: the link's timers are real.
 
-#![cfg(feature = "sim")]
-
-mod fault_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::fault_support::{Ledger, Rig, no_faults};
 use bmsgw::cloud::messages::CredentialKind;
 use bmsgw::gateway::orchestrator::Notice;
 use bmsgw::sim::bms::BmsSimOptions;
@@ -27,7 +24,6 @@ use bmsgw::sim::broker::EmbeddedBroker;
 use bmsgw::sim::cloud::CloudConfig;
 use bmsgw::sim::cloud::run::{CloudMonitor, run as run_cloud};
 use bmsgw::sim::pile;
-use fault_support::{Ledger, Rig, no_faults};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

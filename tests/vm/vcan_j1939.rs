@@ -5,7 +5,7 @@
 //! lane has, so the tests are ignored by default:
 //!
 //! ```text
-//! BMSGW_VCAN=vcan0 cargo test --test vcan_j1939 -- --ignored
+//! BMSGW_VCAN=vcan0 cargo test --test vm -- vcan_j1939:: --ignored
 //! ```
 
 use std::io::Read;

@@ -13,9 +13,7 @@
 //!
 //! Skipped, with a printed notice, when mosquitto is not installed.
 
-#![cfg(feature = "sim")]
-
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;

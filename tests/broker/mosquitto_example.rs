@@ -8,9 +8,7 @@
 //!
 //! Skipped, with a printed notice, when mosquitto is not installed.
 
-#![cfg(feature = "sim")]
-
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

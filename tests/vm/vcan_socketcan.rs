@@ -4,7 +4,7 @@
 //! (`tests/vcan/run.sh`), so they are ignored by default. Run them with
 //!
 //! ```text
-//! BMSGW_VCAN=vcan0 cargo test --test vcan_socketcan -- --ignored
+//! BMSGW_VCAN=vcan0 cargo test --test vm -- vcan_socketcan:: --ignored
 //! ```
 //!
 //! Two tests take the interface down or recreate it, so every test holds

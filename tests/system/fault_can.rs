@@ -17,8 +17,6 @@
 //! failures, TP aborts), so the test fails if the faults stop being applied.
 //! A failing seed is printed; `BMSGW_FAULT_SEED=N` replays just that one.
 
-#![cfg(feature = "sim")]
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -6,7 +6,6 @@
 //! crosses is the standard's form, and the deviations are counted in
 //! `bmsgw status`; with `strict` the session fails and its result names the
 //! deviation.
-#![cfg(feature = "sim")]
 
 use std::time::Duration;
 

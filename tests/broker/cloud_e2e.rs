@@ -2,10 +2,9 @@
 //! reference identity service (`sim::cloud::run`) through real brokers (the
 //! embedded rumqttd, and mosquitto with TLS 1.3, mutual TLS and the ACL),
 //! with an attacker holding broker access but not the cloud's key.
-#![cfg(feature = "sim")]
 
-mod link_support;
-mod support;
+use crate::link_support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

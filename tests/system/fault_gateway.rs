@@ -11,13 +11,10 @@
 //!   standard timeouts end the session (BEM on the BMS's bus), and the
 //!   daemon records it as failed, with the voucher spent once.
 
-#![cfg(feature = "sim")]
-
-mod fault_support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::fault_support::{Ledger, Rig, SimResult, no_faults};
 use bmsgw::can::fault::FaultConfig;
 use bmsgw::can::{BusError, BusEvent, CanBus, CanFrame};
 use bmsgw::cloud::messages::SessionResult;
@@ -27,7 +24,6 @@ use bmsgw::j1939::J1939Id;
 use bmsgw::sim::SimError;
 use bmsgw::sim::bms::BmsSimOptions;
 use bmsgw::sim::pile::{self};
-use fault_support::{Ledger, Rig, SimResult, no_faults};
 
 /// Far beyond any chain of GB/T timeouts; virtual time.
 const HANG: Duration = Duration::from_secs(900);

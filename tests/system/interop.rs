@@ -3,11 +3,10 @@
 //! `sim pile` or `sim bms` with each profile. With `field` the session
 //! completes and the deviation is counted; with `strict` it fails, and the
 //! reason names the deviation. The gateway's side of the same is in
-//! `tests/interop_gateway.rs`.
+//! `tests/system/interop_gateway.rs`.
 //!
 //! Everything runs over the in-process bus with the 250 kbit/s timing model
 //! on tokio's paused clock.
-#![cfg(feature = "sim")]
 
 use std::time::Duration;
 

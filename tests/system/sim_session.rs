@@ -3,8 +3,6 @@
 //! timeout in every phase, produced by silencing one side from the moment the
 //! other enters that phase.
 
-#![cfg(feature = "sim")]
-
 use std::time::Duration;
 
 use bmsgw::can::virtual_bus::{VirtualBus, VirtualNode};

@@ -5,7 +5,6 @@
 //! panic, never echo a control character, and stay within 512 MiB of
 //! address space (the run is under `ulimit -v`, so a file read whole into
 //! memory would abort it).
-#![cfg(feature = "sim")]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

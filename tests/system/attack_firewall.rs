@@ -7,7 +7,6 @@
 //! encoding), and the daemon itself (`service::daemon::run_on`) between two
 //! in-process buses with the 250 kbit/s timing model, on tokio's paused
 //! clock (`sim::attack::rig`). Results are tabled in docs/security-tests.md.
-#![cfg(feature = "sim")]
 
 use std::time::Duration;
 

@@ -3,8 +3,6 @@
 //! authentication required, the BMS simulator, and the vehicle-side
 //! authentication driver as a third node, each on its own bus node.
 
-#![cfg(feature = "sim")]
-
 use std::time::Duration;
 
 use bmsgw::auth::{

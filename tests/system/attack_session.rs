@@ -3,7 +3,6 @@
 //! (downgrade). The daemon runs in bridge mode between two in-process buses
 //! with the 250 kbit/s timing model, on tokio's paused clock
 //! (`sim::attack::rig`). Results are tabled in docs/security-tests.md.
-#![cfg(feature = "sim")]
 
 use bmsgw::sim::attack::rig::{Rig, RigOptions};
 

@@ -4,13 +4,9 @@
 //! the file as it found it: never a silent reset, which would forget the
 //! spent-voucher tombstones and let an old voucher be spent again.
 
-#![cfg(feature = "sim")]
-
-mod fault_support;
-
+use crate::fault_support::{Rig, no_faults};
 use bmsgw::service::daemon::DaemonError;
 use bmsgw::store::StoreError;
-use fault_support::{Rig, no_faults};
 
 /// A rig whose store holds three vouchers; the daemon is not running.
 async fn used_store() -> Rig {

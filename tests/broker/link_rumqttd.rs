@@ -3,9 +3,7 @@
 //! PUBACK-confirmed publishes, a bounded incoming queue, and a broker
 //! restart in the middle of a request.
 
-#![cfg(feature = "sim")]
-
-mod link_support;
+use crate::link_support;
 
 use std::time::Duration;
 

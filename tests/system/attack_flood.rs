@@ -6,8 +6,7 @@
 //! limits; a legitimate session completes afterwards.
 //!
 //! It prints the figures docs/security-tests.md quotes:
-//! `cargo test --test attack_flood -- --nocapture`.
-#![cfg(feature = "sim")]
+//! `cargo test --test system -- attack_flood:: --nocapture`.
 
 use std::time::Duration;
 

@@ -7,9 +7,8 @@
 //!
 //! Skipped, with a printed notice, when mosquitto is not installed (a
 //! failure instead with `BMSGW_REQUIRE_MOSQUITTO=1`, as in CI).
-#![cfg(feature = "sim")]
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 

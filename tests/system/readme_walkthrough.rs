@@ -4,7 +4,6 @@
 //! temporary working directory, with the binary `cargo test` built. A step
 //! that fails, or a README that no longer has the steps, fails the test:
 //! the README and the code cannot drift apart unnoticed.
-#![cfg(feature = "sim")]
 
 use std::path::Path;
 use std::process::Command;

@@ -3,8 +3,6 @@
 //! with SIGTERM (clean exit required) and prints its figures. The time
 //! itself is measured, not asserted (docs/performance.md).
 
-#![cfg(feature = "sim")]
-
 #[test]
 fn bench_startup_reaches_ready_and_stops_cleanly() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bmsgw"))

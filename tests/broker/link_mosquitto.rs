@@ -5,10 +5,8 @@
 //! sessions, and the ACL's refusal reaching the caller. Without mosquitto each test prints a SKIPPED notice and
 //! returns.
 
-#![cfg(feature = "sim")]
-
-mod link_support;
-mod support;
+use crate::link_support;
+use crate::support;
 
 use bmsgw::cloud::link::{Incoming, Link, LinkError, LinkState, PubAckReason};
 use link_support::*;

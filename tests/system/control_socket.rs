@@ -3,7 +3,6 @@
 //! vehicle's real keys, driven by the library client, by raw bytes, and by
 //! the `bmsgw status` / `bmsgw ticket import` / `bmsgw sim cloud-issue`
 //! binaries.
-#![cfg(feature = "sim")]
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -5,7 +5,6 @@
 //! (forged grant, replayed AuthRequest, fake pile, frames injected towards
 //! the BMS). Each scenario checks its own outcome; this test fails if any
 //! did not behave as expected.
-#![cfg(feature = "sim")]
 
 use bmsgw::sim::demo::{DemoOptions, run};
 
