@@ -307,7 +307,7 @@ impl ControlServer {
 
 /// The daemon's state, from the daemon at `path`.
 pub async fn request_status(path: &Path) -> Result<Status, ControlError> {
-    match call(path, &Request::Status).await? {
+    match call(path, &Request::Status {}).await? {
         Response {
             ok: true,
             status: Some(status),
@@ -319,7 +319,14 @@ pub async fn request_status(path: &Path) -> Result<Status, ControlError> {
 
 /// Hand `ticket` to the daemon at `path`, which opens and applies it.
 pub async fn import_ticket(path: &Path, ticket: &TicketFile) -> Result<ImportReport, ControlError> {
-    match call(path, &Request::ImportTicket(ticket.clone())).await? {
+    match call(
+        path,
+        &Request::ImportTicket {
+            ticket: ticket.clone(),
+        },
+    )
+    .await?
+    {
         Response {
             ok: true,
             imported: Some(report),
@@ -329,60 +336,44 @@ pub async fn import_ticket(path: &Path, ticket: &TicketFile) -> Result<ImportRep
     }
 }
 
+/// A request as the client writes it: serde's internally tagged enum,
+/// refusing fields it does not know.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
-    Status,
-    ImportTicket(TicketFile),
+    // A struct variant, not a unit one: serde ignores the other fields of
+    // an internally tagged unit variant, so `{"request":"status","x":1}`
+    // would pass.
+    Status {},
+    ImportTicket { ticket: TicketFile },
 }
 
 impl Request {
     /// Parse one request line; the error is for the client.
     fn parse(line: &[u8]) -> Result<Request, String> {
-        use serde_json::Value;
-        let value: Value =
-            serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
-        let Value::Object(mut map) = value else {
-            return Err(r#"a request is a JSON object such as {"request":"status"}"#.into());
-        };
-        let kind = match map.remove("request") {
-            Some(Value::String(s)) => s,
-            Some(_) => return Err("`request` must be a string".into()),
-            None => {
-                return Err(
-                    r#"request has no `request` field (expected "status" or "import_ticket")"#
-                        .into(),
-                );
-            }
-        };
-        let allowed: &[&str] = match kind.as_str() {
-            "status" => &[],
-            "import_ticket" => &["ticket"],
-            other => {
-                return Err(format!(
-                    r#"unknown request {:?}; expected "status" or "import_ticket""#,
-                    clip(other)
-                ));
-            }
-        };
-        if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(format!("unknown field `{}` in a {kind} request", clip(k)));
+        // serde would also take an internally tagged enum from an array
+        // (`["status"]`); the protocol is one object per line.
+        if line.trim_ascii_start().first() != Some(&b'{') {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
+                    Err(e) => format!("request is not JSON: {}", clip_quoted(&e.to_string())),
+                    Ok(_) => r#"a request is a JSON object such as {"request":"status"}"#.into(),
+                },
+            );
         }
-        match map.remove("ticket") {
-            None if kind == "status" => Ok(Request::Status),
-            None => Err("import_ticket request has no `ticket` field".into()),
-            Some(t) => TicketFile::try_from(t)
-                .map(Request::ImportTicket)
-                .map_err(|e| format!("`ticket`: {e}")),
-        }
+        serde_json::from_slice(line).map_err(|e| {
+            // serde quotes what the client sent in backticks (an unknown
+            // request or field); those spans are clipped.
+            let what = clip_quoted(&e.to_string());
+            match e.classify() {
+                serde_json::error::Category::Data => what,
+                _ => format!("request is not JSON: {what}"),
+            }
+        })
     }
 
     fn to_line(&self) -> Vec<u8> {
-        let value = match self {
-            Request::Status => serde_json::json!({"request": "status"}),
-            Request::ImportTicket(t) => {
-                serde_json::json!({"request": "import_ticket", "ticket": t})
-            }
-        };
-        let mut line = value.to_string().into_bytes();
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
         line.push(b'\n');
         line
     }
@@ -485,12 +476,12 @@ where
 
 async fn answer<H: ControlHandler>(request: Request, handler: &H) -> Response {
     match request {
-        Request::Status => Response {
+        Request::Status {} => Response {
             ok: true,
             status: Some(Box::new(handler.status().await)),
             ..Response::default()
         },
-        Request::ImportTicket(ticket) => match handler.import_ticket(ticket).await {
+        Request::ImportTicket { ticket } => match handler.import_ticket(ticket).await {
             Ok(report) => {
                 info!(
                     vouchers = report.vouchers,
@@ -676,6 +667,22 @@ fn gid_in(group_file: &str, name: &str) -> Option<u32> {
     })
 }
 
+/// `message` with every span in backticks clipped by [`clip`].
+fn clip_quoted(message: &str) -> String {
+    message
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 1 {
+                clip(part)
+            } else {
+                part.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("`")
+}
+
 /// At most 64 characters of client text, for error messages.
 fn clip(s: &str) -> String {
     let mut out: String = s.chars().take(64).collect();
@@ -693,33 +700,61 @@ mod tests {
     fn requests_parse_or_say_why_not() {
         assert!(matches!(
             Request::parse(br#"{"request":"status"}"#),
-            Ok(Request::Status)
+            Ok(Request::Status {})
+        ));
+        assert!(matches!(
+            Request::parse(br#" {"request":"status"} "#),
+            Ok(Request::Status {})
         ));
         for (line, want) in [
-            (&b"status"[..], "not JSON"),
-            (b"[]", "JSON object"),
-            (br#"{"req":"status"}"#, "no `request` field"),
-            (br#"{"request":1}"#, "`request` must be a string"),
-            (br#"{"request":"reboot"}"#, r#"unknown request "reboot""#),
+            (&b"status"[..], "request is not JSON: expected value"),
+            (b"[]", "JSON object such as"),
+            (br#"["status"]"#, "JSON object such as"),
+            (br#"{"request":"status""#, "request is not JSON: EOF"),
+            (br#"{"req":"status"}"#, "missing field `request`"),
+            (br#"{"request":1}"#, "invalid type: integer `1`"),
+            (
+                br#"{"request":"reboot"}"#,
+                "unknown variant `reboot`, expected `status` or `import_ticket`",
+            ),
             (br#"{"request":"status","x":1}"#, "unknown field `x`"),
-            (br#"{"request":"import_ticket"}"#, "no `ticket` field"),
+            (br#"{"request":"import_ticket"}"#, "missing field `ticket`"),
+            (
+                br#"{"request":"import_ticket","x":1,"ticket":{}}"#,
+                "unknown field `x`, expected `ticket`",
+            ),
             (
                 br#"{"request":"import_ticket","ticket":{"format":"x"}}"#,
-                "`ticket`: ticket file `format`",
+                "ticket file `format`",
             ),
             (
                 br#"{"request":"import_ticket","ticket":"x"}"#,
-                "`ticket`: a ticket file is a JSON object",
+                "a ticket file is a JSON object",
             ),
         ] {
             let e = Request::parse(line).err().unwrap_or_default();
             assert!(e.contains(want), "{}: {e}", String::from_utf8_lossy(line));
         }
+        // What the client sent is clipped, wherever serde quotes it.
         let long = "r".repeat(1000);
-        let e = Request::parse(format!(r#"{{"request":"{long}"}}"#).as_bytes())
-            .err()
-            .unwrap_or_default();
-        assert!(e.len() < 200, "{e}");
+        for line in [
+            format!(r#"{{"request":"{long}"}}"#),
+            format!(r#"{{"request":"status","{long}":1}}"#),
+        ] {
+            let e = Request::parse(line.as_bytes()).err().unwrap_or_default();
+            assert!(e.len() < 200 && e.contains('…'), "{e}");
+        }
+    }
+
+    #[test]
+    fn requests_are_sent_as_the_server_reads_them() {
+        // The import request's round trip is tests/system/control_socket.rs.
+        let status = Request::Status {}.to_line();
+        assert_eq!(status, b"{\"request\":\"status\"}\n");
+        assert!(matches!(
+            Request::parse(&status[..status.len() - 1]),
+            Ok(Request::Status {})
+        ));
     }
 
     #[test]
