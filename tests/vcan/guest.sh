@@ -687,6 +687,7 @@ cert = "$D_PKI/vehicle-veh-a.pem"
 key = "$D_PKI/vehicle-veh-a.key"
 request_timeout = "2s"
 want_vouchers = 3
+keep_alive = "${D_KEEP_ALIVE:-30s}"
 # Back within a few seconds of the broker's return (default 60 s).
 reconnect_max = "5s"
 

@@ -456,6 +456,22 @@ pub(super) fn on_notice(shared: &Shared, notice: &Notice) {
         Notice::NoCredential { reason } => shared.error(format!("no credential: {reason}")),
         Notice::PileRefused { reason } => shared.error(format!("pile authentication: {reason}")),
         Notice::Refused { reason } => shared.error(reason.clone()),
+        // The time from the charge request to the credential: the figure
+        // of a wake-up (tests/vcan/guest.sh, daemon-wake).
+        Notice::Credential {
+            kind,
+            elapsed,
+            refused,
+            ..
+        } => info!(
+            credential = match kind {
+                CredentialKind::Online => "online",
+                CredentialKind::Voucher => "voucher",
+            },
+            elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            refused,
+            "credential for the session"
+        ),
         _ => {}
     }
 }
