@@ -25,6 +25,21 @@
 //! - **Observable state**: [`LinkState`] on a watch channel and
 //!   [`LinkCounters`].
 //!
+//! # Waking up
+//! A parked car's gateway is frozen or suspended for hours; the broker drops
+//! the connection meanwhile, and keepalive alone would find that out only
+//! after up to a keepalive period. So the link checks at once, without
+//! waiting for keepalive or a backoff delay, when:
+//! - a request comes and the broker has sent nothing for [`CONFIRMED_FOR`]
+//!   (a charge request after a freeze): a PINGREQ goes out with it, and if
+//!   nothing comes back within [`LinkConfig::wake_check_timeout`] the
+//!   connection is dropped and made again at once;
+//! - the gap between `CLOCK_BOOTTIME` and `CLOCK_MONOTONIC` grew (the
+//!   machine was suspended): the same check;
+//! - a request comes while the link waits out a reconnect delay: it
+//!   reconnects now. While a request waits, the first reconnect after a
+//!   lost connection is not delayed either; later ones back off as usual.
+//!
 //! # Packet identifiers and PUBACKs
 //! rumqttc assigns the packet identifier when its event loop takes a
 //! publish from its request channel, and reports it as
@@ -64,7 +79,8 @@ use rumqttc::v5::mqttbytes::v5::{
 };
 use rumqttc::v5::{AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::{NetworkOptions, Outgoing, TlsConfiguration, Transport};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, warn};
 
 use super::tls::{TlsError, TlsFiles, client_config};
@@ -89,6 +105,13 @@ const FINISHED_MEMORY: usize = 1024;
 /// Room for the fixed header, topic and properties of an incoming packet
 /// beyond its payload.
 const PACKET_OVERHEAD: usize = 8 * 1024;
+/// A request finds the link alive only if the broker sent something within
+/// this time; otherwise the link checks at once (see "Waking up" above).
+const CONFIRMED_FOR: Duration = Duration::from_secs(1);
+/// How often the boot-time and monotonic clocks are compared.
+const SUSPEND_CHECK: Duration = Duration::from_secs(1);
+/// A growth of their gap at least this large is a suspend.
+const SUSPEND_MIN: Duration = Duration::from_secs(2);
 
 /// Everything the link needs. [`LinkConfig::new`] fills in defaults for
 /// the tuning fields.
@@ -121,6 +144,9 @@ pub struct LinkConfig {
     pub max_payload: usize,
     /// Capacity of the [`Incoming`] channel; overflow is dropped and counted.
     pub incoming_capacity: usize,
+    /// How long a wake-up check (a PINGREQ) may go unanswered before the
+    /// connection is taken as dead and made again.
+    pub wake_check_timeout: Duration,
 }
 
 impl LinkConfig {
@@ -146,6 +172,7 @@ impl LinkConfig {
             subscriptions: Vec::new(),
             max_payload: 64 * 1024,
             incoming_capacity: 256,
+            wake_check_timeout: Duration::from_secs(2),
         }
     }
 
@@ -224,6 +251,12 @@ pub enum LinkState {
 /// A snapshot of what the link has done since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkCounters {
+    /// Wake-up checks (PINGREQs sent because a request found the link
+    /// unconfirmed, or after a suspend).
+    pub wake_checks: u64,
+    /// Reconnects made at once for a waiting request: a wake-up check that
+    /// got no answer, or a reconnect delay cut short.
+    pub wake_reconnects: u64,
     /// Successful CONNACKs.
     pub connects: u64,
     /// Failed connection attempts and dropped connections.
@@ -417,6 +450,8 @@ impl Link {
             state: state_tx,
             counters: Counters::default(),
             book: Mutex::new(Book::default()),
+            wake: Notify::new(),
+            wake_check_timeout: config.wake_check_timeout,
         });
         let span = tracing::info_span!("link", client = %config.client_id, broker = %format!("{}:{}", config.host, config.port));
         tokio::spawn(run(inner.clone(), eventloop, backoff, stop_rx).instrument(span));
@@ -657,10 +692,15 @@ struct Inner {
     state: watch::Sender<LinkState>,
     counters: Counters,
     book: Mutex<Book>,
+    /// Rung when the link should check itself now (see "Waking up").
+    wake: Notify,
+    wake_check_timeout: Duration,
 }
 
 #[derive(Default)]
 struct Counters {
+    wake_checks: AtomicU64,
+    wake_reconnects: AtomicU64,
     connects: AtomicU64,
     connection_errors: AtomicU64,
     publishes: AtomicU64,
@@ -679,6 +719,8 @@ impl Counters {
     fn snapshot(&self) -> LinkCounters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         LinkCounters {
+            wake_checks: g(&self.wake_checks),
+            wake_reconnects: g(&self.wake_reconnects),
             connects: g(&self.connects),
             connection_errors: g(&self.connection_errors),
             publishes: g(&self.publishes),
@@ -830,6 +872,8 @@ struct Book {
     /// first and every tenth are logged as warnings, so a broker that is
     /// down for hours does not fill the journal.
     failed_attempts: u32,
+    /// When the broker last sent anything on this connection.
+    last_heard: Option<Instant>,
 }
 
 impl Book {
@@ -991,6 +1035,12 @@ impl Inner {
         );
         bump(&self.counters.requests);
         self.enqueue(&mut book, id);
+        let confirmed = matches!(book.phase, Phase::Up { .. })
+            && book.last_heard.is_some_and(|t| t.elapsed() < CONFIRMED_FOR);
+        drop(book);
+        if !confirmed {
+            self.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -1081,6 +1131,9 @@ impl Inner {
 
     fn handle_event(&self, book: &mut Book, event: Event) -> Next {
         use rumqttc::v5::Incoming as In;
+        if let Event::Incoming(_) = &event {
+            book.last_heard = Some(Instant::now());
+        }
         match event {
             Event::Incoming(In::ConnAck(ack)) => {
                 self.on_connack(book, &ack);
@@ -1354,6 +1407,7 @@ impl Inner {
             let _ = self.handle_event(&mut book, event);
         }
         book.wire = Wire::default();
+        book.last_heard = None;
         if was_up {
             book.failed_attempts = 0;
             warn!(error = %error, "connection lost");
@@ -1393,7 +1447,8 @@ impl Drop for StopGuard {
     }
 }
 
-/// The task: poll, pace reconnects, disconnect on shutdown.
+/// The task: poll, pace reconnects, check the connection on a wake-up,
+/// disconnect on shutdown.
 async fn run(
     inner: Arc<Inner>,
     mut eventloop: EventLoop,
@@ -1401,17 +1456,54 @@ async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let _guard = StopGuard(inner.clone());
+    let _suspend_watch = AbortOnDrop(tokio::spawn(watch_for_suspend(inner.clone())));
     let stopping = |r: Result<(), watch::error::RecvError>, stop: &watch::Receiver<bool>| {
         r.is_err() || *stop.borrow()
     };
+    // A wake-up check in flight: when its PINGREQ went out, and its deadline.
+    let mut check: Option<(Instant, Instant)> = None;
     'run: loop {
-        if inner.lock().phase == Phase::Down {
-            inner.set_state(LinkState::Connecting);
-        }
+        let up = {
+            let book = inner.lock();
+            if book.phase == Phase::Down {
+                drop(book);
+                inner.set_state(LinkState::Connecting);
+                false
+            } else {
+                matches!(book.phase, Phase::Up { .. })
+            }
+        };
+        // Only a live connection is interrupted for a check: dropping
+        // `poll` while it connects would start the connect over.
         let polled = tokio::select! {
             biased;
             r = stop.changed() => {
                 if stopping(r, &stop) { break 'run; }
+                continue 'run;
+            }
+            () = inner.wake.notified(), if up && check.is_none() => {
+                // rumqttc sends what is in `pending` first. If its own
+                // keepalive PINGREQ is still unanswered, this one makes
+                // `poll` fail at once, which is the right verdict too.
+                eventloop.pending.push_back(rumqttc::v5::Request::PingReq);
+                let now = Instant::now();
+                check = Some((now, now + inner.wake_check_timeout));
+                bump(&inner.counters.wake_checks);
+                debug!("wake-up check: PINGREQ");
+                continue 'run;
+            }
+            () = sleep_until_deadline(check), if check.is_some() => {
+                let Some((sent, _)) = check.take() else { continue 'run };
+                if inner.lock().last_heard.is_some_and(|t| t >= sent) {
+                    continue 'run;
+                }
+                let error = ConnectionError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer to the wake-up check",
+                ));
+                inner.on_connection_error(&mut eventloop, &error);
+                bump(&inner.counters.wake_reconnects);
+                // Reconnect at once: `poll` connects on its next call.
                 continue 'run;
             }
             polled = eventloop.poll() => polled,
@@ -1422,20 +1514,97 @@ async fn run(
                 Next::Continue | Next::Disconnected => {}
             },
             Err(error) => {
+                check = None;
                 inner.on_connection_error(&mut eventloop, &error);
                 let (attempt, delay) = backoff.next_delay();
+                // A request is waiting: the first attempt after losing a
+                // connection goes at once, later ones are paced.
+                let urgent = attempt == 1 && !inner.lock().requests.is_empty();
+                let delay = if urgent { Duration::ZERO } else { delay };
                 inner.set_state(LinkState::Backoff { attempt, delay });
                 debug!(attempt, ?delay, "reconnecting after a pause");
                 tokio::select! {
                     biased;
                     r = stop.changed() => if stopping(r, &stop) { break 'run; },
                     () = tokio::time::sleep(delay) => {}
+                    () = inner.wake.notified() => {
+                        debug!("a request is waiting: reconnecting now");
+                        bump(&inner.counters.wake_reconnects);
+                    }
+                }
+                if urgent {
+                    bump(&inner.counters.wake_reconnects);
                 }
             }
         }
     }
     disconnect(&inner, &mut eventloop).await;
     info!("link stopped");
+}
+
+async fn sleep_until_deadline(check: Option<(Instant, Instant)>) {
+    match check {
+        Some((_, deadline)) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Aborts its task when dropped, however the owner ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Rings `wake` when the machine was suspended: `CLOCK_BOOTTIME` counts
+/// the suspended time, `CLOCK_MONOTONIC` (tokio's clock) does not, so a
+/// keepalive timer would not notice.
+async fn watch_for_suspend(inner: Arc<Inner>) {
+    let Some(gap) = boot_minus_monotonic() else {
+        debug!("CLOCK_BOOTTIME unavailable: no suspend detection");
+        return;
+    };
+    let mut watch = SuspendWatch::new(gap);
+    loop {
+        tokio::time::sleep(SUSPEND_CHECK).await;
+        if let Some(slept) = boot_minus_monotonic().and_then(|g| watch.observe(g)) {
+            info!(
+                slept_s = slept.as_secs(),
+                "resumed after a suspend: checking the link"
+            );
+            inner.wake.notify_one();
+        }
+    }
+}
+
+/// `CLOCK_BOOTTIME - CLOCK_MONOTONIC`: the time the machine spent
+/// suspended since boot.
+fn boot_minus_monotonic() -> Option<Duration> {
+    use nix::time::{ClockId, clock_gettime};
+    let boot = Duration::from(clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?);
+    let mono = Duration::from(clock_gettime(ClockId::CLOCK_MONOTONIC).ok()?);
+    Some(boot.saturating_sub(mono))
+}
+
+/// Tells a suspend from the growth of [`boot_minus_monotonic`].
+#[derive(Debug)]
+struct SuspendWatch {
+    gap: Duration,
+}
+
+impl SuspendWatch {
+    fn new(gap: Duration) -> SuspendWatch {
+        SuspendWatch { gap }
+    }
+
+    /// The time suspended since the last observation, if it is a suspend.
+    fn observe(&mut self, gap: Duration) -> Option<Duration> {
+        let grew = gap.saturating_sub(self.gap);
+        self.gap = self.gap.max(gap);
+        (grew >= SUSPEND_MIN).then_some(grew)
+    }
 }
 
 /// Send DISCONNECT if connected, and wait (briefly) until it is written.
@@ -1504,6 +1673,24 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_suspend_is_a_growth_of_the_clock_gap() {
+        let ms = Duration::from_millis;
+        let mut w = SuspendWatch::new(ms(10_000));
+        // Drift and jitter of the clocks are not a suspend.
+        assert_eq!(w.observe(ms(10_000)), None);
+        assert_eq!(w.observe(ms(10_400)), None);
+        assert_eq!(w.observe(ms(11_900)), None);
+        // Six hours parked.
+        assert_eq!(w.observe(ms(21_611_900)), Some(ms(21_600_000)));
+        assert_eq!(w.observe(ms(21_611_900)), None);
+        // The gap never shrinks; a smaller reading changes nothing.
+        assert_eq!(w.observe(ms(5_000)), None);
+        assert_eq!(w.observe(ms(21_614_900)), Some(ms(3_000)));
+        // The real clocks answer on Linux.
+        assert!(boot_minus_monotonic().is_some());
+    }
 
     #[test]
     fn backoff_grows_doubles_and_caps_within_its_bounds() {
@@ -1667,6 +1854,8 @@ mod tests {
                 state: watch::channel(LinkState::Connecting).0,
                 counters: Counters::default(),
                 book: Mutex::new(Book::default()),
+                wake: Notify::new(),
+                wake_check_timeout: Duration::from_secs(2),
             });
             Rig {
                 inner,

@@ -20,5 +20,6 @@ mod demo;
 mod fault_broker;
 mod link_mosquitto;
 mod link_rumqttd;
+mod link_wake;
 mod mosquitto_example;
 mod mqtt_acl;

@@ -86,7 +86,8 @@ pub enum VoucherAnswer {
 pub enum CloudLink {
     /// No cloud in the config: vouchers and imported tickets only.
     Disabled,
-    /// Connected, or connecting: a request is sent on connect.
+    /// Connected, connecting, or lost just now: a request is sent on
+    /// connect, and a waiting request makes the link reconnect at once.
     Usable,
     /// Known down (in backoff after a failed attempt): asking would only
     /// wait out the timeout the BMS cannot afford (5 s for CRM(0xAA)).

@@ -84,6 +84,10 @@ pub(super) async fn ask_cloud(
 pub(super) fn cloud_link(state: LinkState) -> CloudLink {
     match state {
         LinkState::Connected | LinkState::Connecting => CloudLink::Usable,
+        // Lost just now (after a freeze, say): a request makes the link
+        // reconnect at once (`cloud::link`, "Waking up"). Only a failed
+        // reconnect makes it known down.
+        LinkState::Backoff { attempt: 1, .. } => CloudLink::Usable,
         other => CloudLink::Down(link_state_name(other).to_string()),
     }
 }
