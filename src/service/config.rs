@@ -147,6 +147,9 @@ pub struct CloudLinkConfig {
     /// How long a charge request waits for the cloud before a voucher.
     pub request_timeout: Duration,
     pub keep_alive: Duration,
+    /// How long a wake-up check of the link may go unanswered before it
+    /// reconnects (`cloud::link`, "Waking up").
+    pub wake_check_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// Vouchers asked for with each grant.
@@ -283,6 +286,8 @@ struct RawCloud {
     request_timeout: String,
     #[serde(default = "d_keep_alive")]
     keep_alive: String,
+    #[serde(default = "d_wake_check_timeout")]
+    wake_check_timeout: String,
     #[serde(default = "d_reconnect_min")]
     reconnect_min: String,
     #[serde(default = "d_reconnect_max")]
@@ -388,6 +393,9 @@ fn d_port() -> u16 {
     8883
 }
 fn d_request_timeout() -> String {
+    "2s".into()
+}
+fn d_wake_check_timeout() -> String {
     "2s".into()
 }
 fn d_keep_alive() -> String {
@@ -587,6 +595,7 @@ impl Config {
             },
         );
         link.keep_alive = c.keep_alive;
+        link.wake_check_timeout = c.wake_check_timeout;
         link.backoff_min = c.reconnect_min;
         link.backoff_max = c.reconnect_max;
         link.request_timeout = c.request_timeout;
@@ -946,6 +955,11 @@ impl Checker<'_> {
                         &c.keep_alive,
                         Duration::from_secs(5)..=Duration::from_secs(3600),
                     )?,
+                    wake_check_timeout: self.duration(
+                        "cloud.wake_check_timeout",
+                        &c.wake_check_timeout,
+                        Duration::from_millis(100)..=Duration::from_secs(60),
+                    )?,
                     reconnect_min,
                     reconnect_max,
                     want_vouchers: c.want_vouchers,
@@ -961,6 +975,7 @@ impl Checker<'_> {
                 key: PathBuf::new(),
                 request_timeout: Duration::from_secs(2),
                 keep_alive: Duration::from_secs(30),
+                wake_check_timeout: Duration::from_secs(2),
                 reconnect_min: Duration::from_millis(500),
                 reconnect_max: Duration::from_secs(60),
                 want_vouchers: 0,
