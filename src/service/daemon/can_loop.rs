@@ -1,6 +1,35 @@
 //! The CAN loop: the buses and every sans-IO core, driven in one task.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::auth::SystemRng;
+use crate::can::{BusError, BusEvent, CanBus};
+use crate::cloud::client::IdentityClient;
+use crate::cloud::messages::CredentialKind;
+use crate::gateway::bridge::{Bridge, BridgeEvent};
+use crate::gateway::firewall::{FirewallConfig, RateLimit, Side};
+use crate::gateway::observer::{ObserverConfig, SessionObserver};
+use crate::gateway::orchestrator::{
+    Action, CloudLink, CredentialPolicy, Notice, Orchestrator, SessionView,
+};
+use crate::gateway::vehicle_auth::AuthNode;
+use crate::j1939::Pgn;
+use crate::j1939::monitor::{Monitor, MonitorEvent};
+use crate::service::config::Config;
+use crate::service::status::SessionStatus;
+use crate::service::systemd::Systemd;
+use crate::time::{Clock, Timestamp, unix_now};
+
+use super::cloud::{LoopMsg, ask_cloud, cloud_link, link_changed};
+use super::shared::Shared;
+use super::store_writer::StoreJob;
+use super::{Buses, DaemonError, Observe};
 
 pub(super) struct LoopCtx<'a> {
     pub(super) config: &'a Config,

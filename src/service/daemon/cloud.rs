@@ -1,6 +1,20 @@
 //! The cloud: requests that report facts, the link's state, and pushes.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::auth::SystemRng;
+use crate::cloud::client::{FetchError, FetchProgress, IdentityClient};
+use crate::cloud::exchange::{ExchangeParams, open_push};
+use crate::cloud::link::{Incoming, LinkState};
+use crate::cloud::topics;
+use crate::gateway::orchestrator::{CloudAnswer, CloudLink, VoucherAnswer};
+
+use super::shared::Shared;
 
 /// A fact for the CAN loop, from the store writer or a cloud task.
 pub(super) enum LoopMsg {

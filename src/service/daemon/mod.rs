@@ -24,47 +24,31 @@
 //! open), CAN, control socket, then READY to systemd. The cloud link starts
 //! last and connects on its own schedule; the daemon does not wait for it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{Notify, mpsc, watch};
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
 use super::config::{CanInterfaces, Config};
-use super::control::{ControlHandler, ControlServer, ImportReport};
-use super::status::{
-    CanLinkStatus, CloudStatus, ErrorEntry, OutboxStatus, ProfileStatus, SessionStatus, Status,
-    VoucherCount,
-};
+use super::control::ControlServer;
+use super::status::CanLinkStatus;
 use super::systemd::Systemd;
-use crate::auth::{Rng, SystemRng, VoucherWallet};
-use crate::can::{BusError, BusEvent, CanBus, SocketCanBus, SocketCanOptions};
-use crate::cloud::client::{FetchError, FetchProgress, IdentityClient};
+use crate::auth::{Rng, SystemRng};
+use crate::can::{BusError, CanBus, SocketCanBus, SocketCanOptions};
+use crate::cloud::client::IdentityClient;
 use crate::cloud::envelope::{KeyPair, PublicKey};
-use crate::cloud::exchange::{ExchangeParams, PushEvent, VehicleKeys, open_push};
-use crate::cloud::link::{Incoming, Link, LinkState};
-use crate::cloud::messages::{CredentialKind, Event, Payload, SessionRecord};
+use crate::cloud::exchange::VehicleKeys;
+use crate::cloud::link::Link;
 use crate::cloud::outbox::OutboxPublisher;
-use crate::cloud::ticket_file::TicketFile;
-use crate::cloud::topics;
-use crate::gateway::bridge::{Bridge, BridgeEvent};
-use crate::gateway::firewall::{FirewallConfig, RateLimit, Side};
-use crate::gateway::observer::{ObserverConfig, SessionObserver};
-use crate::gateway::orchestrator::{
-    Action, CloudAnswer, CloudLink, CredentialPolicy, DraftBasis, Notice, Orchestrator,
-    SessionView, VoucherAnswer,
-};
-use crate::gateway::vehicle_auth::AuthNode;
-use crate::j1939::Pgn;
-use crate::j1939::monitor::{Monitor, MonitorEvent};
-use crate::store::journal::Draft;
+use crate::gateway::orchestrator::Notice;
 use crate::store::{DurableWallet, Outbox, OutboxPolicy, Store, StoreError};
-use crate::time::{Clock, Timestamp, unix_now};
+use crate::time::Timestamp;
 
 mod can_loop;
 mod cloud;
@@ -75,7 +59,7 @@ mod store_writer;
 pub use spawned::{SpawnError, Spawned};
 
 use can_loop::{LoopCtx, can_loop};
-use cloud::{LoopMsg, ask_cloud, cloud_link, link_changed, link_state_name, push_handler};
+use cloud::{LoopMsg, push_handler};
 use shared::{CloudCounters, Shared, Snapshot};
 use store_writer::{StoreJob, store_writer};
 

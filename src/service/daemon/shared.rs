@@ -1,6 +1,25 @@
 //! Shared state: what the tasks share, and the control socket's view of it.
 
-use super::*;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{error, info, warn};
+
+use crate::auth::VoucherWallet;
+use crate::cloud::exchange::{PushEvent, VehicleKeys};
+use crate::cloud::link::Link;
+use crate::cloud::ticket_file::TicketFile;
+use crate::service::control::{ControlHandler, ImportReport};
+use crate::service::status::{
+    CanLinkStatus, CloudStatus, ErrorEntry, OutboxStatus, ProfileStatus, SessionStatus, Status,
+    VoucherCount,
+};
+use crate::store::{DurableWallet, Outbox, Store};
+use crate::time::unix_now;
+
+use super::cloud::link_state_name;
 
 #[derive(Default)]
 pub(super) struct CloudCounters {

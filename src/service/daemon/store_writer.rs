@@ -1,6 +1,20 @@
 //! The store writer: the orchestrator's store actions, in order, each answered.
 
-use super::*;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
+
+use crate::auth::VoucherWallet;
+use crate::cloud::messages::{CredentialKind, Event, Payload, SessionRecord};
+use crate::cloud::topics;
+use crate::gateway::orchestrator::{DraftBasis, VoucherAnswer};
+use crate::store::journal::Draft;
+use crate::time::unix_now;
+
+use super::cloud::LoopMsg;
+use super::shared::Shared;
 
 /// The orchestrator's store actions, done in order. Each job answers the
 /// CAN loop with exactly one [`LoopMsg`], which is how the loop knows, at
