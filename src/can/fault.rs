@@ -56,6 +56,7 @@ struct Counters {
     passed: AtomicU64,
     lost: AtomicU64,
     corrupted: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// A snapshot of [`FaultCounters`].
@@ -65,6 +66,8 @@ pub struct FaultStats {
     pub passed: u64,
     pub lost: u64,
     pub corrupted: u64,
+    /// Sends refused by a [`FaultyBus::refusing_sends`] node.
+    pub refused: u64,
 }
 
 impl FaultCounters {
@@ -73,6 +76,7 @@ impl FaultCounters {
             passed: self.inner.passed.load(Ordering::Relaxed),
             lost: self.inner.lost.load(Ordering::Relaxed),
             corrupted: self.inner.corrupted.load(Ordering::Relaxed),
+            refused: self.inner.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -85,6 +89,7 @@ pub struct FaultyBus<B> {
     config: FaultConfig,
     rng: SplitMix64,
     counters: FaultCounters,
+    refuse_sends: bool,
 }
 
 impl<B: CanBus> FaultyBus<B> {
@@ -94,7 +99,16 @@ impl<B: CanBus> FaultyBus<B> {
             config,
             rng: SplitMix64::new(config.seed),
             counters: FaultCounters::default(),
+            refuse_sends: false,
         }
+    }
+
+    /// This node's transmit queue is full for ever (a bus with no ACK, or
+    /// stuck bus-off, as the daemon sees it): every
+    /// [`CanBus::try_send`] says so. Receiving is unaffected.
+    pub fn refusing_sends(mut self) -> Self {
+        self.refuse_sends = true;
+        self
     }
 
     /// The counters, live (clone before handing the bus away).
@@ -128,8 +142,23 @@ impl<B: CanBus> FaultyBus<B> {
 }
 
 impl<B: CanBus> CanBus for FaultyBus<B> {
+    /// A node refusing sends never drains: `send` waits for ever.
     async fn send(&mut self, frame: &CanFrame) -> Result<(), BusError> {
+        if self.refuse_sends {
+            self.counters.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return std::future::pending().await;
+        }
         self.inner.send(frame).await
+    }
+
+    /// A bus that refuses sends ([`FaultyBus::refusing_sends`]) is always
+    /// full.
+    fn try_send(&mut self, frame: &CanFrame) -> Result<bool, BusError> {
+        if self.refuse_sends {
+            self.counters.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.inner.try_send(frame)
     }
 
     /// Cancel-safe as the inner `recv` is: the fault decision is made only

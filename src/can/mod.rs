@@ -122,8 +122,16 @@ fn what_to_do(e: &std::io::Error, iface: &str) -> String {
 /// next to timers and a shutdown signal, and a cancelled `recv` loses no
 /// frame.
 pub trait CanBus: Send {
-    /// Queue one frame for transmission.
+    /// Queue one frame for transmission, waiting while the bus cannot take
+    /// it.
     fn send(&mut self, frame: &CanFrame) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Hand one frame to the bus without waiting: `Ok(true)` when the bus
+    /// took it, `Ok(false)` when it cannot take one now (its transmit queue
+    /// is full; try again shortly), an error when this frame failed. The
+    /// daemon sends only this way, so that a full bus never holds up its
+    /// loop, the other bus or the timers.
+    fn try_send(&mut self, frame: &CanFrame) -> Result<bool, BusError>;
 
     /// Wait for the next event on the bus.
     fn recv(&mut self) -> impl Future<Output = Result<BusEvent, BusError>> + Send;

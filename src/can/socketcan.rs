@@ -350,6 +350,18 @@ impl SocketCanBus {
         );
     }
 
+    fn encode(&self, frame: &CanFrame) -> Result<socketcan::CanFrame, BusError> {
+        to_socketcan(frame).ok_or_else(|| {
+            self.io_error(
+                "send",
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cannot encode {frame}"),
+                ),
+            )
+        })
+    }
+
     fn io_error(&self, op: &'static str, source: io::Error) -> BusError {
         BusError::Io {
             iface: self.iface.clone(),
@@ -369,15 +381,7 @@ impl CanBus for SocketCanBus {
         {
             self.try_reopen();
         }
-        let out = to_socketcan(frame).ok_or_else(|| {
-            self.io_error(
-                "send",
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("cannot encode {frame}"),
-                ),
-            )
-        })?;
+        let out = self.encode(frame)?;
         let mut delay = ENOBUFS_FIRST_DELAY;
         let mut retries = 0;
         loop {
@@ -393,6 +397,41 @@ impl CanBus for SocketCanBus {
                     retries += 1;
                     tokio::time::sleep(delay).await;
                     delay *= 2;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if is_link_error(&e) {
+                        self.link_down("send", &e);
+                    }
+                    return Err(self.io_error("send", e));
+                }
+            }
+        }
+    }
+
+    /// As `send` without the wait: a full transmit queue (ENOBUFS, or
+    /// EAGAIN) is `Ok(false)`, for the caller to try again shortly.
+    fn try_send(&mut self, frame: &CanFrame) -> Result<bool, BusError> {
+        if let Link::Down { retry_at, .. } = self.link
+            && Instant::now() >= retry_at
+        {
+            self.try_reopen();
+        }
+        let out = self.encode(frame)?;
+        loop {
+            let Link::Up { socket, .. } = &self.link else {
+                return Err(self.io_error(
+                    "send",
+                    io::Error::new(io::ErrorKind::NetworkDown, "interface is down"),
+                ));
+            };
+            match socket.try_write_frame(out) {
+                Ok(()) => return Ok(true),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOBUFS)
+                        || e.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    return Ok(false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {

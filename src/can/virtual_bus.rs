@@ -381,6 +381,7 @@ impl VirtualBus {
             shared: Arc::clone(&self.shared),
             rx,
             dropped,
+            tx_queue: VecDeque::new(),
         }
     }
 
@@ -423,9 +424,44 @@ pub struct VirtualNode {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<BusEvent>,
     dropped: Arc<AtomicU64>,
+    /// Frames handed over by `try_send` and not yet on the wire (timed
+    /// bus): the node's transmit queue, at most [`TX_QUEUE_LEN`].
+    tx_queue: VecDeque<oneshot::Receiver<()>>,
 }
 
+/// A timed node's transmit queue, as Linux's default `txqueuelen` for a
+/// CAN interface.
+pub const TX_QUEUE_LEN: usize = 10;
+
 impl VirtualNode {
+    /// Puts `frame` on the bus: at once on an untimed bus (`None`), or in
+    /// the arbiter's queue, with the receiver released once the frame has
+    /// been on the wire.
+    fn transmit(&mut self, frame: &CanFrame) -> Result<Option<oneshot::Receiver<()>>, BusError> {
+        let (Some(link), Some(bitrate)) = (&self.shared.arbiter, self.shared.bitrate_bps) else {
+            let mut st = self.shared.lock();
+            st.stats.frames_transmitted += 1;
+            st.deliver(Some(self.id), &BusEvent::Frame(*frame));
+            return Ok(None);
+        };
+        self.ensure_arbiter(link, bitrate);
+        let (done, finished) = oneshot::channel();
+        let request = {
+            let mut st = self.shared.lock();
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            TxRequest {
+                node: self.id,
+                frame: *frame,
+                ready_at: st.ready_time(Instant::now()),
+                seq,
+                done,
+            }
+        };
+        link.tx.send(request).map_err(|_| BusError::Closed)?;
+        Ok(Some(finished))
+    }
+
     /// The next queued event, without waiting.
     pub fn try_recv(&mut self) -> Option<BusEvent> {
         self.rx.try_recv().ok()
@@ -470,28 +506,30 @@ impl Drop for VirtualNode {
 
 impl CanBus for VirtualNode {
     async fn send(&mut self, frame: &CanFrame) -> Result<(), BusError> {
-        let (Some(link), Some(bitrate)) = (&self.shared.arbiter, self.shared.bitrate_bps) else {
-            let mut st = self.shared.lock();
-            st.stats.frames_transmitted += 1;
-            st.deliver(Some(self.id), &BusEvent::Frame(*frame));
-            return Ok(());
-        };
-        self.ensure_arbiter(link, bitrate);
-        let (done, finished) = oneshot::channel();
-        let request = {
-            let mut st = self.shared.lock();
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            TxRequest {
-                node: self.id,
-                frame: *frame,
-                ready_at: st.ready_time(Instant::now()),
-                seq,
-                done,
+        match self.transmit(frame)? {
+            // Released once the frame has been on the wire.
+            Some(finished) => finished.await.map_err(|_| BusError::Closed),
+            None => Ok(()),
+        }
+    }
+
+    fn try_send(&mut self, frame: &CanFrame) -> Result<bool, BusError> {
+        // Frames already on the wire leave the queue.
+        while let Some(front) = self.tx_queue.front_mut() {
+            match front.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => break,
+                _ => {
+                    self.tx_queue.pop_front();
+                }
             }
-        };
-        link.tx.send(request).map_err(|_| BusError::Closed)?;
-        finished.await.map_err(|_| BusError::Closed)
+        }
+        if self.tx_queue.len() >= TX_QUEUE_LEN {
+            return Ok(false);
+        }
+        if let Some(finished) = self.transmit(frame)? {
+            self.tx_queue.push_back(finished);
+        }
+        Ok(true)
     }
 
     async fn recv(&mut self) -> Result<BusEvent, BusError> {

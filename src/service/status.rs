@@ -59,6 +59,9 @@ pub struct CanLinkStatus {
     pub frames_in: u64,
     pub frames_out: u64,
     pub errors: u64,
+    /// Frames dropped because the bus could not take them (its transmit
+    /// queue stayed full: no ACK, bus-off).
+    pub tx_dropped: u64,
 }
 
 /// The MQTT link to the cloud and the identity exchanges over it.
@@ -153,7 +156,7 @@ impl Status {
         if self.can.is_empty() {
             out.push_str("  (no interfaces)\n");
         } else {
-            let rows: Vec<[String; 6]> = self
+            let rows: Vec<[String; 7]> = self
                 .can
                 .iter()
                 .map(|c| {
@@ -164,6 +167,7 @@ impl Status {
                         c.frames_in.to_string(),
                         c.frames_out.to_string(),
                         c.errors.to_string(),
+                        c.tx_dropped.to_string(),
                     ]
                 })
                 .collect();
@@ -176,6 +180,7 @@ impl Status {
                     "frames in",
                     "frames out",
                     "errors",
+                    "dropped (bus full)",
                 ],
                 &rows,
             );
@@ -403,6 +408,7 @@ pub(crate) mod tests {
                     frames_in: 1200,
                     frames_out: 1180,
                     errors: 0,
+                    tx_dropped: 0,
                 },
                 CanLinkStatus {
                     role: "pile".into(),
@@ -411,6 +417,7 @@ pub(crate) mod tests {
                     frames_in: 7,
                     frames_out: 3,
                     errors: 2,
+                    tx_dropped: 40,
                 },
             ],
             cloud: CloudStatus {
@@ -486,8 +493,8 @@ pub(crate) mod tests {
         let text = sample().render();
         for want in [
             "bmsgw 0.1.0  mode bridge  up 1h 02m 03s",
-            "role  interface  state  frames in  frames out  errors",
-            "pile  vcan1      DOWN   7          3           2",
+            "role  interface  state  frames in  frames out  errors  dropped (bus full)",
+            "pile  vcan1      DOWN   7          3           2       40",
             "connected  connects 1  connection errors 2  grants 3  denials 1  timeouts 0",
             "phase                 Charging",
             "started               2025-10-09 08:53:20 UTC",

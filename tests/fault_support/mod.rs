@@ -151,17 +151,21 @@ impl Rig {
     /// receive paths (both sides; the pile side's stream is derived from
     /// the seed).
     pub fn start_daemon(&mut self, faults: FaultConfig) {
+        let bms = FaultyBus::new(self.bms.node(), faults);
+        let pile = FaultyBus::new(
+            self.pile.node(),
+            FaultConfig {
+                seed: faults.seed ^ 0xD1A6,
+                ..faults
+            },
+        );
+        self.start_daemon_on(bms, pile);
+    }
+
+    /// Start the daemon on the given nodes of the BMS's and the pile's bus.
+    pub fn start_daemon_on(&mut self, bms: Node, pile: Node) {
         assert!(self.daemon.is_none(), "already running");
-        let buses = Buses::Bridge {
-            bms: FaultyBus::new(self.bms.node(), faults),
-            pile: FaultyBus::new(
-                self.pile.node(),
-                FaultConfig {
-                    seed: faults.seed ^ 0xD1A6,
-                    ..faults
-                },
-            ),
-        };
+        let buses = Buses::Bridge { bms, pile };
         self.daemon = Some(Spawned::start(
             self.config.clone(),
             buses,

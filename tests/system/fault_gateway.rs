@@ -153,6 +153,16 @@ impl<B: CanBus> CanBus for SilentPile<B> {
         self.inner.send(frame).await
     }
 
+    fn try_send(&mut self, frame: &CanFrame) -> Result<bool, BusError> {
+        if !self.silent && (self.trigger)(frame, true) {
+            self.silent = true;
+        }
+        if self.silent {
+            return Ok(true);
+        }
+        self.inner.try_send(frame)
+    }
+
     async fn recv(&mut self) -> Result<BusEvent, BusError> {
         let ev = self.inner.recv().await?;
         if let BusEvent::Frame(f) = &ev

@@ -15,6 +15,7 @@ mod attack_flood;
 mod attack_session;
 mod auth_session;
 mod bench_startup;
+mod bus_full;
 mod cli_matrix;
 mod control_socket;
 mod fault_can;

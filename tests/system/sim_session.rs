@@ -46,6 +46,13 @@ impl CanBus for SilencedAfter {
         self.inner.send(frame).await
     }
 
+    fn try_send(&mut self, frame: &CanFrame) -> Result<bool, BusError> {
+        if self.silent {
+            return Ok(true);
+        }
+        self.inner.try_send(frame)
+    }
+
     async fn recv(&mut self) -> Result<BusEvent, BusError> {
         let ev = self.inner.recv().await?;
         if let (BusEvent::Frame(f), Some(phase)) = (&ev, self.phase)

@@ -29,6 +29,7 @@ use crate::time::{Clock, Timestamp, unix_now};
 use super::cloud::{LoopMsg, ask_cloud, cloud_link, link_changed};
 use super::shared::Shared;
 use super::store_writer::StoreJob;
+use super::tx_queue::{TxQueue, sleep_until_opt};
 use super::{Buses, DaemonError, Observe};
 
 pub(super) struct LoopCtx<'a> {
@@ -51,6 +52,8 @@ pub(super) struct BusCounters {
     pub(super) frames_in: u64,
     pub(super) frames_out: u64,
     pub(super) errors: u64,
+    /// Frames dropped because the bus's transmit queue was full.
+    pub(super) tx_dropped: u64,
     pub(super) up: bool,
 }
 
@@ -134,6 +137,9 @@ pub(super) async fn can_loop<B: CanBus>(
         up: true,
         ..Default::default()
     }; 2]; // [pile/bus, bms]
+    // What each bus could not take yet ([pile/bus, bms]): the loop never
+    // waits for a bus.
+    let mut out = [TxQueue::new("pile"), TxQueue::new("bms")];
     let mut span = tracing::Span::none();
     let mut watchdog = ctx
         .systemd
@@ -157,18 +163,12 @@ pub(super) async fn can_loop<B: CanBus>(
             if let Some(b) = bridge.as_mut() {
                 while let Some((side, frame)) = b.poll_transmit() {
                     moved = true;
-                    let (bus_ok, i) = match side {
-                        Side::Pile => (pile_bus.send(&frame).await, 0),
-                        Side::Bms => match bms_bus.as_mut() {
-                            Some(bus) => (bus.send(&frame).await, 1),
-                            None => (Ok(()), 1),
-                        },
-                    };
-                    match bus_ok {
-                        Ok(()) => counters[i].frames_out += 1,
-                        Err(e) => {
-                            counters[i].errors += 1;
-                            debug!(error = %e, "send failed");
+                    match side {
+                        Side::Pile => out[0].send(&mut pile_bus, frame, &mut counters[0]),
+                        Side::Bms => {
+                            if let Some(bus) = bms_bus.as_mut() {
+                                out[1].send(bus, frame, &mut counters[1]);
+                            }
                         }
                     }
                 }
@@ -233,13 +233,7 @@ pub(super) async fn can_loop<B: CanBus>(
             if let Some(a) = auth.as_mut() {
                 while let Some(frame) = a.poll_transmit() {
                     moved = true;
-                    match pile_bus.send(&frame).await {
-                        Ok(()) => counters[0].frames_out += 1,
-                        Err(e) => {
-                            counters[0].errors += 1;
-                            debug!(error = %e, "send failed");
-                        }
-                    }
+                    out[0].send(&mut pile_bus, frame, &mut counters[0]);
                 }
                 if let Some(outcome) = a.poll_outcome() {
                     moved = true;
@@ -355,6 +349,11 @@ pub(super) async fn can_loop<B: CanBus>(
             continue;
         }
         if stopping {
+            // A last chance for what the buses have not taken yet.
+            out[0].flush(&mut pile_bus, &mut counters[0]);
+            if let Some(bus) = bms_bus.as_mut() {
+                out[1].flush(bus, &mut counters[1]);
+            }
             return match shared.unhealthy_reason.lock().ok().and_then(|r| r.clone()) {
                 Some(why) if !shared.healthy.load(Ordering::SeqCst) => {
                     Err(DaemonError::Unhealthy(why))
@@ -425,6 +424,14 @@ pub(super) async fn can_loop<B: CanBus>(
                         warn!(?state, "CAN link (BMS side)");
                         shared.error(format!("CAN bms link {state:?}"));
                     }
+                }
+            }
+            () = sleep_until_opt(out[0].retry_at()) => {
+                out[0].flush(&mut pile_bus, &mut counters[0]);
+            }
+            () = sleep_until_opt(out[1].retry_at()) => {
+                if let Some(bus) = bms_bus.as_mut() {
+                    out[1].flush(bus, &mut counters[1]);
                 }
             }
             Some(msg) = rx.recv() => {
@@ -603,6 +610,7 @@ pub(super) fn publish_snapshot(
         status.frames_in = c.frames_in;
         status.frames_out = c.frames_out;
         status.errors = c.errors;
+        status.tx_dropped = c.tx_dropped;
         status.up = c.up;
     }
     snap.firewall = bridge.map(|b| b.counters().clone());

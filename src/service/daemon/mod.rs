@@ -55,6 +55,7 @@ mod cloud;
 mod shared;
 mod spawned;
 mod store_writer;
+mod tx_queue;
 
 pub use spawned::{SpawnError, Spawned};
 

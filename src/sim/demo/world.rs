@@ -38,6 +38,13 @@ impl CanBus for DemoBus {
         }
     }
 
+    fn try_send(&mut self, frame: &CanFrame) -> Result<bool, BusError> {
+        match self {
+            DemoBus::Virtual(n) => n.try_send(frame),
+            DemoBus::Socket(s) => s.try_send(frame),
+        }
+    }
+
     async fn recv(&mut self) -> Result<BusEvent, BusError> {
         match self {
             DemoBus::Virtual(n) => n.recv().await,
