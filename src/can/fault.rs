@@ -161,6 +161,19 @@ impl<B: CanBus> CanBus for FaultyBus<B> {
         self.inner.try_send(frame)
     }
 
+    fn try_recv(&mut self) -> Option<BusEvent> {
+        loop {
+            match self.inner.try_recv()? {
+                BusEvent::Frame(f) => {
+                    if let Some(f) = self.apply(f) {
+                        return Some(BusEvent::Frame(f));
+                    }
+                }
+                other => return Some(other),
+            }
+        }
+    }
+
     /// Cancel-safe as the inner `recv` is: the fault decision is made only
     /// once a frame has been taken, with no await after it.
     async fn recv(&mut self) -> Result<BusEvent, BusError> {

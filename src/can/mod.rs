@@ -135,6 +135,13 @@ pub trait CanBus: Send {
 
     /// Wait for the next event on the bus.
     fn recv(&mut self) -> impl Future<Output = Result<BusEvent, BusError>> + Send;
+
+    /// The next event if one is already there, without waiting, so that a
+    /// reader takes a burst in one go; `None` when nothing is ready (then
+    /// `recv` waits). The default never has one.
+    fn try_recv(&mut self) -> Option<BusEvent> {
+        None
+    }
 }
 
 #[cfg(test)]

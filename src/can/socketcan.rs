@@ -444,6 +444,28 @@ impl CanBus for SocketCanBus {
         }
     }
 
+    /// What is queued, or what the socket already holds.
+    fn try_recv(&mut self) -> Option<BusEvent> {
+        if let Some(ev) = self.pending.pop_front() {
+            return Some(ev);
+        }
+        let Link::Up { socket, .. } = &self.link else {
+            return None;
+        };
+        match socket.try_read_frame() {
+            Ok(frame) => self.on_frame(frame),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                return None;
+            }
+            // As in `recv`: the socket is unusable.
+            Err(e) => self.link_down("receive", &e),
+        }
+        self.pending.pop_front()
+    }
+
     /// Waits for the next frame, error frame or link change.
     ///
     /// When the interface goes down the kernel only sets an error on the

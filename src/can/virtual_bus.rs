@@ -532,6 +532,10 @@ impl CanBus for VirtualNode {
         Ok(true)
     }
 
+    fn try_recv(&mut self) -> Option<BusEvent> {
+        self.rx.try_recv().ok()
+    }
+
     async fn recv(&mut self) -> Result<BusEvent, BusError> {
         // `mpsc::Receiver::recv` is cancel-safe: a dropped call takes nothing.
         self.rx.recv().await.ok_or(BusError::Closed)

@@ -57,6 +57,12 @@ pub(super) struct BusCounters {
     pub(super) up: bool,
 }
 
+/// Events taken from one bus in one go (see the loop).
+const RX_BATCH: usize = 64;
+
+/// How stale the published frame counters may be (see the loop).
+const STATUS_EVERY: Duration = Duration::from_millis(50);
+
 pub(super) async fn recv_opt<B: CanBus>(bus: &mut Option<B>) -> Result<BusEvent, BusError> {
     match bus {
         Some(b) => b.recv().await,
@@ -140,6 +146,9 @@ pub(super) async fn can_loop<B: CanBus>(
     // What each bus could not take yet ([pile/bus, bms]): the loop never
     // waits for a bus.
     let mut out = [TxQueue::new("pile"), TxQueue::new("bms")];
+    // What the last published status showed of the session, and when.
+    let mut published: Option<(Option<SessionView>, bool, tokio::time::Instant)> = None;
+    let mut status_due: Option<tokio::time::Instant> = None;
     let mut span = tracing::Span::none();
     let mut watchdog = ctx
         .systemd
@@ -328,7 +337,23 @@ pub(super) async fn can_loop<B: CanBus>(
                 break;
             }
         }
-        publish_snapshot(&shared, &orch, bridge.as_ref(), &counters, &watched);
+        // The status is published at once when the session changes, and
+        // otherwise at most every STATUS_EVERY: at full bus load the frame
+        // counters change with every frame.
+        let view = orch.current().cloned();
+        let approval = orch.awaiting_approval();
+        let at = tokio::time::Instant::now();
+        let (session_changed, stale) = match &published {
+            None => (true, true),
+            Some((v, a, t)) => (*v != view || *a != approval, at >= *t + STATUS_EVERY),
+        };
+        if session_changed || stale || stopping {
+            publish_snapshot(&shared, &orch, bridge.as_ref(), &counters, &watched);
+            published = Some((view, approval, at));
+            status_due = None;
+        } else if status_due.is_none() {
+            status_due = published.as_ref().map(|(_, _, t)| *t + STATUS_EVERY);
+        }
         while cloud_tasks.try_join_next().is_some() {}
         asking.retain(|_, h| !h.is_finished());
         if stopping && store_in_flight > 0 {
@@ -381,49 +406,65 @@ pub(super) async fn can_loop<B: CanBus>(
                 stopping = true;
             }
             ev = pile_bus.recv() => {
-                let now = clock.now();
-                match ev? {
-                    BusEvent::Frame(frame) => {
-                        counters[0].frames_in += 1;
-                        if let Some(b) = bridge.as_mut() {
-                            b.handle_frame(Side::Pile, &frame, now);
+                let now = clock.now();  // once per burst
+                // The whole burst the bus already holds, up to RX_BATCH,
+                // before the loop moves the cores along.
+                let mut ev = Some(ev?);
+                let mut taken = 0;
+                while let Some(e) = ev.take() {
+                    match e {
+                        BusEvent::Frame(frame) => {
+                            counters[0].frames_in += 1;
+                            if let Some(b) = bridge.as_mut() {
+                                b.handle_frame(Side::Pile, &frame, now);
+                            }
+                            if let Some(m) = monitor.as_mut() {
+                                m.handle_frame(&frame, now);
+                            }
+                            if let Some(a) = auth.as_mut() {
+                                a.handle_frame(&frame, now);
+                            }
                         }
-                        if let Some(m) = monitor.as_mut() {
-                            m.handle_frame(&frame, now);
+                        BusEvent::Error(e) => {
+                            counters[0].errors += 1;
+                            debug!(error = ?e, "CAN error frame (pile side)");
                         }
-                        if let Some(a) = auth.as_mut() {
-                            a.handle_frame(&frame, now);
+                        BusEvent::Link(state) => {
+                            counters[0].up = state == crate::can::LinkState::Up;
+                            warn!(?state, "CAN link (pile side)");
+                            shared.error(format!("CAN {} link {state:?}", if bridge.is_some() { "pile" } else { "bus" }));
                         }
                     }
-                    BusEvent::Error(e) => {
-                        counters[0].errors += 1;
-                        debug!(error = ?e, "CAN error frame (pile side)");
-                    }
-                    BusEvent::Link(state) => {
-                        counters[0].up = state == crate::can::LinkState::Up;
-                        warn!(?state, "CAN link (pile side)");
-                        shared.error(format!("CAN {} link {state:?}", if bridge.is_some() { "pile" } else { "bus" }));
-                    }
+                    taken += 1;
+                    if taken < RX_BATCH { ev = pile_bus.try_recv(); }
                 }
             }
             ev = recv_opt(&mut bms_bus) => {
-                let now = clock.now();
-                match ev? {
-                    BusEvent::Frame(frame) => {
-                        counters[1].frames_in += 1;
-                        if let Some(b) = bridge.as_mut() {
-                            b.handle_frame(Side::Bms, &frame, now);
+                let now = clock.now();  // once per burst
+                // The whole burst the bus already holds, up to RX_BATCH,
+                // before the loop moves the cores along.
+                let mut ev = Some(ev?);
+                let mut taken = 0;
+                while let Some(e) = ev.take() {
+                    match e {
+                        BusEvent::Frame(frame) => {
+                            counters[1].frames_in += 1;
+                            if let Some(b) = bridge.as_mut() {
+                                b.handle_frame(Side::Bms, &frame, now);
+                            }
+                        }
+                        BusEvent::Error(e) => {
+                            counters[1].errors += 1;
+                            debug!(error = ?e, "CAN error frame (BMS side)");
+                        }
+                        BusEvent::Link(state) => {
+                            counters[1].up = state == crate::can::LinkState::Up;
+                            warn!(?state, "CAN link (BMS side)");
+                            shared.error(format!("CAN bms link {state:?}"));
                         }
                     }
-                    BusEvent::Error(e) => {
-                        counters[1].errors += 1;
-                        debug!(error = ?e, "CAN error frame (BMS side)");
-                    }
-                    BusEvent::Link(state) => {
-                        counters[1].up = state == crate::can::LinkState::Up;
-                        warn!(?state, "CAN link (BMS side)");
-                        shared.error(format!("CAN bms link {state:?}"));
-                    }
+                    taken += 1;
+                    if taken < RX_BATCH { ev = bms_bus.as_mut().and_then(CanBus::try_recv); }
                 }
             }
             () = sleep_until_opt(out[0].retry_at()) => {
@@ -434,6 +475,8 @@ pub(super) async fn can_loop<B: CanBus>(
                     out[1].flush(bus, &mut counters[1]);
                 }
             }
+            // Only wakes the loop: the status is published above.
+            () = sleep_until_opt(status_due) => {}
             Some(msg) = rx.recv() => {
                 let _g = span.enter();
                 if msg.answers_a_store_job() {

@@ -45,6 +45,13 @@ impl CanBus for DemoBus {
         }
     }
 
+    fn try_recv(&mut self) -> Option<BusEvent> {
+        match self {
+            DemoBus::Virtual(n) => CanBus::try_recv(n),
+            DemoBus::Socket(s) => s.try_recv(),
+        }
+    }
+
     async fn recv(&mut self) -> Result<BusEvent, BusError> {
         match self {
             DemoBus::Virtual(n) => n.recv().await,
