@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use super::{
     BusError, BusEvent, CanBus, CanFrame, CanId, ErrorEvent, ExtendedId, LinkState, StandardId,
 };
+use crate::backoff::Backoff;
 
 /// Error classes of a SocketCAN error frame (`linux/can/error.h`), found
 /// in the identifier bits of a frame flagged with [`CAN_ERR_FLAG`].
@@ -218,7 +219,8 @@ enum Link {
     },
     Down {
         retry_at: Instant,
-        backoff: Duration,
+        /// Reopen attempts: `reopen_min`, doubling up to `reopen_max`.
+        pace: Backoff,
     },
 }
 
@@ -282,18 +284,21 @@ impl SocketCanBus {
             );
             self.pending.push_back(BusEvent::Link(LinkState::Down));
         }
+        let mut pace = Backoff::steady(self.opts.reopen_min, self.opts.reopen_max);
+        let (_, first) = pace.next_delay();
         self.link = Link::Down {
-            retry_at: Instant::now() + self.opts.reopen_min,
-            backoff: self.opts.reopen_min,
+            retry_at: Instant::now() + first,
+            pace,
         };
     }
 
     /// One reopen attempt; on failure the next one is scheduled with twice
-    /// the backoff.
+    /// the delay.
     fn try_reopen(&mut self) {
-        let Link::Down { backoff, .. } = self.link else {
+        let Link::Down { pace, .. } = &self.link else {
             return;
         };
+        let mut pace = pace.clone();
         let attempt = match iface_state(&self.iface) {
             // A socket bound to a down interface opens fine but is useless,
             // so wait for the interface itself.
@@ -317,11 +322,11 @@ impl SocketCanBus {
                 self.next_check = Instant::now() + LINK_CHECK_PERIOD;
             }
             Err(e) => {
-                let next = (backoff * 2).min(self.opts.reopen_max);
+                let (_, next) = pace.next_delay();
                 debug!(iface = %self.iface, error = %e, retry_in = ?next, "CAN interface still unavailable");
                 self.link = Link::Down {
                     retry_at: Instant::now() + next,
-                    backoff: next,
+                    pace,
                 };
             }
         }
@@ -382,8 +387,7 @@ impl CanBus for SocketCanBus {
             self.try_reopen();
         }
         let out = self.encode(frame)?;
-        let mut delay = ENOBUFS_FIRST_DELAY;
-        let mut retries = 0;
+        let mut pace = Backoff::steady(ENOBUFS_FIRST_DELAY, ENOBUFS_FIRST_DELAY * 16);
         loop {
             let Link::Up { socket, .. } = &self.link else {
                 return Err(self.io_error(
@@ -393,10 +397,11 @@ impl CanBus for SocketCanBus {
             };
             match socket.write_frame(out).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && retries < ENOBUFS_RETRIES => {
-                    retries += 1;
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOBUFS)
+                        && pace.attempts() < ENOBUFS_RETRIES =>
+                {
+                    tokio::time::sleep(pace.next_delay().1).await;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {

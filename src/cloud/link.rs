@@ -84,7 +84,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, warn};
 
 use super::tls::{TlsError, TlsFiles, client_config};
-use crate::prng::SplitMix64;
+use crate::backoff::Backoff;
 
 pub use rumqttc::v5::mqttbytes::QoS;
 pub use rumqttc::v5::mqttbytes::v5::PubAckReason;
@@ -320,69 +320,6 @@ pub enum LinkError {
     Stopped,
 }
 
-/// The reconnect delay: exponential from `min`, capped at `max`, with
-/// jitter so that a fleet does not reconnect in step after a broker
-/// restart.
-///
-/// Attempt `n` (from 1) waits a uniform delay in `[max(min, upper / 2),
-/// upper]` where `upper = min(max, min * 2^n)`: attempt 1 waits between
-/// `min` and `2 min`, and once capped the delay stays in `[max / 2, max]`.
-/// `unit` is the jitter, in `[0, 1)`.
-pub fn backoff_delay(attempt: u32, min: Duration, max: Duration, unit: f64) -> Duration {
-    let max = max.max(min);
-    let mut upper = min;
-    for _ in 0..attempt {
-        upper = upper.saturating_mul(2);
-        if upper >= max {
-            upper = max;
-            break;
-        }
-    }
-    let lower = (upper / 2).max(min);
-    let unit = if unit.is_finite() {
-        unit.clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    lower + (upper - lower).mul_f64(unit)
-}
-
-/// Reconnect pacing: [`backoff_delay`] with a seeded generator for the
-/// jitter, so a schedule can be tested without a clock.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-    rng: SplitMix64,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration, seed: u64) -> Self {
-        Backoff {
-            min,
-            max,
-            attempt: 0,
-            rng: SplitMix64::new(seed),
-        }
-    }
-
-    /// The next attempt number and how long to wait before it.
-    pub fn next_delay(&mut self) -> (u32, Duration) {
-        self.attempt = self.attempt.saturating_add(1);
-        let unit = (self.rng.next() >> 11) as f64 / (1u64 << 53) as f64;
-        (
-            self.attempt,
-            backoff_delay(self.attempt, self.min, self.max, unit),
-        )
-    }
-
-    /// After a successful connection: start again from `min`.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
 /// A handle to the link. Clones share one connection. When the last clone
 /// is dropped the task disconnects and stops in the background;
 /// [`Link::shutdown`] does the same and waits for it.
@@ -435,7 +372,7 @@ impl Link {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64)
         });
-        let backoff = Backoff::new(config.backoff_min, config.backoff_max, seed);
+        let backoff = Backoff::jittered(config.backoff_min, config.backoff_max, seed);
         let inner = Arc::new(Inner {
             client_id: config.client_id.clone(),
             client,
@@ -1672,8 +1609,6 @@ fn valid_filter(filter: &str) -> bool {
 mod tests {
     use super::*;
 
-    const MS: Duration = Duration::from_millis(1);
-
     #[test]
     fn a_suspend_is_a_growth_of_the_clock_gap() {
         let ms = Duration::from_millis;
@@ -1690,65 +1625,6 @@ mod tests {
         assert_eq!(w.observe(ms(21_614_900)), Some(ms(3_000)));
         // The real clocks answer on Linux.
         assert!(boot_minus_monotonic().is_some());
-    }
-
-    #[test]
-    fn backoff_grows_doubles_and_caps_within_its_bounds() {
-        let (min, max) = (100 * MS, 5_000 * MS);
-        // Jitter 0 gives the lower edge, jitter near 1 the upper edge.
-        let low: Vec<_> = (1..=8).map(|a| backoff_delay(a, min, max, 0.0)).collect();
-        let high: Vec<_> = (1..=8)
-            .map(|a| backoff_delay(a, min, max, 0.999_999))
-            .collect();
-        assert_eq!(
-            low,
-            [100, 200, 400, 800, 1600, 2500, 2500, 2500].map(|m| m * MS)
-        );
-        for (a, h) in high.iter().enumerate() {
-            let expect = [200, 400, 800, 1600, 3200, 5000, 5000, 5000][a] * MS;
-            assert!(expect - *h < MS, "attempt {}: {h:?} vs {expect:?}", a + 1);
-        }
-        // Absurd attempt numbers stay capped, bad jitter stays in range.
-        assert_eq!(backoff_delay(u32::MAX, min, max, 0.0), 2500 * MS);
-        assert_eq!(backoff_delay(3, min, max, f64::NAN), 400 * MS);
-        assert_eq!(backoff_delay(3, min, max, 7.0), 800 * MS);
-        // min above max: max is raised to min.
-        assert_eq!(backoff_delay(4, 300 * MS, 100 * MS, 0.5), 300 * MS);
-    }
-
-    #[test]
-    fn seeded_schedule_is_reproducible_jittered_and_resets() {
-        let (min, max) = (500 * MS, 60_000 * MS);
-        let schedule = |seed| {
-            let mut b = Backoff::new(min, max, seed);
-            (0..12).map(|_| b.next_delay()).collect::<Vec<_>>()
-        };
-        let a = schedule(7);
-        assert_eq!(a, schedule(7));
-        assert_ne!(a, schedule(8), "the seed changes the jitter");
-        for (i, (attempt, delay)) in a.iter().enumerate() {
-            assert_eq!(*attempt as usize, i + 1);
-            let upper = backoff_delay(*attempt, min, max, 0.999_999_999);
-            let lower = backoff_delay(*attempt, min, max, 0.0);
-            assert!(
-                lower <= *delay && *delay <= upper + MS,
-                "{attempt}: {delay:?}"
-            );
-            assert!(*delay >= min && *delay <= max);
-        }
-        // Jitter really spreads: not every delay sits on the lower edge.
-        assert!(
-            a.iter()
-                .any(|(n, d)| *d > backoff_delay(*n, min, max, 0.0) + MS)
-        );
-        let mut b = Backoff::new(min, max, 7);
-        for _ in 0..5 {
-            b.next_delay();
-        }
-        b.reset();
-        let (attempt, delay) = b.next_delay();
-        assert_eq!(attempt, 1);
-        assert!(delay >= min && delay <= 2 * min);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::backoff::Backoff;
 use crate::can::{CanBus, CanFrame};
 
 use super::can_loop::BusCounters;
@@ -29,7 +30,7 @@ const RETRY_MAX: Duration = Duration::from_millis(16);
 pub(super) struct TxQueue {
     frames: VecDeque<CanFrame>,
     retry_at: Option<Instant>,
-    delay: Duration,
+    pace: Backoff,
     /// Which side, for the log.
     side: &'static str,
 }
@@ -39,7 +40,7 @@ impl TxQueue {
         TxQueue {
             frames: VecDeque::new(),
             retry_at: None,
-            delay: RETRY_FIRST,
+            pace: Backoff::steady(RETRY_FIRST, RETRY_MAX),
             side,
         }
     }
@@ -76,11 +77,10 @@ impl TxQueue {
                 Ok(true) => {
                     self.frames.pop_front();
                     counters.frames_out += 1;
-                    self.delay = RETRY_FIRST;
+                    self.pace.reset();
                 }
                 Ok(false) => {
-                    self.retry_at = Some(Instant::now() + self.delay);
-                    self.delay = (self.delay * 2).min(RETRY_MAX);
+                    self.retry_at = Some(Instant::now() + self.pace.next_delay().1);
                     return;
                 }
                 Err(e) => {
@@ -165,10 +165,10 @@ mod tests {
         assert_eq!((c.frames_out, c.tx_dropped), (2, 3));
         assert!(q.retry_at().is_some());
         // Still full at the retry: the next one comes later (backing off).
-        assert_eq!(q.delay, 2 * RETRY_FIRST);
+        assert_eq!(q.pace.attempts(), 1);
         q.flush(&mut bus, &mut c);
         assert!(q.retry_at().is_some());
-        assert_eq!(q.delay, 4 * RETRY_FIRST);
+        assert_eq!(q.pace.attempts(), 2);
         // Room again: everything goes, in order, and one failure costs
         // only its own frame.
         bus.room = usize::MAX;
