@@ -554,9 +554,36 @@ impl Orchestrator {
         }
     }
 
-    /// The cloud link changed.
+    /// The cloud link changed. A session waiting for the cloud (not for
+    /// its owner) stops waiting once the link is known down: the request
+    /// was sent while the link was usable, and its reconnect has failed.
     pub fn on_cloud_link(&mut self, link: CloudLink) {
         self.cloud = link;
+        let CloudLink::Down(why) = &self.cloud else {
+            return;
+        };
+        let Some(s) = self.session.as_ref() else {
+            return;
+        };
+        let Stage::AwaitingCloud {
+            approval: None,
+            ref refused,
+            ref last_refusal,
+            ..
+        } = s.stage
+        else {
+            return;
+        };
+        let refusals = last_refusal
+            .as_ref()
+            .map(|r| format!(" ({refused} answer(s) refused, last: {r})"))
+            .unwrap_or_default();
+        let why = format!("cloud link is {why}{refusals}");
+        self.actions.push_back(Action::CancelCloud {
+            session: s.view.session,
+            timed_out: false,
+        });
+        self.spend_voucher(why);
     }
 
     /// What the cloud answered for `session`, or that asking it failed.

@@ -230,6 +230,54 @@ fn a_voucher_is_used_when_the_cloud_does_not_answer_in_time() {
     );
 }
 
+/// Asked while the link was usable (lost just now, reconnecting at once),
+/// the session stops waiting when the reconnect fails: a voucher at once,
+/// not at the timeout. While the owner is asked, it waits on.
+#[test]
+fn a_link_found_down_while_waiting_means_a_voucher_at_once() {
+    let mut o = orch();
+    let mut rng = StreamRng::new(11);
+    let session = asked(&mut o, 1000, &mut rng);
+    o.on_cloud_link(CloudLink::Usable);
+    assert!(actions(&mut o).is_empty());
+    o.on_cloud_link(CloudLink::Down("backoff".into()));
+    let acts = actions(&mut o);
+    assert!(
+        matches!(acts.first(), Some(Action::CancelCloud { session: s, timed_out: false }) if *s == session),
+        "{acts:?}"
+    );
+    let [_, Action::SpendVoucher { .. }] = &acts[..] else {
+        panic!("expected cancel then spend, got {acts:?}");
+    };
+    o.on_voucher(session, VoucherAnswer::Taken(credential(true)), NOW + 1);
+    let n = notices(&mut o);
+    assert!(
+        n.iter().any(
+            |n| matches!(n, Notice::Credential { kind: CredentialKind::Voucher, detail, .. }
+            if detail.contains("cloud link is backoff"))
+        ),
+        "{n:?}"
+    );
+    // Another down report later changes nothing.
+    let _ = actions(&mut o);
+    o.on_cloud_link(CloudLink::Down("backoff".into()));
+    assert!(actions(&mut o).is_empty());
+
+    // Awaiting the owner's approval: the link going down is no reason to
+    // spend a voucher the owner did not approve.
+    let mut o = orch();
+    let session = asked(&mut o, 1000, &mut rng);
+    o.on_cloud(
+        session,
+        CloudAnswer::Pending { deadline: NOW + 60 },
+        t(1100),
+        NOW,
+    );
+    let _ = actions(&mut o);
+    o.on_cloud_link(CloudLink::Down("backoff".into()));
+    assert!(actions(&mut o).is_empty());
+}
+
 /// A link known down (in backoff) or disabled is not asked: the BMS waits
 /// only 5 s for CRM(0xAA).
 #[test]
