@@ -1429,7 +1429,7 @@ async fn run(
                 debug!("wake-up check: PINGREQ");
                 continue 'run;
             }
-            () = sleep_until_deadline(check), if check.is_some() => {
+            () = crate::time::sleep_until(check.map(|(_, deadline)| deadline)) => {
                 let Some((sent, _)) = check.take() else { continue 'run };
                 if inner.lock().last_heard.is_some_and(|t| t >= sent) {
                     continue 'run;
@@ -1477,13 +1477,6 @@ async fn run(
     }
     disconnect(&inner, &mut eventloop).await;
     info!("link stopped");
-}
-
-async fn sleep_until_deadline(check: Option<(Instant, Instant)>) {
-    match check {
-        Some((_, deadline)) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Aborts its task when dropped, however the owner ends.

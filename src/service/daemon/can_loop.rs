@@ -24,12 +24,12 @@ use crate::j1939::monitor::{Monitor, MonitorEvent};
 use crate::service::config::Config;
 use crate::service::status::SessionStatus;
 use crate::service::systemd::Systemd;
-use crate::time::{Clock, Timestamp, unix_now};
+use crate::time::{Clock, Timestamp, sleep_until, unix_now};
 
 use super::cloud::{LoopMsg, ask_cloud, cloud_link, link_changed};
 use super::shared::Shared;
 use super::store_writer::StoreJob;
-use super::tx_queue::{TxQueue, sleep_until_opt};
+use super::tx_queue::TxQueue;
 use super::{Buses, DaemonError, Observe};
 
 pub(super) struct LoopCtx<'a> {
@@ -62,6 +62,18 @@ const RX_BATCH: usize = 64;
 
 /// How stale the published frame counters may be (see the loop).
 const STATUS_EVERY: Duration = Duration::from_millis(50);
+
+/// `first`, then what `bus` already holds, up to [`RX_BATCH`] events in
+/// all: a burst is handled before the loop moves the cores along.
+fn burst<B: CanBus>(first: BusEvent, bus: &mut B, mut each: impl FnMut(BusEvent)) {
+    each(first);
+    for _ in 1..RX_BATCH {
+        match bus.try_recv() {
+            Some(ev) => each(ev),
+            None => break,
+        }
+    }
+}
 
 pub(super) async fn recv_opt<B: CanBus>(bus: &mut Option<B>) -> Result<BusEvent, BusError> {
     match bus {
@@ -406,47 +418,37 @@ pub(super) async fn can_loop<B: CanBus>(
                 stopping = true;
             }
             ev = pile_bus.recv() => {
-                let now = clock.now();  // once per burst
-                // The whole burst the bus already holds, up to RX_BATCH,
-                // before the loop moves the cores along.
-                let mut ev = Some(ev?);
-                let mut taken = 0;
-                while let Some(e) = ev.take() {
-                    match e {
-                        BusEvent::Frame(frame) => {
-                            counters[0].frames_in += 1;
-                            if let Some(b) = bridge.as_mut() {
-                                b.handle_frame(Side::Pile, &frame, now);
-                            }
-                            if let Some(m) = monitor.as_mut() {
-                                m.handle_frame(&frame, now);
-                            }
-                            if let Some(a) = auth.as_mut() {
-                                a.handle_frame(&frame, now);
-                            }
+                let now = clock.now(); // once per burst
+                burst(ev?, &mut pile_bus, |ev| match ev {
+                    BusEvent::Frame(frame) => {
+                        counters[0].frames_in += 1;
+                        if let Some(b) = bridge.as_mut() {
+                            b.handle_frame(Side::Pile, &frame, now);
                         }
-                        BusEvent::Error(e) => {
-                            counters[0].errors += 1;
-                            debug!(error = ?e, "CAN error frame (pile side)");
+                        if let Some(m) = monitor.as_mut() {
+                            m.handle_frame(&frame, now);
                         }
-                        BusEvent::Link(state) => {
-                            counters[0].up = state == crate::can::LinkState::Up;
-                            warn!(?state, "CAN link (pile side)");
-                            shared.error(format!("CAN {} link {state:?}", if bridge.is_some() { "pile" } else { "bus" }));
+                        if let Some(a) = auth.as_mut() {
+                            a.handle_frame(&frame, now);
                         }
                     }
-                    taken += 1;
-                    if taken < RX_BATCH { ev = pile_bus.try_recv(); }
-                }
+                    BusEvent::Error(e) => {
+                        counters[0].errors += 1;
+                        debug!(error = ?e, "CAN error frame (pile side)");
+                    }
+                    BusEvent::Link(state) => {
+                        counters[0].up = state == crate::can::LinkState::Up;
+                        warn!(?state, "CAN link (pile side)");
+                        shared.error(format!("CAN {} link {state:?}", if bridge.is_some() { "pile" } else { "bus" }));
+                    }
+                });
             }
             ev = recv_opt(&mut bms_bus) => {
-                let now = clock.now();  // once per burst
-                // The whole burst the bus already holds, up to RX_BATCH,
-                // before the loop moves the cores along.
-                let mut ev = Some(ev?);
-                let mut taken = 0;
-                while let Some(e) = ev.take() {
-                    match e {
+                let now = clock.now(); // once per burst
+                let ev = ev?;
+                // `recv_opt` answers only with a bus.
+                if let Some(bus) = bms_bus.as_mut() {
+                    burst(ev, bus, |ev| match ev {
                         BusEvent::Frame(frame) => {
                             counters[1].frames_in += 1;
                             if let Some(b) = bridge.as_mut() {
@@ -462,21 +464,19 @@ pub(super) async fn can_loop<B: CanBus>(
                             warn!(?state, "CAN link (BMS side)");
                             shared.error(format!("CAN bms link {state:?}"));
                         }
-                    }
-                    taken += 1;
-                    if taken < RX_BATCH { ev = bms_bus.as_mut().and_then(CanBus::try_recv); }
+                    });
                 }
             }
-            () = sleep_until_opt(out[0].retry_at()) => {
+            () = sleep_until(out[0].retry_at()) => {
                 out[0].flush(&mut pile_bus, &mut counters[0]);
             }
-            () = sleep_until_opt(out[1].retry_at()) => {
+            () = sleep_until(out[1].retry_at()) => {
                 if let Some(bus) = bms_bus.as_mut() {
                     out[1].flush(bus, &mut counters[1]);
                 }
             }
             // Only wakes the loop: the status is published above.
-            () = sleep_until_opt(status_due) => {}
+            () = sleep_until(status_due) => {}
             Some(msg) = rx.recv() => {
                 let _g = span.enter();
                 if msg.answers_a_store_job() {

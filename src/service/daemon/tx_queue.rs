@@ -103,14 +103,6 @@ impl TxQueue {
     }
 }
 
-/// Resolves at `at`, or never.
-pub(super) async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
